@@ -1,0 +1,36 @@
+# cxr-interpret: one-command set-up.
+#   make demo   create .venv, install the pinned set, run the main job end to end on the phantom
+#   make test   install what is missing, run the test suite (pytest exit 5 "no tests" fails too)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean serve
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency pins change; a second run reuses .venv.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[test]"
+	@touch $(STAMP)
+	@echo "[setup] $(VENV) ready"
+
+demo: $(STAMP)
+	$(PY) -m mlflow_projects.demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
