@@ -1,0 +1,146 @@
+"""Evaluation of DWARF-family models: classification (AUC, F1, MCC) and Max Dice of the maps.
+
+Max Dice (DWARF): maps are min-max normalised to [0, 1]; for each threshold t of a sweep, the Dice of
+the binarised map ``M >= t`` against the mask is averaged over the images where the disease is present
+(non-empty mask); Max Dice is the best such mean over t, per disease. The per-disease sweep is
+accumulated batch by batch (:class:`MaxDiceAccumulator`) so maps never need to be held all at once.
+
+Classification metrics come from :mod:`training.metrics` (``classification_metrics``,
+``choose_thresholds``) when that module is installed; otherwise from the small scikit-learn versions
+here (max-F1 thresholds, AUC, F1, MCC).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.dwarf.model import minmax_normalize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
+
+
+def dice_at_thresholds(maps: torch.Tensor, masks: torch.Tensor, thresholds: Sequence[float],
+                       normalize: bool = True) -> torch.Tensor:
+    """Hard Dice of thresholded maps for every threshold.
+
+    Args:
+        maps: (B, C, H, W) maps (min-max normalised here unless ``normalize=False``).
+        masks: (B, C, H, W) masks in {0, 1}.
+        thresholds: T thresholds in [0, 1].
+
+    Returns:
+        (T, B, C) Dice; 1 where both the binarised map and the mask are empty.
+    """
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must have the same shape")
+    maps = minmax_normalize(maps.float()) if normalize else maps.float()
+    y = masks.float().flatten(-2) > 0.5  # (B, C, HW)
+    size_y = y.sum(-1)
+    out = []
+    for t in thresholds:  # loop over T only; vectorised over images, classes and pixels
+        p = maps.flatten(-2) >= t
+        inter = (p & y).sum(-1)
+        denom = p.sum(-1) + size_y
+        out.append(torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom, dtype=torch.float)))
+    return torch.stack(out).float()
+
+
+class MaxDiceAccumulator:
+    """Streaming per-disease Max Dice over a fixed threshold sweep.
+
+    Args:
+        num_classes: C.
+        thresholds: sweep on min-max normalised maps.
+    """
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> None:
+        self.thresholds = list(thresholds)
+        self.sums = torch.zeros(len(self.thresholds), num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        """Add a batch: ``maps``, ``masks`` (B, C, H, W). Only non-empty masks count."""
+        present = (masks.flatten(-2).amax(-1) > 0.5).double().cpu()  # (B, C)
+        dice = dice_at_thresholds(maps.detach().cpu(), masks.detach().cpu(), self.thresholds).double()
+        self.sums += (dice * present).sum(1)
+        self.counts += present.sum(0)
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """Returns ``(max_dice (C,), best_threshold (C,))``; NaN for diseases never present."""
+        mean = self.sums / self.counts.clamp_min(1)  # (T, C)
+        best = mean.argmax(0)
+        max_dice = mean.max(0).values.numpy()
+        max_dice[self.counts.numpy() == 0] = np.nan
+        return max_dice, np.asarray(self.thresholds)[best.numpy()]
+
+
+def max_dice(maps: torch.Tensor, masks: torch.Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+             ) -> np.ndarray:
+    """Per-disease Max Dice of (B, C, H, W) maps against masks; NaN where a disease is never present."""
+    acc = MaxDiceAccumulator(maps.shape[1], thresholds)
+    acc.update(maps, masks)
+    return acc.compute()[0]
+
+
+# ---- classification --------------------------------------------------------------------------
+def choose_thresholds(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+    """Per-class threshold maximising F1 on (N, C) validation labels/probabilities."""
+    try:
+        from training.metrics import choose_thresholds as shared
+    except ImportError:
+        shared = None
+    if shared is not None:
+        return np.asarray(shared(y_true, y_prob), dtype=float)
+    from sklearn.metrics import precision_recall_curve
+
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    out = np.full(y_true.shape[1], 0.5)
+    for c in range(y_true.shape[1]):
+        if y_true[:, c].min() == y_true[:, c].max():
+            continue
+        prec, rec, thr = precision_recall_curve(y_true[:, c], y_prob[:, c])
+        f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-12, None)
+        out[c] = float(thr[int(np.argmax(f1))])
+    return out
+
+
+def classification_table(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray,
+                         classes: Sequence[str]) -> pd.DataFrame:
+    """AUC, F1 and MCC per class (rows indexed by class name, columns ``auc``, ``f1``, ``mcc``).
+
+    Uses :func:`training.metrics.classification_metrics` when available (its columns are matched
+    case-insensitively); NaN AUC for a class with one label value only.
+    """
+    try:
+        from training.metrics import classification_metrics
+    except ImportError:
+        classification_metrics = None
+    if classification_metrics is not None:
+        table = classification_metrics(y_true, y_prob, thresholds, list(classes))
+        cols = {c.lower(): c for c in table.columns}
+        if {"auc", "f1", "mcc"} <= set(cols):
+            if "class" in cols:
+                table = table.set_index(cols["class"])
+            out = table[[cols["auc"], cols["f1"], cols["mcc"]]].copy()
+            out.columns = ["auc", "f1", "mcc"]
+            return out.loc[[c for c in classes if c in out.index]] if set(classes) <= set(out.index) else out
+        log.warning("training.metrics.classification_metrics lacks auc/f1/mcc columns (%s); using local metrics",
+                    list(table.columns))
+    from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+    y_true, y_prob = np.asarray(y_true).astype(int), np.asarray(y_prob)
+    pred = (y_prob >= np.asarray(thresholds)[None]).astype(int)
+    rows = []
+    for c, name in enumerate(classes):
+        both = y_true[:, c].min() != y_true[:, c].max()
+        rows.append({"class": name,
+                     "auc": roc_auc_score(y_true[:, c], y_prob[:, c]) if both else np.nan,
+                     "f1": f1_score(y_true[:, c], pred[:, c], zero_division=0),
+                     "mcc": matthews_corrcoef(y_true[:, c], pred[:, c]) if both else 0.0})
+    return pd.DataFrame(rows).set_index("class")
