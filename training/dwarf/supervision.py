@@ -70,9 +70,8 @@ def boxes_to_masks(boxes: torch.Tensor, box_labels: torch.Tensor, num_classes: i
     inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])  # (K, H)
     inside_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])  # (K, W)
     per_box = (inside_y[:, :, None] & inside_x[:, None, :]).float()  # (K, H, W)
-    masks = torch.zeros(num_classes, h, w)
-    masks.index_reduce_(0, box_labels, per_box, "amax", include_self=True)
-    return masks
+    onehot = F.one_hot(box_labels, num_classes).float()  # (K, C)
+    return (onehot.T @ per_box.view(len(per_box), -1)).clamp(max=1.0).view(num_classes, h, w)
 
 
 def polygons_to_mask(polygons: Iterable[Polygon], size: int | tuple[int, int], scale: float | tuple[float, float] = 1.0

@@ -222,7 +222,7 @@ def train_epoch(model: DwarfModel, loader: DataLoader, loss_fn: DwarfLoss, optim
         scaler.step(optimizer)
         scaler.update()
         for k in totals:
-            totals[k] += float(terms[k]) * len(images)
+            totals[k] += float(terms[k].detach()) * len(images)
         n += len(images)
     return {k: v / max(1, n) for k, v in totals.items()}
 
