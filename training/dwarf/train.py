@@ -19,6 +19,7 @@ the last finished epoch. AMP (float16 autocast + GradScaler) is used on CUDA dev
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,17 @@ class InMemoryDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def select_classes(self, indices: Sequence[int]) -> "InMemoryDataset":
+        """A view restricted to the classes ``indices`` (in that order); images are shared."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        out = copy.copy(self)
+        if self.classes is not None:
+            out.classes = [self.classes[i] for i in idx.tolist()]
+        out.labels, out.cls_valid = self.labels[:, idx], self.cls_valid[:, idx]
+        if self.masks is not None:
+            out.masks, out.seg_valid = self.masks[:, idx], self.seg_valid[:, idx]
+        return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"image": self.images[i], "labels": self.labels[i], "cls_valid": self.cls_valid[i],

@@ -1,0 +1,88 @@
+"""MLflow pyfunc wrapper of a trained DWARF model (what the service loads for ``method=dwarf``).
+
+Model directory: ``artifacts/checkpoint.pt`` (:func:`training.dwarf.load_dwarf`) and
+``artifacts/meta.json`` ``{kind: "dwarf", classes, thresholds, input: {size, channels, range, mean, std},
+outputs: ["probabilities", "maps"]}``.
+
+``predict(images (B, 1, S, S) float32 in [0, 1]) -> {"probabilities": (B, C), "maps": (B, C, S, S)}``
+where ``maps`` are the expert-refined maps in [0, 1]. ``params={"return_raw": True}`` adds
+``"raw_maps"`` (the cross-attention maps before refinement); ``params={"batch_size": n}`` bounds memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DwarfPyfunc(mlflow.pyfunc.PythonModel):
+    """Probabilities and refined attention maps of a DWARF model."""
+
+    def load_context(self, context) -> None:
+        from training.dwarf.model import load_dwarf
+
+        self.model = load_dwarf(context.artifacts["checkpoint"], map_location="cpu").eval()
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self._warned = False
+
+    def predict(self, context, model_input, params=None):
+        """See the module docstring. Accepts an array/tensor, or a mapping with key ``images``."""
+        params = dict(params or {})
+        images = model_input["images"] if isinstance(model_input, dict) else model_input
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"images must be (B, 1, S, S) float32 in [0, 1], got shape {tuple(x.shape)}")
+        if not self._warned and x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+            log.warning("DWARF input range [%.3g, %.3g] is outside [0, 1]; images are expected scaled to [0, 1]",
+                        float(x.min()), float(x.max()))
+            self._warned = True
+        batch = int(params.get("batch_size", 32))
+        probs, maps, raws = [], [], []
+        with torch.no_grad():
+            for start in range(0, len(x), batch):
+                out = self.model(x[start:start + batch])
+                probs.append(out.logits.float().sigmoid().numpy())
+                maps.append(out.refined_maps.float().numpy())
+                if params.get("return_raw"):
+                    raws.append(out.raw_maps.float().numpy())
+        result = {"probabilities": np.concatenate(probs).astype(np.float32),
+                  "maps": np.concatenate(maps).astype(np.float32)}
+        if raws:
+            result["raw_maps"] = np.concatenate(raws).astype(np.float32)
+        return result
+
+
+def model_meta(model) -> dict[str, Any]:
+    """The ``meta.json`` / version-tag metadata of a :class:`training.dwarf.DwarfModel`."""
+    return {"kind": "dwarf", "classes": list(model.class_names), "thresholds": [float(t) for t in model.thresholds],
+            "input": model.input_spec, "outputs": ["probabilities", "maps"]}
+
+
+def log_dwarf_model(model, name: str = "model", example_size: int | None = None):
+    """Log ``model`` as a pyfunc under the active run; returns mlflow's ``ModelInfo``."""
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    size = example_size or model.input_spec["size"]
+    example = np.random.default_rng(0).random((1, 1, size, size), dtype=np.float32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(example))
+    outputs = {"probabilities": out.logits.sigmoid().numpy(), "maps": out.refined_maps.numpy()}
+    signature = infer_signature(example, outputs, params={"return_raw": False, "batch_size": 32})
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, meta = Path(tmp) / "checkpoint.pt", Path(tmp) / "meta.json"
+        torch.save(model.checkpoint(), ckpt)
+        meta.write_text(json.dumps(model_meta(model), indent=2))
+        return mlflow.pyfunc.log_model(name=name, python_model=DwarfPyfunc(),
+                                       artifacts={"checkpoint": str(ckpt), "meta": str(meta)},
+                                       signature=signature, input_example=example)
