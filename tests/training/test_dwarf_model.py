@@ -23,7 +23,7 @@ def test_refined_equals_raw_at_initialisation(bundle):
 
 
 def test_expert_identity_holds_for_any_map_in_unit_range():
-    experts = ExpertHeads(4, hidden=3, kernel=3)
+    experts = ExpertHeads(4, hidden=3, kernel=3, work_size=4)
     maps = torch.rand(2, 4, 9, 9)
     assert torch.equal(experts(maps), maps)
     torch.nn.init.normal_(experts.conv2.weight)

@@ -49,6 +49,7 @@ class DwarfConfig:
     map_layers: int = 1  # maps = mean cross-attention of the last k decoder layers
     expert_hidden: int = 8  # channels of each disease's expert CNN
     expert_kernel: int = 5  # kernel size of the expert convolutions (odd)
+    expert_size: int = 32  # experts compute their correction at most at this resolution (0: full size)
     use_experts: bool = True  # False: refined map == raw map (GAIN-style / pretrained baselines)
     prompt_template: str = PROMPT_TEMPLATE
     vision: dict[str, Any] = field(default_factory=dict)  # open_clip vision config (see vision_config)
@@ -223,12 +224,15 @@ class QueryDecoder(nn.Module):
 class ExpertHeads(nn.Module):
     """One small residual CNN per disease, run together as grouped convolutions.
 
-    ``M' = clamp(M + f_c(M), 0, 1)`` where ``f_c`` is conv-GELU-conv with its last conv at zero, so at
-    initialisation ``M' == M`` exactly for maps in [0, 1] (Identity Enhanced Initialization).
+    ``M' = clamp(M + up(f_c(down(M))), 0, 1)`` where ``f_c`` is conv-GELU-conv with its last conv at
+    zero, so at initialisation ``M' == M`` exactly for maps in [0, 1] (Identity Enhanced
+    Initialization). ``down``/``up`` resample to ``work_size`` when the map is larger (grouped
+    convolutions are slow on CPU; the correction is smooth anyway), identity otherwise.
     """
 
-    def __init__(self, num_classes: int, hidden: int = 8, kernel: int = 5) -> None:
+    def __init__(self, num_classes: int, hidden: int = 8, kernel: int = 5, work_size: int = 0) -> None:
         super().__init__()
+        self.work_size = work_size
         pad = kernel // 2
         self.conv1 = nn.Conv2d(num_classes, num_classes * hidden, kernel, padding=pad, groups=num_classes)
         self.conv2 = nn.Conv2d(num_classes * hidden, num_classes, kernel, padding=pad, groups=num_classes)
@@ -241,7 +245,13 @@ class ExpertHeads(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """``maps`` (B, C, H, W) in [0, 1] -> refined maps (B, C, H, W) in [0, 1]."""
-        delta = self.conv2(F.gelu(self.conv1(maps)))
+        size = maps.shape[-2:]
+        small = maps
+        if self.work_size and max(size) > self.work_size:
+            small = F.adaptive_avg_pool2d(maps, (min(size[0], self.work_size), min(size[1], self.work_size)))
+        delta = self.conv2(F.gelu(self.conv1(small)))
+        if delta.shape[-2:] != size:
+            delta = F.interpolate(delta, size=size, mode="bilinear", align_corners=False)
         return (maps + delta).clamp(0.0, 1.0)
 
 
@@ -296,7 +306,7 @@ class DwarfModel(nn.Module):
                                     config.dropout)
         self.cls_weight = nn.Parameter(torch.randn(num_classes, config.d_model) * config.d_model ** -0.5)
         self.cls_bias = nn.Parameter(torch.zeros(num_classes))
-        self.experts = ExpertHeads(num_classes, config.expert_hidden, config.expert_kernel) \
+        self.experts = ExpertHeads(num_classes, config.expert_hidden, config.expert_kernel, config.expert_size) \
             if config.use_experts else None
 
     @property
