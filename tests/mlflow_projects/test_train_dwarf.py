@@ -1,0 +1,95 @@
+"""DWARF glue: argument validation, the pyfunc contract, and the real entry points (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlflow_projects.train_dwarf import parse_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _store(tmp_path, monkeypatch=None) -> dict:
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CXR_ARTIFACT_ROOT": str(tmp_path / "artifacts")}
+    if monkeypatch is not None:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    return env
+
+
+def test_arguments_are_validated():
+    cfg = parse_args(["--epochs", "2", "--lam", "0.3", "--classes", "Nodule, Mass", "--feedback", ""])
+    assert cfg.epochs == 2 and cfg.lam == 0.3 and cfg.classes == ["Nodule", "Mass"] and cfg.feedback is None
+    for bad in (["--epochs", "0"], ["--lam", "1.5"], ["--image-size", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+@pytest.mark.slow
+def test_pyfunc_returns_probabilities_and_refined_maps(tmp_path, monkeypatch):
+    import mlflow
+    import torch
+
+    from mlflow_projects.common import setup_tracking
+    from mlflow_projects.pyfunc_dwarf import log_dwarf_model
+    from tests.training.dwarf_helpers import CLASSES, tiny_bundle
+    from training.dwarf.model import build_dwarf
+
+    _store(tmp_path, monkeypatch)
+    setup_tracking("test-dwarf")
+    model = build_dwarf(tiny_bundle(), CLASSES, d_model=32, heads=2).eval()
+    torch.nn.init.normal_(model.experts.conv2.weight, std=0.05)
+    with mlflow.start_run():
+        info = log_dwarf_model(model)
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    out = loaded.predict(images, params={"return_raw": True, "batch_size": 2})
+    assert out["probabilities"].shape == (3, 3) and out["maps"].shape == (3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images))
+    np.testing.assert_allclose(out["probabilities"], ref.logits.sigmoid().numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["maps"], ref.refined_maps.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["raw_maps"], ref.raw_maps.numpy(), atol=1e-5)
+    meta = loaded.unwrap_python_model().meta
+    assert meta["classes"] == CLASSES and meta["input"]["channels"] == 1
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises((ValueError, MlflowException), match=r"1, 32, 32|\(B, 1, S, S\)"):  # signature or pyfunc
+        loaded.predict(np.zeros((2, 3, 32, 32), dtype=np.float32))
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_dwarf_registers_candidate(tmp_path):
+    pytest.importorskip("training.data.phantom")
+    pytest.importorskip("training.clip")
+    from training.data.phantom import generate_phantom
+
+    manifest = generate_phantom(tmp_path / "phantom", n=48, size=64, seed=0, masks=True)
+    env = {**os.environ, **_store(tmp_path), "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train_dwarf", "--env-manager", "local",
+           "-P", f"data={manifest}", "-P", "epochs=1", "-P", "image_size=32", "-P", "clip=models:/cxr-clip@candidate"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("cxr-dwarf", "candidate")
+    classes = json.loads(mv.tags["classes"])
+    assert len(classes) >= 1 and len(json.loads(mv.tags["thresholds"])) == len(classes)
+    assert json.loads(mv.tags["input"])["channels"] == 1 and mv.tags["kind"] == "dwarf"
+    assert mv.tags["clip"].startswith("scratch:")  # nothing registered in this store: fallback
+    run = client.get_run(mv.run_id)
+    assert {"auc_mean", "f1_mean", "mcc_mean", "max_dice_mean"} <= set(run.data.metrics)
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "gallery")]
+    assert arts and all(a.endswith(".png") for a in arts)
+    model = mlflow.pyfunc.load_model("models:/cxr-dwarf@candidate")
+    out = model.predict(np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32))
+    assert out["probabilities"].shape == (2, len(classes)) and out["maps"].shape == (2, len(classes), 32, 32)
