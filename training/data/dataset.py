@@ -82,7 +82,8 @@ class ManifestDataset(Dataset):
             or a DataFrame in the manifest schema (its paths are used as given).
         classes: class names, in output order. Default: ``PHANTOM_CLASSES`` when every row has source
             ``phantom``, else the classes present in labels or boxes in canonical NIH order (others
-            appended alphabetically). Labels and boxes of other classes are ignored.
+            appended alphabetically), taken before the split filter. Labels and boxes of other
+            classes are ignored.
         image_size: output side S.
         augment: ``True`` for :class:`~training.data.transforms.AugmentConfig` defaults, an
             ``AugmentConfig`` for custom ranges, ``False`` for none.
@@ -111,6 +112,8 @@ class ManifestDataset(Dataset):
                 for iid, lab, p in pd.read_parquet(side).itertuples(index=False):
                     p = p if os.path.isabs(p) else str(mpath.parent / p)
                     side_masks.setdefault(iid, []).append((lab, p))
+        # default classes come from the whole manifest, so every split gets the same columns
+        self.classes: list[str] = list(classes) if classes is not None else _default_classes(df)
         if split is not None:
             wanted = [split] if isinstance(split, str) else list(split)
             bad = [s for s in wanted if s not in SPLITS]
@@ -125,9 +128,9 @@ class ManifestDataset(Dataset):
             raise ValueError(f"{n} manifest rows have no image path (annotations-only manifest); "
                              f"first: {df.loc[df['path'].isna(), 'image_id'].iloc[0]!r}")
 
-        self.classes: list[str] = list(classes) if classes is not None else _default_classes(df)
         if len(set(self.classes)) != len(self.classes) or not self.classes:
-            raise ValueError(f"classes must be a non-empty list of unique names, got {self.classes}")
+            raise ValueError(f"classes must be a non-empty list of unique names (pass classes= when "
+                             f"the manifest has no labels), got {self.classes}")
         index = {c: i for i, c in enumerate(self.classes)}
         self.image_size = int(image_size)
         self.augment = T.AugmentConfig() if augment is True else (augment or None)

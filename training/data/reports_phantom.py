@@ -48,6 +48,7 @@ class Finding:
 LABEL_TERMS: dict[str, tuple[str, ...]] = {
     "Atelectasis": ("atelecta", "volume loss", "collapse"),
     "Cardiomegaly": ("cardiomegaly", "enlarged cardiac silhouette", "heart is enlarged",
+                     "cardiac silhouette is enlarged",
                      "cardiac enlargement", "enlargement of the cardiac silhouette"),
     "Effusion": ("effusion", "costophrenic angle", "pleural fluid"),
     "Infiltration": ("infiltrat", "hazy opacit", "interstitial opacit", "ground-glass"),
@@ -134,7 +135,7 @@ def _finding_sentence(f: Finding, rng: np.random.Generator) -> str:
         size = _size_text(f.size_mm, rng)
         return _pick(rng, (
             f"A {size} nodule in the {loc}.",
-            f"Small {loc} nodule measuring {size}.",
+            f"{'Small' if f.size_mm < 10 else 'Solitary'} {loc} nodule measuring {size}.",
             f"There is a {size} nodular opacity in the {loc}.",
             f"{size.capitalize() if size[0].isalpha() else size} pulmonary nodule projects over the {loc}.",
         ))
