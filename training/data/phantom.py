@@ -357,7 +357,8 @@ def _draw_findings(rng, cv: _Canvas, an: _Anatomy, labels: list[str], lungs: dic
             side = sides[int(rng.integers(2))]
             zone = "lower" if rng.random() < 0.75 else "mid"
             cx, rx, peak = geo[side]
-            dl = float(rng.uniform(0.015, 0.035))
+            # volume loss (elevated hemidiaphragm) with basal atelectasis only
+            dl = float(rng.uniform(0.015, 0.035)) if zone == "lower" else 0.0
             lift[side] = dl
             apex = an.lcy - an.lry
             vy = apex + (peak - dl - apex) * (rng.uniform(0.68, 0.82) if zone == "lower"
@@ -369,7 +370,7 @@ def _draw_findings(rng, cv: _Canvas, an: _Anatomy, labels: list[str], lungs: dic
             th = max(rng.uniform(0.008, 0.016), 1.2 * px)
             band = np.clip(1 - _segment_dist(u, v, p0, p1) / th, 0, 1)
             before = lungs[side]
-            after = _lung_alpha(cv, an, side, dome_lift=dl)[0]
+            after = _lung_alpha(cv, an, side, dome_lift=dl)[0] if dl else before
             layer = 0.22 * band * before
             # volume loss: the lung above the old dome becomes soft tissue (density of the lung gap)
             layer = layer + 0.26 * (before - after) + markings * (before - after)
@@ -377,10 +378,10 @@ def _draw_findings(rng, cv: _Canvas, an: _Anatomy, labels: list[str], lungs: dic
         elif label == "Consolidation":
             side = sides[int(rng.integers(2))]
             zone = ("upper", "mid", "lower")[int(rng.choice(3, p=[0.3, 0.3, 0.4]))]
-            r = rng.uniform(0.04, 0.07)
+            r = rng.uniform(0.055, 0.09)
             cu, cvv = _sample_point_in_lung(rng, an, geo, side, zone, r * 0.5)
             blob = np.zeros_like(u)
-            for _ in range(int(rng.integers(3, 6))):
+            for _ in range(int(rng.integers(4, 8))):
                 bu, bv = cu + rng.normal(0, r * 0.5), cvv + rng.normal(0, r * 0.5)
                 br = r * rng.uniform(0.5, 0.9)
                 blob = np.maximum(blob, _ellipse(u, v, bu, bv, br, br * rng.uniform(0.7, 1.2), br * 0.5))

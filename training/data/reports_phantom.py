@@ -163,12 +163,13 @@ def _finding_sentence(f: Finding, rng: np.random.Generator) -> str:
             f"consistent with pneumothorax.",
         ))
     if lab == "Atelectasis":
-        return _pick(rng, (
-            f"Plate-like atelectasis in the {loc}.",
-            f"Linear opacity in the {loc} with volume loss, likely atelectasis.",
-            f"Subsegmental atelectasis at the {loc}.",
-            f"{loc.capitalize()} atelectasis with mild elevation of the {f.side} hemidiaphragm.",
-        ))
+        plain = (f"Plate-like atelectasis in the {loc}.", f"Subsegmental atelectasis at the {loc}.",
+                 f"Linear opacity in the {loc}, likely atelectasis.")
+        if f.extra.get("dome_lift", 0) > 0:
+            plain += (f"Linear opacity in the {loc} with volume loss, likely atelectasis.",
+                      f"{loc.capitalize()} atelectasis with mild elevation of the {f.side} "
+                      f"hemidiaphragm.")
+        return _pick(rng, plain)
     if lab == "Consolidation":
         air = f.extra.get("air_bronchograms", False)
         tail = " with air bronchograms" if air else ""
