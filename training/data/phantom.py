@@ -371,7 +371,7 @@ def _draw_findings(rng, cv: _Canvas, an: _Anatomy, labels: list[str], lungs: dic
             band = np.clip(1 - _segment_dist(u, v, p0, p1) / th, 0, 1)
             before = lungs[side]
             after = _lung_alpha(cv, an, side, dome_lift=dl)[0] if dl else before
-            layer = 0.22 * band * before
+            layer = 0.30 * band * before
             # volume loss: the lung above the old dome becomes soft tissue (density of the lung gap)
             layer = layer + 0.26 * (before - after) + markings * (before - after)
             out.append((Finding(label, side, zone, extra={"dome_lift": round(dl, 4)}), layer.astype(np.float32)))
