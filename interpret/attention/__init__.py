@@ -1,0 +1,93 @@
+"""Attention maps: one module per method, one signature.
+
+``attention_maps(model, images, targets, method="gradcam", layer=None) -> (B, T, H, W)`` in [0, 1]
+(DESIGN.md). Methods: ``cam``, ``gradcam``, ``gradcampp``, ``integrated_gradients``, ``smoothgrad``
+(:func:`list_methods`). For the raw low-resolution maps use ``return_raw=True`` or the method objects
+(:func:`get_method`, then ``.raw(images, targets)``).
+
+Example:
+    >>> from interpret import attention_maps
+    >>> maps = attention_maps(model, images, targets=[[0, 4]] * len(images),
+    ...                       method="gradcam")                  # doctest: +SKIP
+    >>> maps.shape                                             # doctest: +SKIP
+    torch.Size([8, 2, 224, 224])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from interpret.attention.base import (AttentionMethod, GradientLayerMethod, PixelMethod,
+                                      format_targets, minmax_normalize, upsample)
+from interpret.attention.cam import CAM
+from interpret.attention.captum_methods import IntegratedGradientsMethod, SmoothGradMethod
+from interpret.attention.gradcam import GradCAM
+from interpret.attention.gradcampp import GradCAMPlusPlus
+
+__all__ = ["attention_maps", "get_method", "list_methods", "AttentionMethod", "GradientLayerMethod",
+           "PixelMethod", "CAM", "GradCAM", "GradCAMPlusPlus", "IntegratedGradientsMethod",
+           "SmoothGradMethod", "format_targets", "minmax_normalize", "upsample"]
+
+_METHODS: dict[str, type[AttentionMethod]] = {
+    "cam": CAM,
+    "gradcam": GradCAM,
+    "gradcampp": GradCAMPlusPlus,
+    "integrated_gradients": IntegratedGradientsMethod,
+    "smoothgrad": SmoothGradMethod,
+}
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`attention_maps` and :func:`get_method`."""
+    return list(_METHODS)
+
+
+def get_method(method: str, model: nn.Module, layer: str | None = None,
+               **params: Any) -> AttentionMethod:
+    """Build a method object bound to ``model`` (and ``layer``).
+
+    Args:
+        method: one of :func:`list_methods`.
+        model: classifier returning logits.
+        layer: dotted layer name (layer methods); default ``model.feature_layer``.
+        **params: method parameters (e.g. ``n_steps`` for integrated gradients, ``nt_samples`` and
+            ``stdev`` for smoothgrad, ``head`` for cam, ``relu``).
+
+    Raises:
+        ValueError: unknown method (valid ones listed), unknown layer, or a model without the parts
+            the method needs.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown attention method {method!r}; valid: {list_methods()}")
+    return _METHODS[method](model, layer=layer, **params)
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor, targets: Any, method: str = "gradcam",
+                   layer: str | None = None, return_raw: bool = False,
+                   **params: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention maps of ``model`` for the requested classes.
+
+    The model is run in eval mode; its train/eval flags and parameters' ``requires_grad`` are
+    restored afterwards. Batched: gradient methods do one forward pass and one backward pass per
+    target column over the whole batch.
+
+    Args:
+        model: classifier, ``forward(images) -> logits (B, K)``.
+        images: (B, C, H, W) float.
+        targets: class indices: an int, one per image (B,), or (B, T).
+        method: one of :func:`list_methods`.
+        layer: dotted module name to explain (layer methods); default ``model.feature_layer``.
+        return_raw: also return the raw maps (B, T, h, w): layer resolution, before ReLU, upsampling
+            and normalisation.
+        **params: passed to the method (see :func:`get_method`).
+
+    Returns:
+        (B, T, H, W) maps, each min-max normalised to [0, 1] (a constant map becomes zeros); with
+        ``return_raw`` a tuple ``(maps, raw)``.
+
+    Raises:
+        ValueError: unknown method or layer, bad targets, or a model the method cannot explain.
+    """
+    return get_method(method, model, layer, **params)(images, targets, return_raw=return_raw)

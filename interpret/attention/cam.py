@@ -1,0 +1,68 @@
+"""Class activation maps (Zhou et al. 2016, "Learning Deep Features for Discriminative
+Localization", eq. 2): ``M_c(x, y) = sum_k w_ck f_k(x, y)`` for a network whose head is a linear
+layer after global average pooling.
+
+One forward pass under ``torch.no_grad`` captures the feature layer; the maps are a matrix product
+with the head's weights, so CAM costs about one forward pass. The head bias is left out (it shifts
+every position equally). For a GAP + linear head the Grad-CAM weights are ``w_ck / (h w)``, so CAM
+equals ``h w`` times Grad-CAM before normalisation (tested).
+
+Example:
+    >>> maps = CAM(model)(images, targets=[0, 2])        # doctest: +SKIP
+    >>> maps.shape                                        # doctest: +SKIP
+    torch.Size([2, 1, 224, 224])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from interpret.attention.base import AttentionMethod, _check_images, model_state
+from interpret.hooks import capture, resolve_layer
+
+__all__ = ["CAM"]
+
+
+class CAM(AttentionMethod):
+    """Class activation map from the feature layer and the linear head.
+
+    Args:
+        model: classifier whose ``head`` (or the module named by ``head``) is an ``nn.Linear`` applied
+            to the global average of the feature layer.
+        layer: feature layer; default ``model.feature_layer``.
+        head: dotted name of the linear head.
+        relu: apply ReLU before normalisation (default True, as for Grad-CAM, so that both methods
+            agree after normalisation).
+
+    Raises:
+        ValueError: no linear head, or its input size differs from the feature channels.
+    """
+
+    name = "cam"
+
+    def __init__(self, model: nn.Module, layer: str | None = None, head: str = "head",
+                 relu: bool | None = None):
+        super().__init__(model, layer, relu)
+        try:
+            lin = resolve_layer(model, head)
+        except ValueError as e:
+            raise ValueError(f"cam needs a linear head after global average pooling; {e}") from None
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"cam needs model.{head} to be an nn.Linear after global average "
+                             f"pooling, got {type(lin).__name__}; use method='gradcam' instead")
+        self.head = lin
+
+    def raw(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
+        images = _check_images(images)
+        with model_state(self.model, freeze=False), torch.no_grad(), \
+                capture(self.model, self.layer) as cap:
+            logits = self.model(images)                                     # (B, C)
+            feats = cap.activations[self.layer]                             # (B, K, h, w)
+        tgt = self._targets(targets, images.shape[0], logits)               # (B, T)
+        if feats.dim() != 4 or feats.shape[1] != self.head.in_features:
+            raise ValueError(f"cam: layer {self.layer!r} gives {tuple(feats.shape)} but the head "
+                             f"expects {self.head.in_features} channels after pooling")
+        w = self.head.weight.detach()[tgt]                                  # (B, T, K)
+        return torch.einsum("btk,bkhw->bthw", w.to(feats.dtype), feats)     # (B, T, h, w)
