@@ -1,0 +1,472 @@
+"""Load CLIP-style vision-language models from every source a user has, behind one bundle.
+
+:func:`load_clip` accepts
+
+* an open_clip model name (``"cxr-tiny-vit"``, ``"ViT-B-16"``), optionally with ``pretrained=`` a *local*
+  checkpoint file (``.pt``/``.bin``/``.safetensors``); open_clip's download tags are refused because
+  nothing is downloaded at run time (use ``hf-hub:`` when online instead);
+* ``local-dir:PATH``: open_clip's own folder format, ``open_clip_config.json`` (``{"model_cfg": ...,
+  "preprocess_cfg": ...}``) beside the weights (``open_clip_model.safetensors``,
+  ``open_clip_pytorch_model.bin``, ...). This is what :func:`save_clip` writes and what a local copy
+  of an ``hf-hub:`` repository (e.g. BiomedCLIP) looks like; HF tokenizer files, when the config names
+  an ``hf_tokenizer_name``, are read from that same folder (open_clip's rule);
+* ``hf-hub:ORG/NAME``: open_clip's Hugging Face Hub loader, online only;
+* a path to an open_clip model config ``*.json`` (bare ``model_cfg`` or ``{"model_cfg", "preprocess_cfg"}``),
+  whose HF text tower (``text_cfg.hf_model_name``) may be a local directory (a relative path is
+  resolved against the JSON's folder); weights from ``pretrained=`` (a local file) or, without it, the
+  text tower's own weights from that directory and a randomly initialised image tower;
+* a path to a Hugging Face ``transformers`` CLIP directory (``config.json`` of a ``CLIPModel`` with
+  its tokenizer and, optionally, ``preprocessor_config.json``).
+
+Every source yields a :class:`ClipBundle` whose ``model`` has ``encode_image(pixels)`` and
+``encode_text(tokens)``, whose ``tokenizer(list[str])`` returns what ``encode_text`` takes (with a
+``.to(device)``), and whose ``preprocess`` maps grey or RGB tensors in [0, 1] to the normalised
+``(B, 3, S, S)`` pixels the model expects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+KINDS = ("open_clip", "hf_clip")
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    if CONFIG_DIR not in open_clip.factory._MODEL_CONFIG_PATHS:  # idempotent on re-import
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+_register_configs()
+
+
+def list_configs() -> list[str]:
+    """Names of the open_clip model configs shipped with this package (registered with open_clip)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+# ---- preprocessing -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Tensor preprocessing: grey/RGB images in [0, 1] -> normalised ``(B, 3, S, S)`` model pixels.
+
+    Resizes the shorter side to ``size`` and centre-crops (open_clip's and HF CLIP's ``shortest`` mode),
+    repeats a grey channel to three, then normalises with ``mean`` / ``std``.
+
+    Args:
+        size: side of the square model input.
+        mean, std: per-channel normalisation (3 values each).
+        interpolation: ``bicubic``, ``bilinear`` or ``nearest``.
+    """
+
+    size: int
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"interpolation {self.interpolation!r} not supported; valid: bicubic, bilinear, nearest")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as a JSON-able dict (part of every embedding cache key)."""
+        return {"size": int(self.size), "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
+                "interpolation": self.interpolation, "resize_mode": "shortest+center_crop"}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 1 or 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised."""
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
+        x = images.float()
+        h, w = x.shape[-2:]
+        if (h, w) != (self.size, self.size):
+            scale = self.size / min(h, w)
+            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            kw = {} if self.interpolation == "nearest" else {"align_corners": False, "antialias": True}
+            x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, **kw)
+            top, left = (nh - self.size) // 2, (nw - self.size) // 2
+            x = x[..., top:top + self.size, left:left + self.size]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# ---- the bundle --------------------------------------------------------------------------------
+@dataclass
+class ClipBundle:
+    """A loaded CLIP-style model with what it takes to feed it.
+
+    Attributes:
+        model: ``nn.Module`` (eval mode) with ``encode_image(pixels (B, 3, S, S)) -> (B, D)`` and
+            ``encode_text(tokens) -> (M, D)`` (unnormalised; :class:`interpret.vlm.VLMAdapter` normalises).
+        tokenizer: ``tokenizer(list[str])`` -> token tensor (open_clip) or ``BatchEncoding`` (HF); both
+            have ``.to(device)`` and are accepted by ``model.encode_text``.
+        preprocess: :class:`ImagePreprocess`, [0, 1] images -> model pixels.
+        spec: the spec it was loaded from.
+        image_size: S, the model's input side.
+        embed_dim: D, the joint embedding size.
+        kind: ``open_clip`` or ``hf_clip``.
+        config: the open_clip ``{"model_cfg", "preprocess_cfg"}`` (open_clip kinds; ``{}`` for HF), used
+            by :func:`save_clip`.
+    """
+
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], Any]
+    preprocess: ImagePreprocess
+    spec: str
+    image_size: int
+    embed_dim: int
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class HFClipWrapper(nn.Module):
+    """A ``transformers.CLIPModel`` with open_clip's ``encode_image`` / ``encode_text`` interface."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.logit_scale = clip.logit_scale
+
+    @staticmethod
+    def _features(out: Any) -> torch.Tensor:
+        # transformers >= 5 returns a model output whose pooler_output is the projected embedding
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``pixels`` (B, 3, S, S) normalised -> (B, D) image embeddings."""
+        z = self._features(self.clip.get_image_features(pixel_values=pixels))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, tokens: Any, normalize: bool = False) -> torch.Tensor:
+        """``tokens`` a mapping (``input_ids``, ``attention_mask``) or an id tensor -> (M, D)."""
+        if isinstance(tokens, Mapping):
+            kw = {k: tokens[k] for k in ("input_ids", "attention_mask") if k in tokens}
+        else:
+            kw = {"input_ids": tokens}
+        z = self._features(self.clip.get_text_features(**kw))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, pixels: torch.Tensor, tokens: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True),
+                self.logit_scale.exp())
+
+
+class HFClipTokenizer:
+    """``list[str]`` -> ``BatchEncoding`` (input_ids, attention_mask) padded to the longest, truncated."""
+
+    def __init__(self, tokenizer: Any, context_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = int(context_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> Any:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
+                              return_tensors="pt")
+
+    def save_pretrained(self, dest: str | Path) -> None:
+        self.tokenizer.save_pretrained(dest)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return flag.strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_clip(spec: str | os.PathLike, device: str | torch.device = "cpu", pretrained: str | None = None) -> ClipBundle:
+    """Load a CLIP-style model from a name, a folder, a config file or the Hugging Face Hub.
+
+    Args:
+        spec: one of (see the module docstring) an open_clip model name (:func:`open_clip.list_models`,
+            including this package's :func:`list_configs`, e.g. ``cxr-tiny-vit``); ``local-dir:PATH``;
+            ``hf-hub:ORG/NAME`` (online only); a path to an open_clip model config ``.json``; a path to
+            an HF transformers CLIP directory (a folder with ``open_clip_config.json`` is read as
+            ``local-dir:``).
+        device: where the model goes (``cpu``, ``cuda``, ...).
+        pretrained: a local checkpoint file for an open_clip name or config ``.json`` (ignored by
+            open_clip for ``local-dir:`` / ``hf-hub:``, so refused there). ``None``: random init
+            (for configs with an HF text tower in a local folder, that tower's own weights).
+
+    Returns:
+        :class:`ClipBundle` with the model in eval mode on ``device``.
+
+    Raises:
+        ValueError: unknown name (lists the valid ones), a download tag as ``pretrained``,
+            ``hf-hub:`` while ``HF_HUB_OFFLINE`` is set, a malformed folder or config.
+        FileNotFoundError: a named folder, config or checkpoint does not exist.
+
+    Example:
+        >>> bundle = load_clip("cxr-tiny-vit")
+        >>> bundle.image_size, bundle.kind
+        (64, 'open_clip')
+    """
+    spec = str(spec)
+    if pretrained is not None and not str(pretrained).strip():
+        pretrained = None
+    if spec.startswith(HF_HUB_PREFIX):
+        bundle = _load_hf_hub(spec, pretrained)
+    elif spec.startswith(LOCAL_DIR_PREFIX):
+        bundle = _load_local_dir(spec, pretrained)
+    elif spec.endswith(".json") and Path(spec).is_file():
+        bundle = _load_config_file(Path(spec), pretrained)
+    elif Path(spec).is_dir():
+        folder = Path(spec)
+        if (folder / OPEN_CLIP_CONFIG).is_file():
+            bundle = _load_local_dir(LOCAL_DIR_PREFIX + str(folder), pretrained)
+        elif (folder / "config.json").is_file():
+            bundle = _load_hf_clip_dir(folder, pretrained)
+        else:
+            raise ValueError(f"folder {folder} is neither an open_clip local-dir ({OPEN_CLIP_CONFIG}) nor an HF "
+                             "transformers CLIP directory (config.json)")
+    else:
+        bundle = _load_named(spec, pretrained)
+    bundle.model.to(device).eval()
+    return bundle
+
+
+def _load_named(name: str, pretrained: str | None) -> ClipBundle:
+    import open_clip
+
+    valid = open_clip.list_models()
+    if name not in valid:
+        hint = "" if os.sep not in name and not name.endswith(".json") else " (no such file or folder)"
+        raise ValueError(f"unknown CLIP spec {name!r}{hint}; valid: an open_clip model name ({', '.join(valid)}), "
+                         "'local-dir:PATH', 'hf-hub:ORG/NAME', a model config .json or an HF CLIP directory")
+    if pretrained is not None and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained in tags:
+            raise ValueError(f"pretrained={pretrained!r} is an open_clip download tag; nothing is downloaded here. "
+                             f"Pass a local checkpoint file, a 'local-dir:PATH' copy, or 'hf-hub:ORG/NAME' when online")
+        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained!r} (must be a local file)")
+    model_cfg = open_clip.get_model_config(name)
+    model = open_clip.create_model(name, pretrained=pretrained, pretrained_text=False)
+    tokenizer = open_clip.get_tokenizer(name)
+    return _open_clip_bundle(model, tokenizer, name, {"model_cfg": model_cfg,
+                                                      "preprocess_cfg": dict(model.visual.preprocess_cfg)})
+
+
+def _load_local_dir(spec: str, pretrained: str | None) -> ClipBundle:
+    import open_clip
+
+    folder = Path(spec[len(LOCAL_DIR_PREFIX):]).expanduser()
+    if pretrained is not None:
+        raise ValueError(f"pretrained={pretrained!r} is not used with {spec!r}: the weights are the folder's own")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"local-dir folder not found: {folder.resolve()}")
+    cfg_path = folder / OPEN_CLIP_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} missing: a local-dir: folder needs {OPEN_CLIP_CONFIG} "
+                                "({'model_cfg': ..., 'preprocess_cfg': ...}) beside its weights")
+    config = json.loads(cfg_path.read_text())
+    if "model_cfg" not in config:
+        raise ValueError(f"{cfg_path} has no 'model_cfg' key (found: {sorted(config)})")
+    if not any(folder.glob(pat) for pat in ("*.safetensors", "*.bin", "*.pth")):
+        raise FileNotFoundError(f"no weights (*.safetensors, *.bin, *.pth) in local-dir folder {folder.resolve()}")
+    spec = LOCAL_DIR_PREFIX + str(folder.resolve())
+    try:
+        model = open_clip.create_model(spec)
+        tokenizer = open_clip.get_tokenizer(spec)
+    except OSError as exc:  # an HF text tower named by hub id, not cached, offline
+        raise ValueError(f"could not build {spec}: {exc}. If the config names an HF text tower by hub id, "
+                         "copy it locally and set text_cfg.hf_model_name to that folder") from exc
+    return _open_clip_bundle(model, tokenizer, spec, {"model_cfg": config["model_cfg"],
+                                                      "preprocess_cfg": dict(model.visual.preprocess_cfg)})
+
+
+def _load_hf_hub(spec: str, pretrained: str | None) -> ClipBundle:
+    import open_clip
+
+    if pretrained is not None:
+        raise ValueError(f"pretrained={pretrained!r} is not used with {spec!r}: the weights come from the Hub")
+    if _hub_offline():
+        raise ValueError(f"{spec!r} needs the Hugging Face Hub but HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE "
+                         "when online, or download the repository once and use 'local-dir:PATH'")
+    model = open_clip.create_model(spec)
+    tokenizer = open_clip.get_tokenizer(spec)
+    model_cfg = open_clip.get_model_config(spec)
+    return _open_clip_bundle(model, tokenizer, spec, {"model_cfg": model_cfg,
+                                                      "preprocess_cfg": dict(model.visual.preprocess_cfg)})
+
+
+def _load_config_file(path: Path, pretrained: str | None) -> ClipBundle:
+    from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from dataclasses import asdict
+
+    raw = json.loads(path.read_text())
+    model_cfg = deepcopy(raw.get("model_cfg", raw))
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+    if missing:
+        raise ValueError(f"open_clip model config {path} lacks {missing}; needs embed_dim, vision_cfg, text_cfg")
+    text_cfg = model_cfg["text_cfg"]
+    for key in ("hf_model_name", "hf_tokenizer_name"):  # relative local towers: relative to the JSON
+        if text_cfg.get(key) and (path.parent / text_cfg[key]).is_dir():
+            text_cfg[key] = str((path.parent / text_cfg[key]).resolve())
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained!r} (must be a local file)")
+    hf_text = "hf_model_name" in text_cfg
+    if hf_text:
+        # without a full checkpoint, the HF tower starts from its own (local) weights
+        text_cfg["hf_model_pretrained"] = pretrained is None
+    custom = model_cfg.pop("custom_text", False) or hf_text
+    try:
+        model = (CustomTextCLIP if custom else CLIP)(**model_cfg)
+    except OSError as exc:
+        raise ValueError(f"could not build the HF text tower {text_cfg.get('hf_model_name')!r} of {path}: {exc}; "
+                         "point text_cfg.hf_model_name at a local transformers folder") from exc
+    if pretrained is not None:
+        import open_clip
+
+        open_clip.load_checkpoint(model, pretrained, strict=True)
+    preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), raw.get("preprocess_cfg", {}))
+    preprocess_cfg["size"] = model.visual.image_size
+    set_model_preprocess_cfg(model, preprocess_cfg)
+    ctx = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name") or hf_text:
+        tokenizer = HFTokenizer(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"], context_length=ctx,
+                                **text_cfg.get("tokenizer_kwargs", {}))
+    else:
+        tokenizer = SimpleTokenizer(context_length=ctx, **text_cfg.get("tokenizer_kwargs", {}))
+    model_cfg["text_cfg"].pop("hf_model_pretrained", None)
+    if custom:
+        model_cfg["custom_text"] = True
+    return _open_clip_bundle(model, tokenizer, str(path), {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+
+
+def _open_clip_bundle(model: nn.Module, tokenizer: Any, spec: str, config: dict[str, Any]) -> ClipBundle:
+    pp = model.visual.preprocess_cfg
+    size = pp["size"] if isinstance(pp["size"], int) else int(pp["size"][0])
+    preprocess = ImagePreprocess(size=int(size), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                                 interpolation=pp.get("interpolation", "bicubic"))
+    embed_dim = int(config["model_cfg"]["embed_dim"])
+    config = json.loads(json.dumps(config, default=list))  # plain JSON types (tuples -> lists)
+    return ClipBundle(model=model, tokenizer=tokenizer, preprocess=preprocess, spec=spec, image_size=int(size),
+                      embed_dim=embed_dim, kind="open_clip", config=config)
+
+
+def _load_hf_clip_dir(folder: Path, pretrained: str | None) -> ClipBundle:
+    from transformers import AutoConfig, AutoTokenizer, CLIPModel
+
+    if pretrained is not None:
+        raise ValueError(f"pretrained={pretrained!r} is not used with an HF CLIP directory: the weights are its own")
+    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if cfg.model_type != "clip":
+        raise ValueError(f"{folder} holds a transformers {cfg.model_type!r} model; valid: 'clip' (CLIPModel)")
+    clip = CLIPModel.from_pretrained(folder, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    size = int(cfg.vision_config.image_size)
+    mean, std, interp = OPENAI_MEAN, OPENAI_STD, "bicubic"
+    pp_path = folder / "preprocessor_config.json"
+    if pp_path.is_file():
+        pp = json.loads(pp_path.read_text())
+        mean = tuple(pp.get("image_mean", mean))
+        std = tuple(pp.get("image_std", std))
+        interp = {2: "bilinear", 3: "bicubic", 0: "nearest"}.get(pp.get("resample", 3), "bicubic")
+        crop = pp.get("crop_size", size)
+        size = int(crop["height"] if isinstance(crop, dict) else crop)
+    wrapper = HFClipWrapper(clip)
+    tokenizer = HFClipTokenizer(tok, cfg.text_config.max_position_embeddings)
+    return ClipBundle(model=wrapper, tokenizer=tokenizer, preprocess=ImagePreprocess(size, mean, std, interp),
+                      spec=str(folder), image_size=size, embed_dim=int(cfg.projection_dim), kind="hf_clip")
+
+
+# ---- saving and tokens -------------------------------------------------------------------------
+def save_clip(bundle: ClipBundle, out_dir: str | os.PathLike) -> Path:
+    """Write an open_clip bundle as a ``local-dir:`` folder (config + safetensors weights).
+
+    Args:
+        bundle: a bundle of kind ``open_clip`` (its ``config`` holds the model config).
+        out_dir: folder to create or fill.
+
+    Returns:
+        The folder; ``load_clip(f"local-dir:{folder}")`` loads it back.
+
+    Raises:
+        ValueError: an ``hf_clip`` bundle (save those with ``model.clip.save_pretrained``).
+    """
+    from safetensors.torch import save_file
+
+    if bundle.kind != "open_clip" or not bundle.config:
+        raise ValueError(f"save_clip writes open_clip bundles; got kind {bundle.kind!r} "
+                         "(save an HF CLIP with bundle.model.clip.save_pretrained)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = deepcopy(bundle.config)
+    if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers are read from the folder itself
+        bundle.tokenizer.save_pretrained(out)
+        config["model_cfg"]["text_cfg"].setdefault("hf_tokenizer_name", config["model_cfg"]["text_cfg"].get(
+            "hf_model_name", ""))
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    return out
+
+
+def encode_image_tokens(model: nn.Module, images: torch.Tensor,
+                        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch tokens of an open_clip ViT image tower (for token-level methods such as DWARF).
+
+    Args:
+        model: an open_clip CLIP (or its ``visual``) with a ``VisionTransformer`` tower.
+        images: (B, 3, S, S) model pixels, or [0, 1] images when ``preprocess`` is given.
+        preprocess: optional :class:`ImagePreprocess` applied first.
+
+    Returns:
+        ``(tokens, (h, w))``: tokens (B, N, W) after ``ln_post`` (N = h * w, class token dropped,
+        width W of the tower, not projected), and the patch grid.
+
+    Raises:
+        ValueError: the image tower is not an open_clip ``VisionTransformer``.
+    """
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(model, "visual", model)
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"patch tokens need an open_clip VisionTransformer image tower, got {type(visual).__name__}; "
+                         "valid: open_clip ViT models (e.g. cxr-tiny-vit, ViT-B-16)")
+    x = preprocess(images) if preprocess is not None else images
+    previous = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        _, tokens = visual(x)  # (B, N, W) patch tokens
+    finally:
+        visual.output_tokens = previous
+    h, w = (int(g) for g in visual.grid_size)
+    if tokens.shape[1] != h * w:
+        raise ValueError(f"expected {h}x{w}={h * w} patch tokens, got {tokens.shape[1]} "
+                         f"(input {tuple(x.shape[-2:])} vs tower {visual.image_size})")
+    return tokens, (h, w)
