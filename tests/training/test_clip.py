@@ -1,0 +1,225 @@
+"""training.clip: every loading route, with tiny models saved to tmp and loaded back like real weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.clip import ImagePreprocess, encode_image_tokens, list_configs, load_clip, save_clip
+from training.clip.loading import OPENAI_MEAN, OPENAI_STD
+
+TINY_CFG = {"embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "chest", "x", "-", "ray", "image", "of",
+              "no", "effusion", "nodule", "mass"]
+
+
+def _pixels(bundle, n: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return bundle.preprocess(torch.rand(n, 1, bundle.image_size, bundle.image_size, generator=g))
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CFG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A 1-layer, width-32 BERT with a 16-word vocabulary, saved like a real HF text model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(BERT_WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(out)
+    BertTokenizer(vocab={w: i for i, w in enumerate(BERT_WORDS)}).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory) -> Path:
+    """A tiny transformers CLIPModel (byte-level BPE vocabulary, no merges) with its tokenizer."""
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    out = tmp_path_factory.mktemp("hfclip")
+    chars = sorted(set(bytes_to_unicode().values()))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    eos = vocab["<|endoftext|>"]
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=32, eos_token_id=eos,
+                                      bos_token_id=vocab["<|startoftext|>"], pad_token_id=eos),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(out)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(out)
+    return out
+
+
+# ---- named configs ---------------------------------------------------------------------------------
+def test_cxr_tiny_vit_is_registered_and_encodes_offline():
+    import open_clip
+
+    assert "cxr-tiny-vit" in list_configs() and "cxr-tiny-vit" in open_clip.list_models()
+    b = load_clip("cxr-tiny-vit")
+    assert (b.kind, b.image_size, b.embed_dim, b.spec) == ("open_clip", 64, 128, "cxr-tiny-vit")
+    assert not b.model.training
+    tokens = b.tokenizer(["A chest x-ray image of a Nodule", "no effusion"])
+    assert tokens.shape == (2, 64) and tokens.dtype == torch.long
+    assert int(tokens[0].max()) < 49408 and (tokens[0] > 0).sum() > 5  # the packaged BPE vocab, offline
+    with torch.no_grad():
+        assert b.model.encode_text(tokens).shape == (2, 128)
+        assert b.model.encode_image(_pixels(b)).shape == (2, 128)
+
+
+def test_named_with_local_checkpoint_file(tmp_path):
+    a = load_clip("cxr-tiny-vit")
+    ckpt = tmp_path / "weights.pt"
+    torch.save(a.model.state_dict(), ckpt)
+    b = load_clip("cxr-tiny-vit", pretrained=str(ckpt))
+    x = _pixels(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model.encode_image(x), a.model.encode_image(x), rtol=0, atol=0)
+
+
+def test_download_tags_and_missing_files_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="download tag.*local checkpoint file.*hf-hub"):
+        load_clip("ViT-B-32", pretrained="openai")
+    with pytest.raises(FileNotFoundError, match="must be a local file"):
+        load_clip("cxr-tiny-vit", pretrained=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="unknown CLIP spec 'no-such-model'.*cxr-tiny-vit"):
+        load_clip("no-such-model")
+    with pytest.raises(FileNotFoundError, match="local-dir folder not found"):
+        load_clip(f"local-dir:{tmp_path / 'nothing'}")
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        load_clip(f"local-dir:{tmp_path}")
+
+
+def test_hf_hub_offline_names_the_variable(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        load_clip("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+
+
+# ---- local-dir and config files ------------------------------------------------------------------
+def test_local_dir_round_trip(tmp_path, tiny_json):
+    a = load_clip(tiny_json)
+    folder = save_clip(a, tmp_path / "saved")
+    assert (folder / "open_clip_config.json").is_file() and (folder / "open_clip_model.safetensors").is_file()
+    for spec in (f"local-dir:{folder}", str(folder)):  # a plain folder with open_clip_config.json works too
+        b = load_clip(spec)
+        assert b.spec.startswith("local-dir:") and b.image_size == 32 and b.embed_dim == 16
+        x, t = _pixels(a), a.tokenizer(["a chest x-ray", "no effusion"])
+        with torch.no_grad():
+            torch.testing.assert_close(b.model.encode_image(x), a.model.encode_image(x), rtol=0, atol=0)
+            torch.testing.assert_close(b.model.encode_text(t), a.model.encode_text(t), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not used with"):
+        load_clip(f"local-dir:{folder}", pretrained=str(folder / "open_clip_model.safetensors"))
+
+
+def test_config_with_local_hf_text_tower(tmp_path, bert_dir):
+    from transformers import BertModel
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": TINY_CFG["vision_cfg"],
+           "text_cfg": {"hf_model_name": bert_dir.name, "hf_tokenizer_name": bert_dir.name, "context_length": 16,
+                        "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler"}}
+    path = bert_dir.parent / "bert-clip.json"  # relative tower path: resolved against the JSON's folder
+    path.write_text(json.dumps(cfg))
+    a = load_clip(path)
+    assert a.kind == "open_clip" and type(a.model).__name__ == "CustomTextCLIP"
+    # without a full checkpoint the text tower starts from the local BERT's own weights
+    ref = BertModel.from_pretrained(bert_dir).embeddings.word_embeddings.weight
+    torch.testing.assert_close(a.model.text.transformer.embeddings.word_embeddings.weight, ref, rtol=0, atol=0)
+    t = a.tokenizer(["a chest x-ray image of effusion", "no nodule"])
+    assert t[0, 1].item() == BERT_WORDS.index("a")  # the local vocabulary, after [CLS]
+    with torch.no_grad():
+        za = a.model.encode_text(t)
+    assert za.shape == (2, 16)
+
+    ckpt = tmp_path / "full.pt"  # a full checkpoint overrides both towers
+    with torch.no_grad():
+        for p in a.model.parameters():
+            p.add_(0.01)
+    torch.save(a.model.state_dict(), ckpt)
+    b = load_clip(path, pretrained=str(ckpt))
+    with torch.no_grad():
+        torch.testing.assert_close(b.model.encode_text(t), a.model.encode_text(t), rtol=0, atol=1e-6)
+
+    folder = save_clip(b, tmp_path / "saved")  # tokenizer files travel into the folder
+    c = load_clip(f"local-dir:{folder}")
+    assert (folder / "tokenizer_config.json").is_file()
+    x = _pixels(b)
+    with torch.no_grad():
+        torch.testing.assert_close(c.model.encode_text(c.tokenizer(["no nodule"])),
+                                   b.model.encode_text(t[1:]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(c.model.encode_image(x), b.model.encode_image(x), rtol=0, atol=0)
+
+
+# ---- HF transformers CLIP --------------------------------------------------------------------------
+def test_hf_transformers_clip_directory(hf_clip_dir):
+    from transformers import CLIPModel
+
+    b = load_clip(hf_clip_dir)
+    assert (b.kind, b.image_size, b.embed_dim) == ("hf_clip", 32, 16)
+    assert b.preprocess.mean == (0.5, 0.5, 0.5) and b.preprocess.std == (0.25, 0.25, 0.25)
+    ref = CLIPModel.from_pretrained(hf_clip_dir).eval()
+    enc = b.tokenizer(["a chest x-ray", "no effusion here"]).to("cpu")
+    x = _pixels(b)
+    with torch.no_grad():
+        img, txt = b.model.encode_image(x), b.model.encode_text(enc)
+        img_ref = ref.get_image_features(pixel_values=x)
+        txt_ref = ref.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    img_ref = getattr(img_ref, "pooler_output", img_ref)
+    txt_ref = getattr(txt_ref, "pooler_output", txt_ref)
+    torch.testing.assert_close(img, img_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(txt, txt_ref, rtol=0, atol=1e-6)
+    assert not torch.allclose(txt[0], txt[1])
+    with pytest.raises(ValueError, match="save_pretrained"):
+        save_clip(b, hf_clip_dir / "copy")
+    with pytest.raises(ValueError, match="patch tokens need an open_clip VisionTransformer"):
+        encode_image_tokens(b.model, x)
+
+
+# ---- preprocessing and tokens ----------------------------------------------------------------------
+def test_preprocess_repeats_grey_resizes_and_normalises():
+    pp = ImagePreprocess(size=16)
+    out = pp(torch.full((2, 1, 32, 48), 0.5))  # non-square: shorter side to 16, centre crop
+    assert out.shape == (2, 3, 16, 16)
+    expected = (0.5 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    torch.testing.assert_close(out[0, :, 5, 7], expected, rtol=0, atol=1e-5)
+    # a left/right split image: the centre crop keeps the middle of the longer axis
+    img = torch.zeros(1, 1, 16, 32)
+    img[..., 16:] = 1.0
+    got = ImagePreprocess(size=16, mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest")(img)
+    torch.testing.assert_close(got[0, 0], img[0, 0, :, 8:24], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="images must be"):
+        pp(torch.rand(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="interpolation 'area'"):
+        ImagePreprocess(size=8, interpolation="area")
+
+
+def test_encode_image_tokens_grid_and_consistency():
+    b = load_clip("cxr-tiny-vit")
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        tokens, grid = encode_image_tokens(b.model, images, b.preprocess)
+        pooled = b.model.encode_image(b.preprocess(images))
+    assert grid == (8, 8) and tokens.shape == (2, 64, 128)
+    assert b.model.visual.output_tokens is False  # restored
+    # open_clip's ViT pools the class token; tokens differ per patch and per image
+    assert pooled.shape == (2, 128) and not torch.allclose(tokens[0, 0], tokens[0, 1])
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        encode_image_tokens(torch.nn.Linear(2, 2), images)
