@@ -1,0 +1,339 @@
+"""Self-contained HTML report of an interpretation audit (images inline as base64 PNGs).
+
+Built only from what the audit wrote to its folder (``summary.json``, the tables, ``heatmaps/*.png``), so
+``audit --resume`` never recomputes it and the report reads the same offline as in the MLflow UI. Written
+for a non-engineer: each section says what was measured, shows the figures, and states what passed and
+failed against the gates.
+
+    html = build_report(summary, folder / "audit")
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = ["build_report", "bar_chart_png", "png_data_uri"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#1d2330;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #e3e6ee;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #d5d9e3;padding:.25em .6em;
+text-align:left} th{background:#f2f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:.15em .7em;border-radius:1em;font-weight:600;color:#fff}
+.passed{background:#1e8a4c} .failed{background:#c0392b} .skipped{background:#8a8f99} .ok{background:#1e8a4c}
+.warn{background:#fff4e5;border-left:4px solid #e67e22;padding:.4em .8em;margin:.4em 0}
+.note{color:#5b6272;font-size:.92em} img{max-width:100%;border:1px solid #e3e6ee;margin:.3em 0}
+.gallery{display:flex;flex-wrap:wrap;gap:.8em} .gallery figure{margin:0;max-width:520px}
+figcaption{font-size:.85em;color:#5b6272} code,pre{background:#f4f5f8;padding:.1em .3em;border-radius:3px}
+pre{padding:.6em;overflow-x:auto}
+"""
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "n/a"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return _e(value)
+
+
+def _badge(status: str) -> str:
+    return f'<span class="badge {_e(status)}">{_e(status)}</span>'
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+           headers: Mapping[str, str] | None = None, digits: int = 3) -> str:
+    if not rows:
+        return '<p class="note">(no rows)</p>'
+    columns = list(columns or rows[0].keys())
+    headers = dict(headers or {})
+    head = "".join(f"<th>{_e(headers.get(c, c))}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if isinstance(v, (list, tuple)):
+                cells.append(f"<td>{_e(', '.join(map(str, v)))}</td>")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                cells.append(f'<td class="num">{_num(v, digits)}</td>')
+            else:
+                cells.append(f"<td>{_e('' if v is None else v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def png_data_uri(data: bytes) -> str:
+    """``data:image/png;base64,...`` for PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="{png_data_uri(data)}">'
+
+
+def bar_chart_png(labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str,
+                  ylim: tuple[float, float] | None = (0.0, 1.0), reference: float | None = None) -> bytes:
+    """A grouped bar chart as PNG bytes (matplotlib, Agg backend; NaN bars are left empty).
+
+    Args:
+        labels: one label per group (x axis).
+        series: name -> one value per label.
+        title: chart title.
+        ylim: y-axis limits, or None for automatic.
+        reference: optional horizontal dashed line (e.g. a gate threshold).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n, k = len(labels), max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * n * k / 1.5 + 2), 3.2), dpi=90)
+    try:
+        width = 0.8 / k
+        x = np.arange(n)
+        for i, (name, values) in enumerate(series.items()):
+            vals = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+            ax.bar(x + (i - (k - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=name)
+        if reference is not None:
+            ax.axhline(reference, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_xticks(x, [str(s) for s in labels], rotation=30, ha="right", fontsize=8)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(title, fontsize=10)
+        if k > 1:
+            ax.legend(fontsize=7, ncol=k)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _read_parquet(path: Path):
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
+
+def _skipped(summary: Mapping[str, Any], section: str) -> str | None:
+    info = summary.get("sections", {}).get(section, {})
+    if info.get("status") == "skipped":
+        return f'<p class="note">Section skipped: {_e(info.get("reason", "no reason recorded"))}</p>'
+    return None
+
+
+# ---- sections --------------------------------------------------------------------------------
+def _header(s: Mapping[str, Any]) -> str:
+    model, data = s.get("model", {}), s.get("data", {})
+    ident = [("Model", f"{model.get('name') or '(unregistered)'} version {model.get('version') or '-'}"),
+             ("Model URI", model.get("uri")), ("Architecture", model.get("arch")),
+             ("Classes", ", ".join(model.get("classes", []))),
+             ("Stored thresholds", ", ".join(_num(t, 2) for t in model.get("thresholds", []))),
+             ("Feature layer", model.get("feature_layer")), ("Penultimate layer", model.get("penultimate_layer")),
+             ("Training run", model.get("run_id"))]
+            
+    data_rows = [("Manifest", data.get("manifest")), ("Data fingerprint", data.get("fingerprint")),
+                 ("Split", data.get("split")), ("Images", data.get("n_images")),
+                 ("Images with boxes", data.get("n_with_boxes")), ("Concept source", data.get("concept_source")),
+                 ("Vision-language model", data.get("clip"))]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e('' if v is None else v)}</td></tr>" for k, v in ident if v)
+    drows = "".join(f"<tr><th>{_e(k)}</th><td>{_e('' if v is None else v)}</td></tr>" for k, v in data_rows
+                    if v is not None)
+    status = s.get("status", "failed")
+    return (f"<h1>Interpretation audit {_badge(status)}</h1>"
+            f"<p class='note'>Created {_e(s.get('created', ''))}. This report is self-contained: every figure "
+            f"is embedded.</p><h2>Model</h2><table>{rows}</table><h2>Data used</h2><table>{drows}</table>")
+
+
+def _gates(s: Mapping[str, Any]) -> str:
+    g = s.get("gates", {})
+    rows = [{"gate": r["name"], "figure": r["metric"], "required": r["bound"], "value": r.get("value"),
+             "result": r["status"], "meaning": r.get("description", "")} for r in g.get("results", [])]
+    body = _table(rows, digits=3).replace("<td>passed</td>", f"<td>{_badge('passed')}</td>") \
+        .replace("<td>failed</td>", f"<td>{_badge('failed')}</td>").replace("<td>skipped</td>", f"<td>{_badge('skipped')}</td>")
+    verdict = "passed every gate" if s.get("status") == "passed" else "did NOT pass the gates"
+    return (f"<h2>Verdict against the promotion gates</h2><p>The audit {verdict} of <code>{_e(g.get('file', ''))}"
+            f"</code>. Only versions whose latest audit passed can be promoted to <code>champion</code>.</p>{body}")
+
+
+def _performance(s: Mapping[str, Any]) -> str:
+    out = ["<h2>Classification performance</h2>",
+           "<p>Per class, on the probing set, at the thresholds stored with the model: AUROC and average "
+           "precision (threshold-free), F1 and Matthews correlation (at the threshold).</p>"]
+    skipped = _skipped(s, "performance")
+    if skipped:
+        return "".join(out) + skipped
+    rows = s.get("performance", [])
+    out.append(_table(rows))
+    if rows:
+        png = bar_chart_png([r["class"] for r in rows], {"AUROC": [r.get("auroc") for r in rows],
+                                                         "AP": [r.get("ap") for r in rows]}, "AUROC and AP per class")
+        out.append(_img(png, "performance per class"))
+    return "".join(out)
+
+
+def _localization(s: Mapping[str, Any], folder: Path) -> str:
+    loc = s.get("localization", {})
+    out = ["<h2>Localisation: does the model look at the finding?</h2>",
+           f"<p>Attention maps ({_e(loc.get('method', 'cam'))}, min-max normalised) against the annotated boxes. "
+           "Soft IoBB = share of the box covered by attention (sum(A&middot;M)/sum(M)); soft IoR = share of the "
+           "attention inside the box (sum(A&middot;M)/sum(A)); pointing game = the map's maximum falls in a "
+           "box.</p>"]
+    skipped = _skipped(s, "localization")
+    if skipped:
+        return "".join(out) + skipped
+    rows = loc.get("per_class", [])
+    out.append(_table(rows))
+    if rows:
+        png = bar_chart_png([r["class"] for r in rows], {"IoBB": [r.get("iobb") for r in rows],
+                                                         "IoR": [r.get("ior") for r in rows],
+                                                         "pointing": [r.get("pointing") for r in rows]},
+                            "Localisation per class")
+        out.append(_img(png, "localisation per class"))
+    gallery = sorted((folder / "heatmaps").glob("*.png")) if (folder / "heatmaps").is_dir() else []
+    if gallery:
+        out.append("<h3>Attention gallery (best and worst cases per class)</h3><div class='gallery'>")
+        for p in gallery:
+            out.append(f"<figure>{_img(p.read_bytes(), p.stem)}<figcaption>{_e(p.stem)}</figcaption></figure>")
+        out.append("</div>")
+    return "".join(out)
+
+
+def _dissection(s: Mapping[str, Any]) -> str:
+    d = s.get("dissection", {})
+    out = ["<h2>Network dissection (feature layer)</h2>",
+           f"<p>Each unit's map is thresholded at its dataset quantile 1-q (q = {_e(d.get('quantile', ''))}); "
+           "connected regions overlapping a box of the class are counted. Disjoint = regions over all units / "
+           "images; Unique = units with at least one such region / images.</p>"]
+    skipped = _skipped(s, "dissection")
+    if skipped:
+        return "".join(out) + skipped
+    rows = d.get("per_class", [])
+    out.append(_table(rows))
+    if rows:
+        png = bar_chart_png([r["class"] for r in rows], {"Disjoint": [r.get("disjoint") for r in rows],
+                                                         "Unique": [r.get("unique") for r in rows]},
+                            "Dissection counts per class", ylim=None)
+        out.append(_img(png, "dissection per class"))
+    return "".join(out)
+
+
+def _concepts(s: Mapping[str, Any], folder: Path, top: int = 12) -> str:
+    c = s.get("concepts", {})
+    out = ["<h2>What the neurons encode (concept annotation)</h2>",
+           f"<p>Method <code>{_e(c.get('method', ''))}</code>: each unit is described by concepts mined from "
+           f"radiology reports ({_e(c.get('n_concepts', 0))} concepts), scored with a vision-language model on "
+           "the images that activate the unit most.</p>"]
+    skipped = _skipped(s, "concepts")
+    if skipped:
+        return "".join(out) + skipped
+    layers = c.get("layers", {})
+    out.append(_table([{"layer": k, **v} for k, v in layers.items()]))
+    table = _read_parquet(folder / "concepts.parquet")
+    if table is not None and len(table):
+        for layer, part in table.groupby("layer", sort=False):
+            part = part.copy()
+            part["best"] = [float(sc[0]) if len(sc) else float("nan") for sc in part["scores"]]
+            part = part.sort_values("best", ascending=False).head(top)
+            rows = [{"unit": int(r.unit), "concepts": list(r.concepts)[:5], "best score": r.best}
+                    for r in part.itertuples()]
+            out.append(f"<h3>Layer {_e(layer)}: top {len(rows)} units</h3>{_table(rows, digits=4)}")
+    ev = s.get("evaluation", {})
+    if ev:
+        out.append("<h3>Check on the final layer (class neurons vs their class names)</h3>"
+                   "<p>The final-layer neurons have known meanings (their class), so annotating them measures "
+                   "the annotation method itself.</p>")
+        out.append(_table([{"figure": k, "value": v} for k, v in ev.items() if not isinstance(v, (list, dict))]))
+    return "".join(out)
+
+
+def _importance(s: Mapping[str, Any]) -> str:
+    imp = s.get("importance", {})
+    out = ["<h2>Which units drive each class (neuron importance)</h2>",
+           "<p>Contribution of each feature-layer unit to the class score (weight &times; mean activation on the "
+           "class's positive images), with the unit's concepts; <i>related</i> marks a concept that names or "
+           "is a synonym of the class.</p>"]
+    skipped = _skipped(s, "importance")
+    if skipped:
+        return "".join(out) + skipped
+    rows = []
+    for cls, units in imp.get("per_class", {}).items():
+        for u in units:
+            rows.append({"class": cls, "unit": u.get("unit"), "importance": u.get("score"),
+                         "concepts": u.get("concepts", [])[:4], "related": "yes" if u.get("related") else ""})
+    out.append(_table(rows, digits=4))
+    return "".join(out)
+
+
+def _shortcuts(s: Mapping[str, Any]) -> str:
+    sc = s.get("shortcuts", {})
+    out = ["<h2>Shortcut warnings</h2>", f"<p>{_e(sc.get('method', ''))}</p>"]
+    skipped = _skipped(s, "shortcuts")
+    if skipped:
+        return "".join(out) + skipped
+    warnings = sc.get("warnings", [])
+    if warnings:
+        for w in warnings:
+            out.append(f"<div class='warn'><b>{_e(w['kind'])} {_e(w['target'])}</b>: {_e(w['reason'])}</div>")
+    else:
+        out.append("<p>No class or unit was flagged.</p>")
+    out.append("<h3>Attention mass per class</h3>")
+    out.append(_table(sc.get("per_class", [])))
+    return "".join(out)
+
+
+def _comparison(s: Mapping[str, Any]) -> str:
+    cmp = s.get("comparison")
+    if not cmp:
+        return ""
+    from mlflow_projects.compare import comparison_html
+
+    return comparison_html(cmp)
+
+
+def _reproduce(s: Mapping[str, Any]) -> str:
+    sections = s.get("sections", {})
+    rows = [{"section": k, "status": v.get("status"), "note": v.get("reason", "")} for k, v in sections.items()]
+    return ("<h2>How to reproduce</h2><p>Run from the project folder (same data, same model version):</p>"
+            f"<pre>{_e(s.get('reproduce', ''))}</pre><h3>Sections</h3>{_table(rows)}"
+            f"<p class='note'>Configuration: <code>{_e(s.get('config', {}))}</code></p>")
+
+
+def build_report(summary: Mapping[str, Any], folder: str | Path) -> str:
+    """Render the audit report.
+
+    Args:
+        summary: the audit summary (``summary.json`` content).
+        folder: the audit artifact folder (holds the tables and ``heatmaps/``).
+
+    Returns:
+        A complete HTML document (str) with every image embedded as a base64 PNG.
+    """
+    folder = Path(folder)
+    model = summary.get("model", {})
+    title = f"Audit of {model.get('name') or model.get('uri', 'model')} v{model.get('version') or '-'}"
+    parts: Iterable[str] = (
+        _header(summary), _gates(summary), _performance(summary), _localization(summary, folder),
+        _dissection(summary), _concepts(summary, folder), _importance(summary), _shortcuts(summary),
+        _comparison(summary), _reproduce(summary),
+    )
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
