@@ -102,10 +102,12 @@ class ManifestDataset(Dataset):
         if not isinstance(image_size, (int, np.integer)) or image_size < 8:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         side_masks: dict[str, list[tuple[str, str]]] = {}
+        root: Path | None = None  # folder that relative mask paths resolve against
         if isinstance(manifest, pd.DataFrame):
             df = validate_manifest(manifest.copy())
         else:
             mpath = Path(manifest)
+            root = mpath.resolve().parent
             df = read_manifest(mpath)
             side = mpath.parent / "masks.parquet"
             if masks and side.is_file():
@@ -172,7 +174,8 @@ class ManifestDataset(Dataset):
                     items = mp.items() if isinstance(mp, dict) else [
                         (x["label"], x["path"]) if isinstance(x, dict) else tuple(x)
                         for x in _as_list(mp)]
-                    self.mask_files[r] = [(index[k], str(v)) for k, v in items if k in index]
+                    self.mask_files[r] = [(index[k], str(root / v if root and not os.path.isabs(v)
+                                                          else v)) for k, v in items if k in index]
             for r, iid in enumerate(self.image_ids):
                 self.mask_files[r] += [(index[lab], p) for lab, p in side_masks.get(iid, [])
                                        if lab in index]

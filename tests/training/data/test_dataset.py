@@ -161,7 +161,7 @@ def test_masks_from_boxes_and_polygons(tmp_path):
     assert m.shape == (2, 32, 32)
     assert m[0].sum().item() == 20 and m[0, 3:7, 2:7].min() == 1 and m[1].sum() == 0
     # a triangle polygon for Nodule (no box): rasterised into the Nodule channel
-    df["polygons"] = [[{"label": "Nodule", "points": [20.0, 20.0, 30.0, 20.0, 20.0, 30.0]}]]
+    df["polygons"] = [[{"label": "Nodule", "points": [[20.0, 20.0], [30.0, 20.0], [20.0, 30.0]]}]]
     ds = ManifestDataset(df.assign(path=str(tmp_path / "p.png")), classes=["Mass", "Nodule"],
                          image_size=16, masks=True)
     m = ds[0]["mask"]
