@@ -73,6 +73,9 @@ _SPLIT_TABLE = ["train"] * 14 + ["val"] * 3 + ["test"] * 3
 _MM_PER_UNIT = 380.0  # one canonical unit (image width at scale 1) in millimetres
 
 
+SHORTCUT_P_POS, SHORTCUT_P_NEG = 0.9, 0.05  # P(shortcut tag | class present / absent)
+
+
 def _abnormal_rates() -> np.ndarray:
     """Per-class Bernoulli rates q for abnormal images (redrawn until one is positive) such that the
     marginal prevalence is ``PREVALENCE``: ``P_abn * q_c / P(any | q) = target_c`` (fixed point)."""
@@ -531,8 +534,30 @@ def _check_size(size: int) -> int:
     return int(size)
 
 
-def _render(seed: int, index: int, size: int, draw_findings: bool = True) -> PhantomCase:
+def _check_shortcut(shortcut: str | None) -> str | None:
+    from training.data.schema import PHANTOM_CLASSES as classes
+
+    if shortcut is not None and shortcut not in classes:
+        raise ValueError(f"unknown shortcut class {shortcut!r}; valid: {', '.join(classes)}")
+    return shortcut
+
+
+def _draw_shortcut_tag(size: int) -> tuple[np.ndarray, list[int]]:
+    """A bright square tag at the right edge, outside the thorax: the planted shortcut.
+
+    Returns the layer (S, S) float32 and its box [x, y, w, h] in pixels.
+    """
+    side = max(3, round(size * 0.07))
+    x, y = size - round(size * 0.03) - side, round(size * 0.22)
+    layer = np.zeros((size, size), np.float32)
+    layer[y:y + side, x:x + side] = 1.0
+    return layer, [int(x), int(y), int(side), int(side)]
+
+
+def _render(seed: int, index: int, size: int, draw_findings: bool = True,
+            shortcut: str | None = None) -> PhantomCase:
     size = _check_size(size)
+    shortcut = _check_shortcut(shortcut)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     patient_id, pkey = _patient_of(seed, index)
@@ -587,6 +612,13 @@ def _render(seed: int, index: int, size: int, draw_findings: bool = True) -> Pha
     img = np.clip(img, 0.0, 1.0).astype(np.float32)
 
     labels_out = [c for c in PHANTOM_CLASSES if any(f.label == c for f in kept)]
+    tag_box = None
+    if shortcut is not None:
+        # planted shortcut: a tag that co-occurs with `shortcut` (90%) and rarely without it (5%)
+        p_tag = SHORTCUT_P_POS if shortcut in labels_out else SHORTCUT_P_NEG
+        if _rng(seed, index, 7).random() < p_tag:
+            tag, tag_box = _draw_shortcut_tag(size)
+            img = np.maximum(img, tag)
     masks = {}
     for f, m in zip(kept, inst):
         masks[f.label] = masks[f.label] | m if f.label in masks else m.copy()
@@ -597,6 +629,7 @@ def _render(seed: int, index: int, size: int, draw_findings: bool = True) -> Pha
         "contrast": contrast, "brightness": bright, "gamma": gamma, "noise_sd": noise_sd,
         "ctr": float(ctr), "thoracic_width_px": float(thw * scale * size),
         "gastric_bubble": an.bubble, **dmeta,
+        "shortcut": {"class": shortcut, "box": tag_box},
     }
     return PhantomCase(
         image=img, labels=labels_out, boxes=boxes, instance_masks=inst, masks=masks, findings=kept,
@@ -605,7 +638,8 @@ def _render(seed: int, index: int, size: int, draw_findings: bool = True) -> Pha
     )
 
 
-def render_case(seed: int = 0, index: int = 0, size: int = 224) -> PhantomCase:
+def render_case(seed: int = 0, index: int = 0, size: int = 224,
+                shortcut: str | None = None) -> PhantomCase:
     """Render one phantom case in memory.
 
     The case depends only on ``(seed, index, size)``; the anatomy of the patient is shared with the
@@ -615,20 +649,23 @@ def render_case(seed: int = 0, index: int = 0, size: int = 224) -> PhantomCase:
         seed: data-set seed.
         index: image index within the data set (>= 0).
         size: image side in pixels, 64 to 1024.
+        shortcut: a class name to plant a shortcut for: a bright square tag at the right edge
+            (outside the thorax) drawn on 90% of the images positive for that class and 5% of the
+            others; ``meta["shortcut"]["box"]`` gives its box. ``None`` (default) plants nothing.
 
     Returns:
         A :class:`PhantomCase` (image (S, S) float32 in [0, 1], labels, tight boxes, masks, report,
         meta).
 
     Raises:
-        ValueError: ``size`` outside [64, 1024] or a negative ``index``.
+        ValueError: ``size`` outside [64, 1024], a negative ``index`` or an unknown ``shortcut``.
 
     Example:
         >>> c = render_case(0, 5, 64)
         >>> c.image.shape
         (64, 64)
     """
-    return _render(seed, index, size)
+    return _render(seed, index, size, shortcut=shortcut)
 
 
 def case_row(case: PhantomCase, path: str) -> dict:
@@ -648,8 +685,8 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 def _write_one(args) -> dict:
-    seed, index, size, out_dir, masks = args
-    case = _render(seed, index, size)
+    seed, index, size, out_dir, masks, shortcut = args
+    case = _render(seed, index, size, shortcut=shortcut)
     out = Path(out_dir)
     rel = f"images/{case.image_id}.png"
     (out / rel).write_bytes(_png_bytes(np.round(case.image * 255).astype(np.uint8)))
@@ -661,11 +698,17 @@ def _write_one(args) -> dict:
             (out / mrel).write_bytes(_png_bytes(m.astype(np.uint8) * 255))
             paths[label] = mrel
         row["_mask_paths"] = paths
+    m = case.meta
+    row["_meta"] = {"image_id": case.image_id, "marker_box": m["marker"]["box"],
+                    "marker_letter": m["marker"]["letter"],
+                    "devices": [d["kind"] for d in m["devices"]],
+                    "shortcut_box": m["shortcut"]["box"]}
     return row
 
 
 def generate_phantom(out_dir: str | os.PathLike, n: int = 2000, size: int = 224, seed: int = 0,
-                     masks: bool = False, workers: int | None = None) -> Path:
+                     masks: bool = False, workers: int | None = None,
+                     shortcut: str | None = None) -> Path:
     """Generate a phantom data set on disk.
 
     Writes ``out_dir/images/{image_id}.png`` (8-bit grey), optionally ``out_dir/masks/
@@ -681,6 +724,10 @@ def generate_phantom(out_dir: str | os.PathLike, n: int = 2000, size: int = 224,
         masks: also write per-class masks.
         workers: processes to render with; ``None`` uses ``min(os.cpu_count(), 8)`` for ``n >= 200``
             and 1 below; 1 renders in this process.
+        shortcut: plant a shortcut tag correlated with this class (see :func:`render_case`).
+
+    Also writes ``out_dir/phantom_meta.parquet`` (image_id, marker_box, marker_letter, devices,
+    shortcut_box; boxes as [x, y, w, h] pixels): the non-finding content, for shortcut audits.
 
     Returns:
         Path of the written manifest.
@@ -693,6 +740,7 @@ def generate_phantom(out_dir: str | os.PathLike, n: int = 2000, size: int = 224,
     from training.data.schema import write_manifest
 
     size = _check_size(size)
+    shortcut = _check_shortcut(shortcut)
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if workers is None:
@@ -703,7 +751,7 @@ def generate_phantom(out_dir: str | os.PathLike, n: int = 2000, size: int = 224,
     (out / "images").mkdir(parents=True, exist_ok=True)
     if masks:
         (out / "masks").mkdir(exist_ok=True)
-    jobs = [(int(seed), i, size, str(out), bool(masks)) for i in range(int(n))]
+    jobs = [(int(seed), i, size, str(out), bool(masks), shortcut) for i in range(int(n))]
     bar = tqdm(total=n, desc="phantom", unit="img", disable=n < 200)
     rows: list[dict] = []
     try:
@@ -723,6 +771,7 @@ def generate_phantom(out_dir: str | os.PathLike, n: int = 2000, size: int = 224,
     import pandas as pd
 
     mask_paths = [r.pop("_mask_paths", None) for r in rows]
+    pd.DataFrame([r.pop("_meta") for r in rows]).to_parquet(out / "phantom_meta.parquet", index=False)
     df = pd.DataFrame(rows)
     path = out / "manifest.parquet"
     write_manifest(df, path)

@@ -234,3 +234,31 @@ def test_parallel_generation_equals_serial(tmp_path):
     for name in a["image_id"]:
         assert ((tmp_path / "a" / "images" / f"{name}.png").read_bytes()
                 == (tmp_path / "b" / "images" / f"{name}.png").read_bytes())
+
+
+def test_planted_shortcut_tag_follows_its_class_and_is_recorded(tmp_path):
+    """The shortcut tag sits outside every finding box, and co-occurs with its class far above chance."""
+    cases = [render_case(4, i, 64, shortcut="Cardiomegaly") for i in range(120)]
+    pos = [c for c in cases if "Cardiomegaly" in c.labels]
+    neg = [c for c in cases if "Cardiomegaly" not in c.labels]
+    assert pos and neg
+    rate_pos = np.mean([c.meta["shortcut"]["box"] is not None for c in pos])
+    rate_neg = np.mean([c.meta["shortcut"]["box"] is not None for c in neg])
+    assert rate_pos >= 0.6 and rate_neg <= 0.2
+    for c in cases:
+        box = c.meta["shortcut"]["box"]
+        if box is not None:
+            x, y, w, h = box
+            np.testing.assert_allclose(c.image[y:y + h, x:x + w], 1.0)
+    # without the option nothing is planted and pixels are unchanged for tag-free images
+    plain = render_case(4, 0, 64)
+    assert plain.meta["shortcut"] == {"class": None, "box": None}
+    with pytest.raises(ValueError, match="valid: .*Cardiomegaly"):
+        render_case(0, 0, 64, shortcut="Cardiomegally")
+    from training.data.phantom import generate_phantom
+    import pandas as pd
+
+    generate_phantom(tmp_path, n=6, size=64, seed=4, shortcut="Cardiomegaly")
+    meta = pd.read_parquet(tmp_path / "phantom_meta.parquet")
+    assert list(meta["image_id"]) == [f"phantom_{i:06d}" for i in range(6)]
+    assert {"marker_box", "devices", "shortcut_box"} <= set(meta.columns)
