@@ -678,7 +678,7 @@ def compute_audit(cfg: AuditConfig) -> Path:
     steps.update()
 
     steps.set_postfix_str("concepts")
-    concepts = concept_section(cfg, model, probe, probs, feats, penult, sections)
+    concepts = concept_section(cfg, model, probe, feats, penult, sections)
     summary["concepts"] = concepts.summary
     summary["evaluation"] = concepts.evaluation
     clip_desc = concepts.summary.get("clip")
@@ -891,3 +891,183 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- dissection, concepts, importance (interpret library) ------------------------------------
+def dissection_section(feats, probe: Probe, quantile: float) -> dict:
+    """Disjoint / Unique counts per class on the feature layer (:func:`interpret.dissection.dissect_activations`).
+
+    Returns:
+        ``dissection.json`` content: ``quantile``, ``per_class`` rows (class, n_images, disjoint, unique,
+        ...), ``overall``, per-unit TSI concepts (``detail``); or a ``reason`` when nothing has boxes.
+    """
+    from interpret.dissection import dissect_activations
+
+    if not any(len(b) for b in probe.boxes):
+        return {"quantile": quantile, "per_class": [], "reason": "no probing image has boxes"}
+    res = dissect_activations(feats, probe.boxes, probe.box_labels, probe.classes, probe.size, q=quantile,
+                              image_ids=probe.image_ids)
+    full = res.to_json()
+    rows = []
+    for r in full["per_class"]:
+        if int(r.get("n_images", 0)) > 0:
+            rows.append({"class": r["class"], **{k: (_finite(v) if isinstance(v, float) else v)
+                                                for k, v in r.items() if k != "class"}})
+    return {"quantile": quantile, "per_class": rows, "overall": full["overall"],
+            "detail": {"units": full["units"], "params": full["params"],
+                       "threshold_error_max": full["threshold_error_max"]}}
+
+
+@dataclass
+class ConceptResult:
+    summary: dict
+    evaluation: dict
+    table: Any  # DataFrame: layer, unit, method, concepts (list[str]), scores (list[float])
+    annotations: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # layer -> unit -> concepts
+
+
+def _empty_concepts():
+    import pandas as pd
+
+    return pd.DataFrame({"layer": pd.Series(dtype=str), "unit": pd.Series(dtype=int),
+                         "method": pd.Series(dtype=str), "concepts": pd.Series(dtype=object),
+                         "scores": pd.Series(dtype=object)})
+
+
+def resolve_clip(spec: str):
+    """The CLIP bundle for ``spec`` and a description; an untrained ``cxr-tiny-vit`` (with a warning) when a
+    ``models:/`` URI cannot be loaded."""
+    from training.clip import load_clip
+
+    if spec.startswith("models:/"):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            from mlflow_projects.train_clip import load_registered_clip
+
+            return load_registered_clip(spec), spec
+        except (MlflowException, OSError, ValueError, KeyError, ImportError) as exc:
+            log.warning("could not load CLIP %s (%s); falling back to an UNTRAINED %s: concept annotations will be "
+                        "meaningless", spec, exc, FALLBACK_CLIP)
+            return load_clip(FALLBACK_CLIP), f"scratch:{FALLBACK_CLIP} (untrained fallback; {spec} unavailable)"
+    if spec == "scratch":
+        return load_clip(FALLBACK_CLIP), f"scratch:{FALLBACK_CLIP} (untrained)"
+    return load_clip(spec), spec
+
+
+def read_reports(path: str, probe: Probe) -> tuple[list[str], str]:
+    if path:
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return lines, f"{Path(path).resolve()} ({len(lines)} reports)"
+    reps = [r for r in probe.reports if r.strip()]
+    return reps, f"manifest report column ({len(reps)} reports)"
+
+
+def _mine_concepts(reports: Sequence[str], max_concepts: int) -> list[str]:
+    from interpret.concepts import mine_concepts
+
+    table = mine_concepts(reports)
+    names = list(table["concept"]) if hasattr(table, "columns") else list(table)
+    return names[:max_concepts]
+
+
+def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, sections: _Sections) -> ConceptResult:
+    """Annotate feature-layer and penultimate-block units (and, as a check, the final-layer class units)."""
+    import pandas as pd
+    import torch
+
+    empty = ConceptResult({"method": cfg.method, "layers": {}}, {}, _empty_concepts())
+    try:
+        from interpret import concept_scores, select_concepts
+        from interpret.activations import collect_activations
+        from interpret.vlm import VLMAdapter
+    except ImportError as exc:
+        sections.skip("concepts", f"concept annotation unavailable in this installation ({exc})")
+        return empty
+    reports, source = read_reports(cfg.reports, probe)
+    empty.summary["source"] = source
+    if not reports:
+        sections.skip("concepts", "no reports: pass --reports FILE or use a manifest with a report column")
+        return empty
+    concepts = _mine_concepts(reports, cfg.max_concepts)
+    if not concepts:
+        sections.skip("concepts", f"no concepts could be mined from {source}")
+        return empty
+    bundle, clip_desc = resolve_clip(cfg.clip)
+    vlm = VLMAdapter(bundle, batch_size=cfg.batch_size)
+    img = vlm.encode_images(probe.images)  # (N, d)
+    txt = vlm.encode_texts([f"A chest x-ray image of a {c}" for c in concepts])  # (M, d)
+    tem = vlm.encode_texts(["A chest x-ray image of a"])[0]  # (d,)
+    from torch.utils.data import DataLoader
+
+    pen = collect_activations(model, DataLoader(probe.images, batch_size=cfg.batch_size), penult, progress=False)
+    layers = {model.feature_layer: feats.mean(dim=(2, 3)), penult: pen.mean}
+    with torch.no_grad():
+        logits = model.forward_head(feats)
+    params = {"alpha": cfg.alpha} if cfg.method == "mammi" else {}
+    rows, annotations, layer_info = [], {}, {}
+    for layer, acts in list(layers.items()) + [("final", logits)]:
+        scores = concept_scores(cfg.method, acts.float(), img, txt, tem, **params)  # (U, M)
+        picked = select_concepts(scores, beta=cfg.beta)
+        ann = {}
+        for unit, idx in enumerate(picked):
+            idx = [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
+            names = [concepts[i] for i in idx]
+            ann[unit] = names
+            rows.append({"layer": layer, "unit": unit, "method": cfg.method, "concepts": names,
+                         "scores": [float(scores[unit, i]) for i in idx]})
+        annotations[layer] = ann
+        if layer != "final":
+            layer_info[layer] = {"units": int(acts.shape[1]),
+                                 "annotated_fraction": float(np.mean([bool(v) for v in ann.values()]))}
+    evaluation = {}
+    try:
+        from interpret.evaluation import evaluate_final_layer
+
+        evaluation = dict(evaluate_final_layer([annotations["final"].get(i, []) for i in range(len(probe.classes))],
+                                               probe.classes, vlm=vlm))
+    except ImportError as exc:
+        log.warning("final-layer concept evaluation unavailable (%s)", exc)
+    hits = [any(related(c, cls) for c in annotations["final"].get(i, [])[:1]) for i, cls in enumerate(probe.classes)]
+    evaluation.setdefault("top1_related_rate", float(np.mean(hits)))
+    table = pd.DataFrame(rows) if rows else _empty_concepts()
+    sections.ok("concepts")
+    summary = {"method": cfg.method, "n_concepts": len(concepts), "source": source, "clip": clip_desc,
+               "layers": layer_info, "params": {"beta": cfg.beta, **params}}
+    return ConceptResult(summary, evaluation, table, annotations)
+
+
+def importance_section(model, probe: Probe, feats, concepts: ConceptResult, top_units: int):
+    """Class-wise unit importance of the GAP + linear head: ``W_cu * mean_n a_nu`` over the class's positive
+    images (exact for these heads), top units per class with their concepts.
+
+    Returns:
+        ``(table, summary)``: DataFrame ``class, unit, importance, rank, concepts, related`` (every class x
+        unit) and ``{"per_class": {class: [top units]}, "concept_coverage": float | None}``.
+    """
+    import pandas as pd
+
+    pooled = feats.mean(dim=(2, 3)).numpy()  # (N, K)
+    w = model.head.weight.detach().numpy()  # (C, K)
+    ann = concepts.annotations.get(model.feature_layer, {})
+    rows, per_class, covered, eligible = [], {}, 0, 0
+    for c, cls in enumerate(probe.classes):
+        pos = probe.labels[:, c] > 0
+        basis = pooled[pos] if pos.any() else pooled
+        contrib = w[c] * basis.mean(0)  # (K,)
+        order = np.argsort(-contrib)
+        ranks = np.empty_like(order)
+        ranks[order] = np.arange(len(order))
+        for u in range(len(contrib)):
+            names = ann.get(u, [])
+            rows.append({"class": cls, "unit": u, "importance": float(contrib[u]), "rank": int(ranks[u]) + 1,
+                         "concepts": list(names), "related": any(related(n, cls) for n in names)})
+        top = [{"unit": int(u), "score": float(contrib[u]), "concepts": list(ann.get(int(u), [])),
+                "related": any(related(n, cls) for n in ann.get(int(u), []))} for u in order[:top_units]]
+        per_class[cls] = top
+        if pos.any():
+            eligible += 1
+            covered += any(t["related"] for t in top)
+    coverage = covered / eligible if (ann and eligible) else None
+    return pd.DataFrame(rows), {"per_class": per_class, "concept_coverage": coverage,
+                                "basis": "positive images of the class (all images when it has none)"}

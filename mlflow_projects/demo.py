@@ -1,0 +1,181 @@
+"""MLflow entry point ``demo`` (``make demo``): the whole system end to end on the phantom.
+
+phantom -> train classifier -> train CLIP -> audit -> promote, each step calling the other entry points'
+``main(argv)`` in this process, then prints where to look: the ``mlflow ui`` command, the audit report
+and how to start the service (``--serve`` starts it in the background). Default sizes keep the whole
+run to a few minutes on a 2-core laptop.
+
+    python -m mlflow_projects.demo --out outputs/demo [--serve]
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else the project's default SQLite store (the
+one the service reads), with artifacts under ``CXR_ARTIFACT_ROOT`` (default ``mlartifacts/``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+SERVICE_TARGET = "service:CXRExplainer"  # BentoML service class in service.py
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced (also printed)."""
+
+    tracking_uri: str
+    manifest: Path
+    classifier_version: str
+    clip_version: str
+    audit_folder: Path
+    audit_status: str
+    promoted: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    service_pid: int | None = None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from mlflow_projects.common import nonneg_int, positive_int
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="outputs/demo", help="folder for the phantom, audit folder and logs")
+    p.add_argument("--n", type=positive_int, default=600, help="phantom images")
+    p.add_argument("--size", type=positive_int, default=128, help="phantom image side (px)")
+    p.add_argument("--arch", default="resnet18", help="classifier architecture")
+    p.add_argument("--epochs", type=positive_int, default=4, help="classifier epochs")
+    p.add_argument("--image-size", type=positive_int, default=128, help="classifier input side")
+    p.add_argument("--clip-epochs", type=positive_int, default=5)
+    p.add_argument("--clip-image-size", type=positive_int, default=64)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--gates", default=str(Path(__file__).resolve().parent / "gates.yaml"))
+    p.add_argument("--serve", action="store_true", help="start the service in the background at the end")
+    p.add_argument("--port", type=positive_int, default=3000)
+    return p.parse_args(argv)
+
+
+def _step(name: str, timings: dict[str, float]):
+    class _Timer:
+        def __enter__(self):
+            log.info("demo: %s ...", name)
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.t0, 1)
+            if exc[0] is None:
+                log.info("demo: %s done in %.1f s", name, timings[name])
+
+    return _Timer()
+
+
+def _as_version(value, what: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise RuntimeError(f"{what} returned exit status {value}, not a model version")
+    text = str(getattr(value, "version", value))
+    if not text.isdigit():
+        raise RuntimeError(f"{what} returned {value!r}; expected a registered model version")
+    return text
+
+
+def start_service(port: int, log_path: Path) -> subprocess.Popen:
+    """``bentoml serve`` of the project's service in the background (output to ``log_path``)."""
+    from mlflow_projects.common import PROJECT_ROOT
+
+    bentoml = Path(sys.executable).with_name("bentoml")
+    cmd = [str(bentoml) if bentoml.exists() else "bentoml", "serve", SERVICE_TARGET, "--port", str(port)]
+    fh = open(log_path, "ab")
+    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ),
+                            start_new_session=True)
+
+
+def run_demo(args: argparse.Namespace) -> DemoResult:
+    """Run every step; raises when one fails (the message names the step)."""
+    import mlflow
+
+    from mlflow_projects import audit, promote, train_classifier, train_clip
+    from mlflow_projects.common import DEFAULT_TRACKING_URI
+    from training.data.phantom import generate_phantom
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(uri)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _step("phantom", timings):
+        manifest = Path(generate_phantom(out / "phantom", n=args.n, size=args.size, seed=args.seed, masks=True))
+    with _step("train classifier", timings):
+        cls_version = _as_version(train_classifier.main(
+            ["--data", str(manifest), "--arch", args.arch, "--epochs", str(args.epochs),
+             "--image-size", str(args.image_size), "--seed", str(args.seed)]), "train_classifier")
+    with _step("train CLIP", timings):
+        clip_version = _as_version(train_clip.main(
+            ["--data", str(manifest), "--epochs", str(args.clip_epochs), "--image-size", str(args.clip_image_size),
+             "--seed", str(args.seed)]), "train_clip")
+    audit_folder = out / "audit"
+    with _step("audit", timings):
+        status = audit.main(["--model-uri", f"models:/cxr-classifier/{cls_version}", "--data", str(manifest),
+                             "--clip", f"models:/cxr-clip/{clip_version}", "--gates", args.gates,
+                             "--out", str(audit_folder), "--seed", str(args.seed)])
+        if status != 0:
+            raise RuntimeError(f"audit exited with status {status}; its files are in {audit_folder}")
+    import json
+
+    summary = json.loads((audit_folder / audit.ARTIFACT_DIR / "summary.json").read_text())
+    with _step("promote", timings):
+        promoted = promote.main(["--name", "cxr-classifier", "--version", cls_version, "--gates", args.gates]) == 0
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    result = DemoResult(uri, manifest, cls_version, clip_version, audit_folder, summary["status"], promoted, timings)
+    if args.serve:
+        result.service_pid = start_service(args.port, out / "service.log").pid
+    return result
+
+
+def where_to_look(result: DemoResult, port: int) -> str:
+    """The closing message: MLflow UI command, report path, service command."""
+    uri = result.tracking_uri
+    report = result.audit_folder / "audit" / "report.html"
+    verdict = ("promoted to @champion" if result.promoted
+               else "NOT promoted (gates failed; see the report)")
+    lines = [
+        "",
+        "=" * 72,
+        f"cxr-interpret demo finished in {result.timings.get('total', 0):.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in result.timings.items() if k != 'total')})",
+        f"  classifier: cxr-classifier version {result.classifier_version}, audit {result.audit_status}, {verdict}",
+        f"  CLIP:       cxr-clip version {result.clip_version}",
+        "",
+        "MLflow UI (runs, registry, audit artifacts):",
+        f"  mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000   # then open http://127.0.0.1:5000",
+        "Audit report (self-contained HTML):",
+        f"  {report}",
+        "Explanation service (serves the @champion):",
+    ]
+    if result.service_pid:
+        lines.append(f"  started in the background (pid {result.service_pid}, log {result.audit_folder.parent / 'service.log'}): "
+                     f"http://127.0.0.1:{port}  (stop with: kill {result.service_pid})")
+    else:
+        lines.append(f"  MLFLOW_TRACKING_URI={shlex.quote(uri)} .venv/bin/bentoml serve {SERVICE_TARGET} --port {port}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns 0 when every step ran (promotion refused still returns 0 and says so)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    result = run_demo(args)
+    sys.stdout.write(where_to_look(result, args.port) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
