@@ -30,6 +30,7 @@ Optional columns (present only where a source has them; :data:`OPTIONAL_FIELDS`)
 * ``rater_boxes`` ``list<box struct>``: every reader's own boxes with ``rater`` set to the reader id
   (VinDr ``R1`` ... ``R17``). ``boxes`` then holds the per-class union (``rater="union"``), so code
   that ignores raters sees each finding once.
+* ``raters`` ``list<string>``: the reader ids that read the image (VinDr).
 
 Other extra columns are kept as they are (types inferred by pyarrow).
 
@@ -110,6 +111,7 @@ MANIFEST_SCHEMA = pa.schema([
 OPTIONAL_FIELDS: dict[str, pa.Field] = {
     "polygons": pa.field("polygons", pa.list_(POLYGON_TYPE)),
     "rater_boxes": pa.field("rater_boxes", pa.list_(BOX_TYPE)),
+    "raters": pa.field("raters", pa.list_(pa.string())),
 }
 
 MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
@@ -423,12 +425,19 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if col in MANIFEST_COLUMNS:
             continue
-        out[col] = pd.Series(extra[col], dtype=object) if col in extra else df[col].to_numpy()
+        out[col] = pd.Series(extra[col], dtype=object) if col in extra else df[col]
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Parquet I/O
+
+def _extra_array(col: pd.Series, type: pa.DataType | None = None) -> pa.Array:
+    if col.dtype == object:
+        values = [None if (not isinstance(v, (list, dict, np.ndarray)) and _is_null(v)) else v for v in col]
+        return pa.array(values, type=type, from_pandas=True)
+    return pa.Array.from_pandas(col, type=type)
+
 
 def _arrow_schema(df: pd.DataFrame) -> pa.Schema:
     fields = list(MANIFEST_SCHEMA)
@@ -438,7 +447,7 @@ def _arrow_schema(df: pd.DataFrame) -> pa.Schema:
         if col in OPTIONAL_FIELDS:
             fields.append(OPTIONAL_FIELDS[col])
         else:
-            fields.append(pa.field(col, pa.array(df[col].tolist(), from_pandas=True).type))
+            fields.append(pa.field(col, _extra_array(df[col]).type))
     return pa.schema(fields)
 
 
@@ -462,6 +471,9 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     schema = _arrow_schema(df)
     cols = {}
     for f in schema:
+        if f.name not in MANIFEST_COLUMNS and f.name not in OPTIONAL_FIELDS:
+            cols[f.name] = _extra_array(df[f.name], f.type)
+            continue
         values = df[f.name].tolist()
         values = [None if (not isinstance(v, (list, dict)) and _is_null(v)) else v for v in values]
         cols[f.name] = pa.array(values, type=f.type)
@@ -493,7 +505,12 @@ def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(f"{p} is not a readable Parquet manifest: {e}") from None
-    df = pd.DataFrame({name: table.column(name).to_pylist() for name in table.column_names})
+    known = set(MANIFEST_COLUMNS) | set(OPTIONAL_FIELDS)
+    df = pd.DataFrame({
+        name: (table.column(name).to_pylist()
+               if name in known or pa.types.is_nested(table.schema.field(name).type)
+               else table.column(name).to_pandas())
+        for name in table.column_names})
     try:
         df = validate_manifest(df)
     except ManifestError as e:
