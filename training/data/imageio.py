@@ -263,7 +263,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
             lo, hi = sorted((lo_s * slope + icpt, hi_s * slope + icpt))
 
         if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-            y = apply_voi_lut(arr if "ModalityLUTSequence" in ds else x, ds, index=0, prefer_lut=True)
+            # the LUT is indexed by (integer) modality-LUT output values
+            y = apply_voi_lut(np.rint(x).astype(np.int64), ds, index=0, prefer_lut=True)
             lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             top = max(float(2 ** lut_bits - 1), float(np.max(y)))
             out = np.asarray(y, dtype=np.float64) / top
