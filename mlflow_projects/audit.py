@@ -168,6 +168,7 @@ class Probe:
     image_ids: list[str]
     reports: list[str]
     classes: list[str]
+    artefacts: np.ndarray | None = None  # (N, S, S) bool ground-truth markers/tags (phantom_meta.parquet)
 
     @property
     def n(self) -> int:
@@ -205,7 +206,8 @@ def load_probe(manifest: Path, classes: Sequence[str], image_size: int, split: s
     df = read_manifest(manifest)
     report_of = dict(zip(df["image_id"], df["report"])) if "report" in df else {}
     items = [ds[int(i)] for i in tqdm(idx, desc="audit: probing set", unit="img", leave=False)]
-    return Probe(images=torch.stack([it["image"] for it in items]),
+    artefacts = phantom_artefacts(manifest, df, [str(it["image_id"]) for it in items], image_size)
+    return Probe(artefacts=artefacts, images=torch.stack([it["image"] for it in items]),
                  labels=np.stack([it["labels"].numpy() for it in items]).astype(np.float32),
                  boxes=[it["boxes"].numpy().reshape(-1, 4) for it in items],
                  box_labels=[it["box_labels"].numpy().reshape(-1) for it in items],
@@ -214,19 +216,28 @@ def load_probe(manifest: Path, classes: Sequence[str], image_size: int, split: s
                  classes=list(classes))
 
 
-def box_masks(boxes: Sequence[np.ndarray], box_labels: Sequence[np.ndarray], num_classes: int,
-              size: int) -> np.ndarray:
-    """Union of each class's boxes as a (N, C, S, S) bool array (pixel centres inside the box)."""
-    c = (np.arange(size) + 0.5)[None, :]
-    out = np.zeros((len(boxes), num_classes, size, size), dtype=bool)
-    for i, (b, lab) in enumerate(zip(boxes, box_labels)):
-        if len(b) == 0:
+def phantom_artefacts(manifest: Path, df, image_ids: Sequence[str], size: int) -> np.ndarray | None:
+    """Ground-truth text markers and planted shortcut tags from the phantom's ``phantom_meta.parquet``
+    (boxes ``[x, y, w, h]`` in original pixels, scaled to ``size``) as (N, S, S) bool; None without it."""
+    import pandas as pd
+
+    side = manifest.parent / "phantom_meta.parquet"
+    if not side.is_file():
+        return None
+    meta = pd.read_parquet(side).set_index("image_id")
+    width = dict(zip(df["image_id"], df["width"]))
+    c = np.arange(size) + 0.5
+    out = np.zeros((len(image_ids), size, size), dtype=bool)
+    for i, iid in enumerate(image_ids):
+        if iid not in meta.index:
             continue
-        inx = (c >= b[:, 0:1]) & (c <= b[:, 2:3])  # (K, S) columns
-        iny = (c >= b[:, 1:2]) & (c <= b[:, 3:4])  # (K, S) rows
-        m = iny[:, :, None] & inx[:, None, :]  # (K, S, S)
-        for k, cls in enumerate(lab):
-            out[i, int(cls)] |= m[k]
+        scale = size / float(width.get(iid) or size)
+        for col in ("marker_box", "shortcut_box"):
+            box = meta.at[iid, col] if col in meta.columns else None
+            if box is None or len(box) != 4:
+                continue
+            x, y, w, h = (float(v) * scale for v in box)
+            out[i] |= ((c[:, None] >= y) & (c[:, None] < y + h)) & ((c[None, :] >= x) & (c[None, :] < x + w))
     return out
 
 
@@ -385,7 +396,7 @@ def attention_pass(model, probe: Probe, method: str, batch_size: int) -> Attenti
 
     n, c, s = probe.n, len(probe.classes), probe.size
     field_mask = chest_field(s)
-    markers = marker_mask(probe.images[:, 0].numpy())
+    markers = probe.artefacts if probe.artefacts is not None else marker_mask(probe.images[:, 0].numpy())
     outside, on_marker = np.full((n, c), np.nan), np.full((n, c), np.nan)
     tables = []
     for start in tqdm(range(0, n, batch_size), desc=f"audit: {method} maps", leave=False):
@@ -512,8 +523,10 @@ def shortcut_section(probe: Probe, probs: np.ndarray, ap: AttentionPass, feats, 
                 warnings_.append({"kind": "unit", "target": f"{unit} (important for {cls})",
                                   "reason": "; ".join(reasons), "outside_lung": out_u, "on_marker": mk_u})
     n_flagged = sum(r["flagged"] for r in per_class)
+    markers_from = ("the phantom's ground truth (phantom_meta.parquet: marker and planted tag boxes)"
+                    if probe.artefacts is not None else "saturated pixels near the border (marker_mask)")
     return {"method": ("Lung field = a fixed elliptical template over the thorax of a centred frontal film "
-                       f"(chest_field); text markers = saturated pixels near the border (marker_mask). A class is "
+                       f"(chest_field); text markers and tags = {markers_from}. A class is "
                        f"flagged when more than {outside_threshold:.0%} of its attention lies outside the lung field "
                        f"or more than {marker_threshold:.0%} on markers; the same for the top units per class "
                        f"(activation maps). These are simple image-based estimates, not segmentations."),
