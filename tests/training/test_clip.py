@@ -77,7 +77,7 @@ def test_cxr_tiny_vit_is_registered_and_encodes_offline():
     assert (b.kind, b.image_size, b.embed_dim, b.spec) == ("open_clip", 64, 128, "cxr-tiny-vit")
     assert not b.model.training
     tokens = b.tokenizer(["A chest x-ray image of a Nodule", "no effusion"])
-    assert tokens.shape == (2, 64) and tokens.dtype == torch.long
+    assert tokens.shape == (2, 128) and tokens.dtype == torch.long
     assert int(tokens[0].max()) < 49408 and (tokens[0] > 0).sum() > 5  # the packaged BPE vocab, offline
     with torch.no_grad():
         assert b.model.encode_text(tokens).shape == (2, 128)

@@ -205,7 +205,8 @@ def _hub_offline() -> bool:
     return flag.strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_clip(spec: str | os.PathLike, device: str | torch.device = "cpu", pretrained: str | None = None) -> ClipBundle:
+def load_clip(spec: str | os.PathLike, device: str | torch.device = "cpu", pretrained: str | None = None,
+              image_size: int | None = None) -> ClipBundle:
     """Load a CLIP-style model from a name, a folder, a config file or the Hugging Face Hub.
 
     Args:
@@ -218,6 +219,9 @@ def load_clip(spec: str | os.PathLike, device: str | torch.device = "cpu", pretr
         pretrained: a local checkpoint file for an open_clip name or config ``.json`` (ignored by
             open_clip for ``local-dir:`` / ``hf-hub:``, so refused there). ``None``: random init
             (for configs with an HF text tower in a local folder, that tower's own weights).
+        image_size: build an open_clip *named* model for this input side instead of its config's (for
+            training from scratch; open_clip interpolates position embeddings of a ``pretrained`` file).
+            Other sources keep their own size (the adapter resizes inputs).
 
     Returns:
         :class:`ClipBundle` with the model in eval mode on ``device``.
@@ -251,12 +255,15 @@ def load_clip(spec: str | os.PathLike, device: str | torch.device = "cpu", pretr
             raise ValueError(f"folder {folder} is neither an open_clip local-dir ({OPEN_CLIP_CONFIG}) nor an HF "
                              "transformers CLIP directory (config.json)")
     else:
-        bundle = _load_named(spec, pretrained)
+        bundle = _load_named(spec, pretrained, image_size)
+    if image_size is not None and bundle.image_size != int(image_size):
+        raise ValueError(f"image_size={image_size} applies to open_clip model names only; {spec!r} is built "
+                         f"for {bundle.image_size} px (the adapter resizes inputs)")
     bundle.model.to(device).eval()
     return bundle
 
 
-def _load_named(name: str, pretrained: str | None) -> ClipBundle:
+def _load_named(name: str, pretrained: str | None, image_size: int | None = None) -> ClipBundle:
     import open_clip
 
     valid = open_clip.list_models()
@@ -271,7 +278,12 @@ def _load_named(name: str, pretrained: str | None) -> ClipBundle:
                              f"Pass a local checkpoint file, a 'local-dir:PATH' copy, or 'hf-hub:ORG/NAME' when online")
         raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained!r} (must be a local file)")
     model_cfg = open_clip.get_model_config(name)
-    model = open_clip.create_model(name, pretrained=pretrained, pretrained_text=False)
+    if image_size is not None:
+        if int(image_size) < 8:
+            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+        model_cfg["vision_cfg"]["image_size"] = int(image_size)
+    model = open_clip.create_model(name, pretrained=pretrained, pretrained_text=False,
+                                   force_image_size=None if image_size is None else int(image_size))
     tokenizer = open_clip.get_tokenizer(name)
     return _open_clip_bundle(model, tokenizer, name, {"model_cfg": model_cfg,
                                                       "preprocess_cfg": dict(model.visual.preprocess_cfg)})
