@@ -44,6 +44,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -182,6 +183,11 @@ def canonical_label(name: str, *, strict: bool = False) -> str:
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a finding label must be a non-empty string, got {name!r}")
+    return _canonical(name, bool(strict))
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical(name: str, strict: bool) -> str:
     hit = _ALIASES.get(_key(name))
     if hit is not None:
         return hit
@@ -197,10 +203,13 @@ def canonical_label(name: str, *, strict: bool = False) -> str:
 def _is_null(v: Any) -> bool:
     if v is None:
         return True
-    try:
-        return bool(pd.isna(v)) if np.ndim(v) == 0 else False
-    except (TypeError, ValueError):
+    if isinstance(v, float):
+        return v != v
+    if isinstance(v, (str, list, dict, tuple, np.ndarray, int)):
         return False
+    if v is pd.NA or v is pd.NaT:
+        return True
+    return isinstance(v, np.floating) and bool(np.isnan(v))
 
 
 def _as_list(v: Any) -> list | None:
@@ -213,6 +222,8 @@ def _as_list(v: Any) -> list | None:
 
 
 def _num(v: Any) -> float | None:
+    if type(v) is float or type(v) is int:   # fast path (the common case)
+        return float(v) if v == v and v not in (math.inf, -math.inf) else None
     if isinstance(v, (bool, np.bool_)) or _is_null(v):
         return None
     try:
