@@ -296,7 +296,9 @@ def read_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     Args:
         src: a file path, or the file's bytes. The type is detected from the content.
         max_pixels: refuse images with more pixels (width x height x frames) than this, checked from
-            the header before decoding.
+            the header before decoding. For PNG/JPEG Pillow's own guard (``Image.MAX_IMAGE_PIXELS``,
+            about 89 Mpx, whose warning is turned into this error) applies too, so raising
+            ``max_pixels`` above it has no effect for those formats.
 
     Returns:
         Array (H, W) float32 in [0, 1]; 8-bit data divided by 255, 16-bit by 65535, colour converted
