@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,76 @@ def test_encode_image_tokens_grid_and_consistency():
     assert pooled.shape == (2, 128) and not torch.allclose(tokens[0, 0], tokens[0, 1])
     with pytest.raises(ValueError, match="VisionTransformer"):
         encode_image_tokens(torch.nn.Linear(2, 2), images)
+
+
+# ---- training and evaluation ---------------------------------------------------------------------
+def test_retrieval_recall_by_hand():
+    from training.clip.train import retrieval_recall
+
+    e = torch.eye(6)
+    r = retrieval_recall(e, e, ks=(1, 5))
+    assert r == {"i2t_recall_at_1": 1.0, "t2i_recall_at_1": 1.0, "i2t_recall_at_5": 1.0, "t2i_recall_at_5": 1.0}
+    # texts shifted by one: image i's partner (text i) has similarity 0 while text i+1 has 1
+    shifted = e.roll(1, dims=0)
+    r = retrieval_recall(e, shifted, ks=(1, 5))
+    assert r["i2t_recall_at_1"] == 0.0 and r["t2i_recall_at_1"] == 0.0
+    assert r["i2t_recall_at_5"] == 1.0  # rank 2 of 6 (one strictly greater)
+    with pytest.raises(ValueError, match="must match"):
+        retrieval_recall(torch.eye(3), torch.eye(4))
+
+
+def test_zero_shot_scores_and_auroc_by_hand():
+    import math
+
+    import numpy as np
+
+    from training.clip.train import per_class_auroc, zero_shot_scores
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    pos, neg = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    torch.testing.assert_close(zero_shot_scores(img, pos, neg), torch.tensor([[1.0], [-1.0], [-0.2]]))
+    torch.testing.assert_close(zero_shot_scores(img, pos, mode="similarity"), torch.tensor([[1.0], [0.0], [0.6]]))
+    with pytest.raises(ValueError, match="valid: contrast, similarity"):
+        zero_shot_scores(img, pos, neg, mode="softmax")
+    labels = np.array([[1, 0], [0, 0], [1, 0]], dtype=np.float32)
+    aucs = per_class_auroc(labels, np.array([[0.9, 0.1], [0.1, 0.2], [0.5, 0.3]]), ["Nodule", "Mass"])
+    assert aucs["Nodule"] == 1.0 and math.isnan(aucs["Mass"])  # Mass has no positives
+
+
+@pytest.mark.slow
+def test_train_clip_runs_seeded_and_reports(tiny_phantom, tmp_path):
+    from training.clip.train import ClipTrainConfig, train_clip
+
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps({**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "context_length": 64}}))
+    seen = []
+    cfg = ClipTrainConfig(model=str(cfg_path), epochs=2, batch_size=8, image_size=32, seed=0, warmup_steps=2)
+    r1 = train_clip(tiny_phantom, cfg, callback=lambda e, m: seen.append((e, m)))
+    assert [e for e, _ in seen] == [0, 1] and len(r1.history) == 2
+    assert all(np.isfinite(m["loss"]) for _, m in seen)
+    assert {"val.i2t_recall_at_1", "val.i2t_recall_at_5", "val.t2i_recall_at_5", "val.zs_auroc_mean"} <= set(seen[-1][1])
+    assert 0 <= r1.metrics["i2t_recall_at_5"] <= 1 and r1.n_train > 8 and r1.n_val > 0
+    assert r1.classes[:3] == ["Atelectasis", "Cardiomegaly", "Effusion"]
+    assert not r1.bundle.model.training
+    r2 = train_clip(tiny_phantom, cfg)  # same seed: same weights
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(r1.bundle.model.encode_image(r1.bundle.preprocess(x)),
+                                   r2.bundle.model.encode_image(r2.bundle.preprocess(x)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        train_clip(tiny_phantom, ClipTrainConfig(model=str(cfg_path), batch_size=1))
+
+
+@pytest.mark.slow
+def test_small_clip_learns_on_the_phantom(tmp_path):
+    """A few epochs on a few hundred phantom pairs: retrieval and zero-shot AUROC above chance."""
+    from training.clip.train import ClipTrainConfig, train_clip
+    from training.data.phantom import generate_phantom
+
+    manifest = generate_phantom(tmp_path / "ph", n=320, size=64, seed=0)
+    r = train_clip(manifest, ClipTrainConfig(epochs=8, batch_size=32, lr=1e-3, warmup_steps=5, seed=0))
+    n_val = r.n_val
+    chance5 = 5 / n_val
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+    assert r.metrics["i2t_recall_at_5"] > 1.5 * chance5 and r.metrics["t2i_recall_at_5"] > 1.5 * chance5
+    assert r.metrics["zs_auroc_mean"] > 0.55
