@@ -956,7 +956,7 @@ def resolve_clip(spec: str):
         from mlflow.exceptions import MlflowException
 
         try:
-            from mlflow_projects.train_clip import load_registered_clip
+            from mlflow_projects.pyfunc_clip import load_registered_clip
 
             return load_registered_clip(spec), spec
         except (MlflowException, OSError, ValueError, KeyError, ImportError) as exc:
@@ -979,9 +979,7 @@ def read_reports(path: str, probe: Probe) -> tuple[list[str], str]:
 def _mine_concepts(reports: Sequence[str], max_concepts: int) -> list[str]:
     from interpret.concepts import mine_concepts
 
-    table = mine_concepts(reports)
-    names = list(table["concept"]) if hasattr(table, "columns") else list(table)
-    return names[:max_concepts]
+    return [str(c) for c in mine_concepts(reports, max_concepts=max_concepts)["concept"]]
 
 
 def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, sections: _Sections) -> ConceptResult:
@@ -1018,21 +1016,17 @@ def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, s
     with torch.no_grad():
         logits = model.forward_head(feats)
     params = {"alpha": cfg.alpha} if cfg.method == "mammi" else {}
-    rows, annotations, layer_info = [], {}, {}
+    from interpret.annotation import annotate
+
+    beta = cfg.beta if cfg.method in ("mammi", "www") else None
+    tables, annotations, layer_info = [], {}, {}
     for layer, acts in list(layers.items()) + [("final", logits)]:
-        scores = concept_scores(cfg.method, acts.float(), img, txt, tem, **params)  # (U, M)
-        picked = select_concepts(scores, beta=cfg.beta)
-        ann = {}
-        for unit, idx in enumerate(picked):
-            idx = [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
-            names = [concepts[i] for i in idx]
-            ann[unit] = names
-            rows.append({"layer": layer, "unit": unit, "method": cfg.method, "concepts": names,
-                         "scores": [float(scores[unit, i]) for i in idx]})
-        annotations[layer] = ann
+        t = annotate(cfg.method, acts.float(), img, txt, tem, concepts=concepts, beta=beta, layer=layer, **params)
+        tables.append(t.drop(columns="indices"))
+        annotations[layer] = {int(u): list(c) for u, c in zip(t["unit"], t["concepts"])}
         if layer != "final":
             layer_info[layer] = {"units": int(acts.shape[1]),
-                                 "annotated_fraction": float(np.mean([bool(v) for v in ann.values()]))}
+                                 "annotated_fraction": float(np.mean([bool(c) for c in t["concepts"]]))}
     evaluation = {}
     try:
         from interpret.evaluation import evaluate_final_layer
@@ -1043,7 +1037,7 @@ def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, s
         log.warning("final-layer concept evaluation unavailable (%s)", exc)
     hits = [any(related(c, cls) for c in annotations["final"].get(i, [])[:1]) for i, cls in enumerate(probe.classes)]
     evaluation.setdefault("top1_related_rate", float(np.mean(hits)))
-    table = pd.DataFrame(rows) if rows else _empty_concepts()
+    table = pd.concat(tables, ignore_index=True)
     sections.ok("concepts")
     summary = {"method": cfg.method, "n_concepts": len(concepts), "source": source, "clip": clip_desc,
                "layers": layer_info, "params": {"beta": cfg.beta, **params}}
