@@ -67,6 +67,9 @@ def cost_sensitive_bce(logits: torch.Tensor, targets: torch.Tensor, a_pos: torch
         raise ValueError(f"gamma must be >= 0, got {gamma!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(_REDUCTIONS)}")
+    for name, a in (("a_pos", a_pos), ("a_neg", a_neg)):
+        if torch.is_tensor(a) and a.numel() > 1 and tuple(a.shape) != (logits.shape[-1],):
+            raise ValueError(f"{name} has {a.numel()} class weights but logits have {logits.shape[-1]} classes")
     logits = logits.float()
     targets = targets.to(logits.dtype)
     valid = ~torch.isnan(targets)
