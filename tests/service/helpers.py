@@ -1,0 +1,116 @@
+"""Test helpers for the service: a tiny registered classifier in the contract layout
+(docs/ARCHITECTURE.md "Registered classifier": ``artifacts/checkpoint.pt``, ``artifacts/model.onnx``,
+``artifacts/meta.json``) and a passing audit run with a concept table, in a temporary MLflow store."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
+SIZE = 32
+
+
+class TinyProbabilities(mlflow.pyfunc.PythonModel):
+    """Probabilities of the checkpoint (what train_classifier's pyfunc returns)."""
+
+    def load_context(self, context):
+        from training.models import load_checkpoint
+
+        self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).sigmoid().numpy()
+
+
+def register_tiny_classifier(tmp: Path, seed: int = 0, name: str = "cxr-classifier",
+                             alias: str = "candidate") -> str:
+    """Build, export and register a ``test_resnet``; returns the version (string)."""
+    import torch
+
+    from mlflow_projects.common import register_version, setup_tracking
+    from training.export import export_onnx
+    from training.models import create_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = create_model("test_resnet", classes=CLASSES, image_size=SIZE).eval()
+    with torch.no_grad():  # spread the biases so that some findings are positive, some not
+        model.head.bias.copy_(torch.tensor([2.0, -2.0, 0.5, -3.0]))
+    model.thresholds = [0.5, 0.5, 0.4, 0.5]
+    folder = tmp / f"model-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = save_checkpoint(model, folder / "checkpoint.pt")
+    onnx = export_onnx(model, folder / "model.onnx", image_size=SIZE)
+    meta = {"arch": model.arch, "classes": model.class_names, "thresholds": model.thresholds,
+            "input": model.input_spec, "feature_layer": model.feature_layer, "head": "gap_linear"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    setup_tracking("cxr-classifier")
+    with mlflow.start_run(run_name=f"tiny-{seed}"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=TinyProbabilities(),
+                                       artifacts={"checkpoint": str(ckpt), "model_onnx": str(onnx),
+                                                  "meta": str(folder / "meta.json")})
+    mv = register_version(info.model_uri, name, {"classes": CLASSES, "thresholds": model.thresholds,
+                                                 "input": model.input_spec}, alias=alias)
+    return str(mv.version)
+
+
+def log_passing_audit(name: str, version: str, layer: str = "features.layer4", units: int = 32) -> str:
+    """An audit run in the audit entry point's format (tags + ``audit/concepts.parquet``); returns its id."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from mlflow_projects.common import setup_tracking
+
+    table = pd.DataFrame({"layer": [layer] * units, "unit": list(range(units)), "method": ["mammi"] * units,
+                          "concepts": [[f"concept{u}", "opacity"] for u in range(units)],
+                          "scores": [[0.9, 0.5] for _ in range(units)]})
+    setup_tracking("cxr-audit")
+    with mlflow.start_run(run_name="audit") as run:
+        mlflow.set_tags({"audit.status": "passed", "model.name": name, "model.version": version})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            table.to_parquet(Path(d) / "concepts.parquet", index=False)
+            mlflow.log_artifact(str(Path(d) / "concepts.parquet"), "audit")
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "audit.run_id", run.info.run_id)
+    client.set_model_version_tag(name, version, "audit.status", "passed")
+    return run.info.run_id
+
+
+def png_bytes(width: int = 48, height: int = 40, seed: int = 0, bits: int = 8) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    if bits == 16:
+        arr = rng.integers(0, 65535, (height, width), dtype=np.uint16)
+    else:
+        arr = rng.integers(0, 255, (height, width), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(width: int = 40, height: int = 40, seed: int = 1) -> bytes:
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (height, width), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def mask_png_bytes(width: int = 16, height: int = 16) -> bytes:
+    from PIL import Image
+
+    arr = np.zeros((height, width), np.uint8)
+    arr[4:9, 5:12] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
