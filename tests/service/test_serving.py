@@ -1,0 +1,284 @@
+"""In-process tests of the service core (mlflow_projects.serving) and the feedback store."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mlflow_projects.feedback import FeedbackError, FeedbackStore, validate_boxes
+from mlflow_projects.serving import (CLASSIFIER_METHODS, GuardMiddleware, LRUCache, MicroBatcher, ServingError,
+                                     decode_upload, grey_png, overlay_png)
+from tests.service.helpers import CLASSES, jpeg_bytes, mask_png_bytes, png_bytes
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    from PIL import Image
+
+    raw = base64.b64decode(b64)
+    assert raw.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(raw)) as img:
+        return img.size
+
+
+# ---- pure pieces (fast) -----------------------------------------------------------------------
+def test_decode_upload_statuses():
+    img = decode_upload(png_bytes(48, 40), 50_000_000)
+    assert (img.width, img.height, img.format) == (48, 40, "png") and img.pixels.dtype == np.float32
+    cases = [(None, 400, "empty body"), (b"", 400, "empty"), (b"GIF89a" + b"\0" * 200, 415, "unsupported"),
+             (png_bytes()[:60], 400, "cannot read"), (png_bytes(100, 100), 413, "exceeds the limit")]
+    for data, status, words in cases:
+        with pytest.raises(ServingError) as err:
+            decode_upload(data, 5000)
+        assert err.value.status == status and words in err.value.message, (status, err.value.message)
+
+
+def test_lru_cache_bounded_and_disabled():
+    c = LRUCache(2)
+    c.put("a", 1), c.put("b", 2)
+    assert c.get("a") == 1
+    c.put("c", 3)  # evicts b, the least recently used
+    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3 and len(c) == 2
+    off = LRUCache(0)
+    off.put("a", 1)
+    assert off.get("a") is None
+
+
+def test_microbatcher_batches_concurrent_items_and_keeps_order():
+    calls = []
+
+    def fn(x):
+        calls.append(len(x))
+        return [float(v.sum()) for v in x]
+
+    mb = MicroBatcher(fn, max_batch=8, wait_ms=20)
+
+    async def main():
+        return await asyncio.gather(*(mb.submit(np.full((2,), i, np.float32)) for i in range(10)))
+
+    out = asyncio.run(main())
+    assert out == [2.0 * i for i in range(10)]
+    assert sum(calls) == 10 and max(calls) == 8 and len(calls) == 2
+
+
+def test_microbatcher_error_reaches_every_caller():
+    mb = MicroBatcher(lambda x: (_ for _ in ()).throw(RuntimeError("boom")), max_batch=4)
+
+    async def main():
+        return await asyncio.gather(*(mb.submit(np.zeros(1)) for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+def test_overlay_and_raw_png():
+    pixels = np.random.default_rng(0).random((30, 50), dtype=np.float32)
+    heat = np.zeros((16, 16), np.float32)
+    heat[4:8, 4:8] = 1
+    b64, size = overlay_png(pixels, heat, max_side=1024)
+    assert size == [50, 30] and _png_size(b64) == (50, 30)
+    b64, size = overlay_png(pixels, heat, max_side=25)  # bounded, aspect kept
+    assert size == [25, 15] and _png_size(b64) == (25, 15)
+    raw = np.arange(12, dtype=np.float32).reshape(3, 4) - 3
+    b64, size, rng = grey_png(raw)
+    from PIL import Image
+
+    q = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+    assert size == [4, 3] and rng == [-3.0, 8.0]
+    np.testing.assert_allclose(rng[0] + q / 255 * (rng[1] - rng[0]), raw, atol=(rng[1] - rng[0]) / 255)
+
+
+def test_feedback_store_atomic_append_only(tmp_path):
+    from training.dwarf.supervision import load_feedback
+
+    store = FeedbackStore(tmp_path)
+    sha = "ab" * 32
+    a = store.append(image_sha256=sha, finding="Nodule", boxes=[[1, 2, 3, 4]], author="dr-x")
+    b = store.append(image_sha256=sha, finding="Mass", mask_png=base64.b64encode(mask_png_bytes()).decode(),
+                     image=np.full((8, 8), 0.5, np.float32))
+    assert a["id"] != b["id"] and len(store.list()) == 2
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+    assert (tmp_path / b["image_path"]).is_file()
+    recs = load_feedback(tmp_path)  # the DWARF engineer's reader accepts the format
+    assert {r.id for r in recs} == {a["id"], b["id"]} and recs[0].boxes == [[1.0, 2.0, 3.0, 4.0]]
+    with pytest.raises(FeedbackError, match="64 hex"):
+        store.append(image_sha256="xyz", finding="Nodule", boxes=[[1, 2, 3, 4]])
+    with pytest.raises(FeedbackError, match="boxes"):
+        store.append(image_sha256=sha, finding="Nodule")
+    for bad in ("[[1, 2, 0, 4]]", "[[1, 2]]", "nope", [[-1, 0, 2, 2]]):
+        with pytest.raises(FeedbackError):
+            validate_boxes(bad)
+    with pytest.raises(FeedbackError, match="beyond"):
+        validate_boxes([[40, 0, 20, 5]], width=48, height=40)
+
+
+def _asgi_call(app, path="/predict", method="POST", headers=(), body=b""):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "path": path, "method": method, "headers": list(headers), "client": ("127.0.0.1", 1)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, body
+
+
+def test_guard_auth_limits_and_access_log(caplog):
+    async def inner(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = GuardMiddleware(inner, api_keys=["k1", "k2"], max_body_bytes=100)
+    mp = (b"content-type", b"multipart/form-data; boundary=x")
+    assert _asgi_call(app, "/livez", "GET")[0] == 200  # probes need no key
+    assert _asgi_call(app, "/readyz", "GET")[0] == 200
+    assert _asgi_call(app, headers=[mp, (b"content-length", b"3")], body=b"abc")[0] == 401
+    assert _asgi_call(app, "/metrics", "GET", headers=[(b"authorization", b"Bearer nope")])[0] == 401
+    auth = (b"authorization", b"Bearer k2")
+    assert _asgi_call(app, headers=[auth, mp, (b"content-length", b"3")], body=b"abc") == (200, b"ok")
+    status, body = _asgi_call(app, headers=[auth, mp, (b"content-length", b"500")], body=b"x" * 500)
+    assert status == 413 and b"exceeds" in body
+    status, body = _asgi_call(app, headers=[auth, (b"content-type", b"image/png"), (b"content-length", b"3")],
+                              body=b"abc")
+    assert status == 415 and b"multipart/form-data" in body
+    with caplog.at_level(logging.INFO, logger="cxr.access"):
+        assert _asgi_call(app, headers=[auth, (b"content-length", b"0")])[0] == 400
+    rec = json.loads(caplog.records[-1].getMessage())
+    assert rec["status"] == 400 and rec["path"] == "/predict" and "authorization" not in caplog.text.lower()
+    assert "k2" not in caplog.text
+
+
+def test_cam_fast_path_matches_interpret(tmp_path):
+    """ONNX features x head weights == interpret's CAM on the torch model."""
+    from interpret import attention_maps
+    from mlflow_projects.serving import ExplanationService, LoadedModel, ModelIdentity, ServeConfig
+    from training.export import export_onnx, onnx_session
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("test_resnet", classes=CLASSES, image_size=32).eval()
+    sess = onnx_session(export_onnx(net, tmp_path / "m.onnx", image_size=32))
+    ident = ModelIdentity("m", "1", None, "x", "x")
+    lm = LoadedModel(ident, "classifier", CLASSES, [0.5] * 4, 32, {}, CLASSIFIER_METHODS, torch_model=net,
+                     session=sess, head_weight=net.head.weight.detach().numpy(),
+                     head_bias=net.head.bias.detach().numpy(), feature_layer=net.feature_layer)
+    svc = ExplanationService(ServeConfig(feedback_dir=str(tmp_path / "fb")))
+    svc.model = lm
+    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = lm.run_batch(x.numpy())[0]
+    maps, raw = svc._maps(lm, x[0].numpy(), out, "cam", [0, 2])
+    ref_maps, ref_raw = attention_maps(net, x, [[0, 2]], method="cam", return_raw=True)
+    torch.testing.assert_close(torch.from_numpy(raw), ref_raw[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(maps), ref_maps[0], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        probs = net(x).sigmoid()[0].numpy()
+    np.testing.assert_allclose(out["probabilities"], probs, atol=1e-5)
+
+
+# ---- with a registered model (slow: a real MLflow store) -------------------------------------------
+@pytest.mark.slow
+def test_resolves_champion_fallback_and_audit(core, registry):
+    info = core.model_info()
+    assert info["name"] == "cxr-classifier" and info["version"] == registry.version and info["alias"] == "candidate"
+    assert core.model.identity.fallback and core.model.audit_run_id == registry.audit_run_id
+    c = core.concepts()
+    assert c["n_units"] == 32 and c["units"][3]["concepts"] == ["concept3", "opacity"]
+
+
+@pytest.mark.slow
+def test_predict_and_explain_every_method(core):
+    r = core.predict(png_bytes(48, 40))
+    assert [f["name"] for f in r["findings"]] == CLASSES and r["model"]["version"] == core.model.identity.version
+    for f in r["findings"]:
+        assert 0 <= f["probability"] <= 1 and f["positive"] == (f["probability"] >= f["threshold"])
+    positives = [f["name"] for f in r["findings"] if f["positive"]]
+    for method in CLASSIFIER_METHODS:
+        e = core.explain(png_bytes(48, 40), method=method, top_neurons=3)
+        assert e["method"] == method and e["targets"] == (positives or e["targets"])
+        for h in e["heatmaps"]:
+            assert _png_size(h["overlay_png"]) == (48, 40) == tuple(h["overlay_size"])
+            assert _png_size(h["map_png"]) == tuple(h["map_size"]) and h["map_range"][0] <= h["map_range"][1]
+            assert len(h["top_units"]) == 3 and h["top_units"][0]["concepts"]
+            contrib = [u["contribution"] for u in h["top_units"]]
+            assert contrib == sorted(contrib, reverse=True)
+    e = core.explain(jpeg_bytes(), method="gradcam", targets="Nodule,Cardiomegaly", top_neurons=0)
+    assert e["targets"] == ["Nodule", "Cardiomegaly"] and e["heatmaps"][0]["top_units"] == []
+
+
+@pytest.mark.slow
+def test_explain_cache_hits(core):
+    data = png_bytes(40, 40, seed=7)
+    first = core.explain(data, method="cam", targets=["Effusion"])
+    hits = core.cache.hits
+    again = core.explain(data, method="cam", targets='["Effusion"]')
+    assert not first["cached"] and again["cached"] and core.cache.hits == hits + 1
+    assert again["heatmaps"][0]["overlay_png"] == first["heatmaps"][0]["overlay_png"]
+
+
+@pytest.mark.slow
+def test_explain_bad_arguments(core):
+    for kwargs, words in [({"method": "lime"}, "unknown method"), ({"targets": "Pneumonia"}, "unknown target"),
+                          ({"top_neurons": "many"}, "top_neurons"), ({"top_neurons": 10_000}, "top_neurons")]:
+        with pytest.raises(ServingError) as err:
+            core.explain(png_bytes(), **kwargs)
+        assert err.value.status == 400 and words in err.value.message
+    with pytest.raises(ServingError) as err:
+        core.explain(png_bytes(), method="nope")
+    assert err.value.valid == list(CLASSIFIER_METHODS)
+
+
+@pytest.mark.slow
+def test_dicom_header_never_echoed_or_logged(core, real_fixtures, caplog):
+    import pydicom
+
+    path = next((real_fixtures / "dicom").glob("*.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    secrets = [str(ds.get(k)) for k in ("PatientName", "PatientID", "StudyInstanceUID", "SOPInstanceUID")
+               if ds.get(k) not in (None, "")]
+    assert secrets
+    with caplog.at_level(logging.DEBUG):
+        text = json.dumps([core.predict(path.read_bytes()), core.explain(path.read_bytes(), method="cam")])
+    for s in secrets:
+        assert s not in text and s not in caplog.text
+
+
+@pytest.mark.slow
+def test_async_paths_batch(core):
+    async def main():
+        return await asyncio.gather(*(core.apredict(png_bytes(seed=i)) for i in range(6)),
+                                    core.aexplain(png_bytes(seed=9), method="cam"))
+
+    before = core.batcher.items
+    out = asyncio.run(main())
+    assert len(out) == 7 and core.batcher.items == before + 7
+    sync = core.predict(png_bytes(seed=0))["findings"]
+    np.testing.assert_allclose([f["probability"] for f in out[0]["findings"]], [f["probability"] for f in sync],
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+def test_feedback_routes_into_store(core):
+    from training.dwarf.supervision import load_feedback
+
+    r = core.feedback(finding="nodule", image=png_bytes(48, 40), boxes="[[2, 3, 10, 8]]", author="dr-y")
+    assert r["finding"] == "Nodule" and len(r["id"]) == 32
+    r2 = core.feedback(finding="Effusion", image_sha256=r["image_sha256"], mask=mask_png_bytes())
+    ids = {rec.id for rec in load_feedback(core.feedback_store.folder)}
+    assert {r["id"], r2["id"]} <= ids
+    for kwargs, words in [({"finding": "Pneumonia", "image_sha256": "ab" * 32, "boxes": "[[1,1,2,2]]"}, "unknown finding"),
+                          ({"finding": "Nodule", "boxes": "[[1,1,2,2]]"}, "image"),
+                          ({"finding": "Nodule", "image": png_bytes(48, 40), "boxes": "[[40,1,20,2]]"}, "beyond"),
+                          ({"finding": "Nodule", "image_sha256": "ab" * 32}, "boxes")]:
+        with pytest.raises(ServingError) as err:
+            core.feedback(**kwargs)
+        assert err.value.status == 400 and words in err.value.message, err.value.message
