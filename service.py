@@ -12,8 +12,6 @@ is loaded), ``/metrics``.
 Adaptive batching is done by the service core's micro-batcher, not by ``batchable=True`` (see
 :class:`mlflow_projects.serving.MicroBatcher` for why).
 """
-from __future__ import annotations
-
 import logging
 import typing as t
 from pathlib import Path
@@ -61,7 +59,7 @@ class CXRExplainer:
         return content + self.core.metrics_text()
 
     @bentoml.api(route="/predict")
-    async def predict(self, image: t.Optional[Path] = None) -> dict:
+    async def predict(self, image: Path = None) -> dict:
         """Findings (name, probability, threshold, positive) for a PNG, JPEG or DICOM image."""
         try:
             return await self.core.apredict(_read(image))
@@ -69,7 +67,7 @@ class CXRExplainer:
             return _error(exc, self.core)  # type: ignore[return-value]
 
     @bentoml.api(route="/explain")
-    async def explain(self, image: t.Optional[Path] = None, method: t.Any = None, targets: t.Any = None,
+    async def explain(self, image: Path = None, method: t.Any = None, targets: t.Any = None,
                       top_neurons: t.Any = None) -> dict:
         """Findings plus per-target heatmaps (overlay PNG, raw map PNG + range) and top units with concepts.
 
@@ -91,8 +89,8 @@ class CXRExplainer:
             return _error(exc, self.core)  # type: ignore[return-value]
 
     @bentoml.api(route="/feedback")
-    def feedback(self, finding: t.Any = None, image: t.Optional[Path] = None, image_sha256: t.Any = None,
-                 boxes: t.Any = None, mask: t.Optional[Path] = None, mask_png: t.Any = None,
+    def feedback(self, finding: t.Any = None, image: Path = None, image_sha256: t.Any = None,
+                 boxes: t.Any = None, mask: Path = None, mask_png: t.Any = None,
                  author: t.Any = None) -> dict:
         """Store a clinician's boxes ``[[x, y, w, h], ...]`` or mask PNG for an image and a finding; returns its id."""
         try:

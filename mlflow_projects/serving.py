@@ -68,7 +68,7 @@ access_log = logging.getLogger("cxr.access")
 
 __all__ = ["ServeConfig", "ServingError", "ModelIdentity", "LoadedModel", "ExplanationService", "MicroBatcher",
            "LRUCache", "GuardMiddleware", "resolve_model_uri", "find_passing_audit", "decode_upload",
-           "list_methods", "DEFAULT_MODEL_URI", "CLASSIFIER_METHODS"]
+           "list_methods", "check_multipart_fields", "DEFAULT_MODEL_URI", "CLASSIFIER_METHODS"]
 
 DEFAULT_MODEL_URI = "models:/cxr-classifier@champion"
 FALLBACK_ALIAS = "candidate"
@@ -77,6 +77,41 @@ MAPS_METHODS = ("dwarf",)
 AUDIT_EXPERIMENT = "cxr-audit"
 PROBES = ("/livez", "/readyz", "/healthz")
 UPLOAD_ROUTES = ("/predict", "/explain", "/feedback")
+# multipart fields each upload route accepts: (file fields, text fields)
+ROUTE_FIELDS: dict[str, tuple[frozenset, frozenset]] = {
+    "/predict": (frozenset({"image"}), frozenset()),
+    "/explain": (frozenset({"image"}), frozenset({"method", "targets", "top_neurons"})),
+    "/feedback": (frozenset({"image", "mask"}), frozenset({"finding", "image_sha256", "boxes", "mask_png", "author"})),
+}
+_DISPOSITION = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"([^\r\n]*)', re.IGNORECASE)
+
+
+def check_multipart_fields(body: bytes, content_type: bytes, route: str) -> None:
+    """Check the part names of a multipart body against :data:`ROUTE_FIELDS` (headers only).
+
+    Raises:
+        ServingError: (400) unknown field, a text value for a file field, or a malformed body.
+    """
+    files, texts = ROUTE_FIELDS[route]
+    m = re.search(rb'boundary="?([^";]+)"?', content_type)
+    if not m:
+        raise ServingError(400, "multipart/form-data request without a boundary")
+    delimiter = b"--" + m.group(1)
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break  # closing delimiter
+        head = part.split(b"\r\n\r\n", 1)[0]
+        d = _DISPOSITION.search(head)
+        if d is None:
+            raise ServingError(400, "malformed multipart part (no Content-Disposition name)")
+        name, rest = d.group(1).decode("utf-8", "replace"), d.group(2)
+        is_file = b"filename=" in rest.lower()
+        if name not in files | texts:
+            raise ServingError(400, f"unknown form field {name[:40]!r} for {route}; valid: {sorted(files | texts)}",
+                               valid=sorted(files | texts))
+        if name in files and not is_file:
+            raise ServingError(400, f"field {name!r} must be a file upload (multipart part with a filename), "
+                                    "not a text value")
 
 
 def _env_int(name: str, default: int, minimum: int = 0) -> int:
@@ -1068,8 +1103,8 @@ class GuardMiddleware:
                     state["status"] = exc.status
                     state["out"] = await self._send_json(send, exc.status, exc.to_dict())
                 return
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if method == "POST" and path in UPLOAD_ROUTES:
-                ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
                 if length == b"0" or (not ctype and length is None and b"transfer-encoding" not in headers):
                     state["status"] = 400
                     state["out"] = await self._send_json(
@@ -1086,6 +1121,40 @@ class GuardMiddleware:
                     return
             received = 0
             too_large = False
+            if method == "POST" and path in ROUTE_FIELDS and ctype == b"multipart/form-data":
+                chunks, more = [], True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # client went away
+                    chunks.append(message.get("body", b""))
+                    received += len(chunks[-1])
+                    state["in"] = max(state["in"], received)
+                    if received > self.max_body:
+                        state["status"] = 413
+                        state["out"] = await self._send_json(
+                            send, 413, {"error": f"request body exceeds the limit of {self.max_body} bytes "
+                                                 "(CXR_MAX_BODY_BYTES)", "status": 413})
+                        return
+                    more = message.get("more_body", False)
+                body = b"".join(chunks)
+                try:
+                    check_multipart_fields(body, headers.get(b"content-type", b""), path)
+                except ServingError as exc:
+                    state["status"] = exc.status
+                    state["out"] = await self._send_json(send, exc.status, exc.to_dict())
+                    return
+                replayed = False
+
+                async def replay():
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, send_wrapper)
+                return
 
             async def receive_wrapper():
                 nonlocal received, too_large

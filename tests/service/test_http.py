@@ -1,0 +1,199 @@
+"""A real ``bentoml serve service:CXRExplainer`` on a free loopback port, called over HTTP with httpx."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.service.helpers import CLASSES, SIZE, jpeg_bytes, mask_png_bytes, png_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "test-key-123"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("bento")
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri, BENTOML_HOME=str(tmp / "bentoml"),
+               CXR_API_KEYS=f"other,{KEY}", CXR_MAX_PIXELS="10000", CXR_MAX_BODY_BYTES="200000",
+               CXR_FEEDBACK_DIR=str(tmp / "feedback"), CXR_SERVE_CACHE=str(tmp / "cache"), CXR_THREADS="1",
+               BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
+    bentoml = Path(sys.executable).with_name("bentoml")
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(bentoml), "serve", "service:CXRExplainer", "--host", "127.0.0.1", "--port",
+                                 str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"service not ready in 240 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            yield client, log_path, tmp
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+def test_probes_and_metrics(server):
+    import httpx
+
+    client, _, _ = server
+    base = str(client.base_url).rstrip("/")
+    assert httpx.get(f"{base}/livez").status_code == 200  # probes need no key
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    assert httpx.get(f"{base}/metrics").status_code == 401
+    m = client.get("/metrics")
+    assert m.status_code == 200 and 'cxr_model_info{name="cxr-classifier"' in m.text
+
+
+def test_predict_matches_registry_version(server, registry):
+    import mlflow
+
+    client, _, _ = server
+    data = png_bytes(48, 40, seed=3)
+    r = client.post("/predict", files={"image": ("x.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
+                             "uri": f"models:/cxr-classifier/{registry.version}"}
+    assert [f["name"] for f in body["findings"]] == CLASSES
+    # the served numbers are those of the registered version's own pyfunc
+    from mlflow_projects.serving import decode_upload, preprocess
+
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    ref = mlflow.pyfunc.load_model(f"models:/cxr-classifier/{registry.version}")
+    x = preprocess(decode_upload(data, 10_000).pixels, SIZE)[None]
+    np.testing.assert_allclose([f["probability"] for f in body["findings"]], ref.predict(x)[0], atol=1e-5)
+
+
+def test_explain_cam_and_gradcam(server):
+    client, _, _ = server
+    for method, extra in (("cam", {}), ("gradcam", {"targets": "Nodule,Effusion", "top_neurons": "2"})):
+        r = client.post("/explain", files={"image": ("x.jpg", jpeg_bytes(40, 36), "image/jpeg")},
+                        data={"method": method, **extra})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["method"] == method and body["model"]["name"] == "cxr-classifier"
+        for h in body["heatmaps"]:
+            assert _png_size(h["overlay_png"]) == (40, 36)
+            assert _png_size(h["map_png"]) == tuple(h["map_size"])
+            assert h["top_units"] and h["top_units"][0]["concepts"]
+    assert body["targets"] == ["Nodule", "Effusion"] and len(body["heatmaps"][0]["top_units"]) == 2
+
+
+def test_concepts_get_and_post(server, registry):
+    client, _, _ = server
+    for r in (client.get("/concepts"), client.post("/concepts", json={})):
+        assert r.status_code == 200, r.text
+        assert r.json()["audit_run_id"] == registry.audit_run_id and r.json()["n_units"] == 32
+
+
+def test_feedback_is_stored(server):
+    from training.dwarf.supervision import load_feedback
+
+    client, _, tmp = server
+    r = client.post("/feedback", files={"image": ("x.png", png_bytes(48, 40), "image/png")},
+                    data={"finding": "Nodule", "boxes": "[[2, 3, 10, 8]]", "author": "dr-z"})
+    assert r.status_code == 200, r.text
+    r2 = client.post("/feedback", files={"mask": ("m.png", mask_png_bytes(), "image/png")},
+                     data={"finding": "Effusion", "image_sha256": r.json()["image_sha256"]})
+    assert r2.status_code == 200, r2.text
+    ids = {rec.id for rec in load_feedback(tmp / "feedback")}
+    assert {r.json()["id"], r2.json()["id"]} <= ids
+
+
+def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
+    import httpx
+
+    client, log_path, _ = server
+    base = str(client.base_url).rstrip("/")
+    png = png_bytes(48, 40)
+    cases = [
+        ("no key", lambda: httpx.post(f"{base}/predict", files={"image": ("x.png", png)}), 401),
+        ("wrong key", lambda: httpx.post(f"{base}/predict", files={"image": ("x.png", png)},
+                                         headers={"Authorization": "Bearer nope"}), 401),
+        ("empty body", lambda: client.post("/predict"), 400),
+        ("no image field", lambda: client.post("/predict", files={"other": ("x.png", png)}), 400),
+        ("empty file", lambda: client.post("/predict", files={"image": ("x.png", b"")}), 400),
+        ("truncated", lambda: client.post("/predict", files={"image": ("x.png", png[:70])}), 400),
+        ("corrupt", lambda: client.post("/predict", files={"image": ("x.png", png[:8] + b"\0" * 300)}), 400),
+        ("unsupported", lambda: client.post("/predict", files={"image": ("x.gif", b"GIF89a" + b"\0" * 300)}), 415),
+        ("raw body", lambda: client.post("/predict", content=png, headers={"Content-Type": "image/png"}), 415),
+        ("too many pixels", lambda: client.post("/predict", files={"image": ("x.png", png_bytes(200, 200))}), 413),
+        ("body too large", lambda: client.post("/predict", files={"image": ("x.png", b"\x89PNG" + b"0" * 300_000)}), 413),
+        ("unknown method", lambda: client.post("/explain", files={"image": ("x.png", png)}, data={"method": "lime"}), 400),
+        ("unknown target", lambda: client.post("/explain", files={"image": ("x.png", png)},
+                                               data={"targets": "Pneumonia"}), 400),
+        ("bad feedback", lambda: client.post("/feedback", files={"image": ("x.png", png)},
+                                             data={"finding": "Nodule", "boxes": "[[1, 2, 0, 0]]"}), 400),
+    ]
+    for name, call, status in cases:
+        r = call()
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        if status != 401:
+            assert r.json()["error"], name
+        if name == "unknown method":
+            assert r.json()["valid"] == ["cam", "gradcam", "gradcampp", "integrated_gradients", "smoothgrad"]
+        if name == "unknown target":
+            assert r.json()["valid"] == CLASSES
+        ok = client.post("/predict", files={"image": ("x.png", png)})
+        assert ok.status_code == 200, (name, ok.text[:300])
+
+
+def test_dicom_over_http_without_header_leaks(server, real_fixtures):
+    import pydicom
+
+    client, log_path, _ = server
+    path = next((real_fixtures / "dicom").glob("*.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    secrets = [str(ds.get(k)) for k in ("PatientName", "PatientID", "SOPInstanceUID") if ds.get(k) not in (None, "")]
+    r = client.post("/predict", files={"image": ("scan.dcm", path.read_bytes(), "application/dicom")})
+    assert r.status_code == 413  # 1024x1024 > CXR_MAX_PIXELS of this server
+    for s in secrets:
+        assert s not in r.text
+    time.sleep(0.5)
+    for s in secrets:
+        assert s not in log_path.read_text(errors="replace")
