@@ -5,7 +5,9 @@ chest X-ray model. Thin: every decision lives in :mod:`mlflow_projects.serving`.
 
 Settings come from the environment (``CXR_MODEL_URI``, ``MLFLOW_TRACKING_URI``, ``CXR_API_KEYS``,
 ``CXR_MAX_PIXELS``, ``CXR_MAX_BODY_BYTES``, ``CXR_WORKERS``, ``CXR_CACHE_SIZE``, ``CXR_FEEDBACK_DIR``; see
-:class:`mlflow_projects.serving.ServeConfig`). Routes: ``POST /predict``, ``POST /explain``,
+:class:`mlflow_projects.serving.ServeConfig`). In a Bento, ``CXR_BENTO_MODEL`` names the BentoML model
+(imported by ``mlflow_projects/build_bento.py``, labelled with its MLflow name/version/alias) served instead
+of the registry's. Routes: ``POST /predict``, ``POST /explain``,
 ``GET|POST /concepts``, ``POST /feedback`` and BentoML's ``/livez``, ``/readyz`` (503 until the model
 is loaded), ``/metrics``.
 
@@ -13,6 +15,7 @@ Adaptive batching is done by the service core's micro-batcher, not by ``batchabl
 :class:`mlflow_projects.serving.MicroBatcher` for why).
 """
 import logging
+import os
 import typing as t
 from pathlib import Path
 
@@ -24,6 +27,13 @@ from mlflow_projects.serving import ExplanationService, GuardMiddleware, ServeCo
 log = logging.getLogger("cxr.service")
 
 CONFIG = ServeConfig.from_env()
+# In a Bento (mlflow_projects/build_bento.py) the model comes from the BentoML model store, not the registry.
+BENTO_MODEL = os.environ.get("CXR_BENTO_MODEL")
+if BENTO_MODEL:
+    _bento_model = bentoml.models.get(BENTO_MODEL)
+    CONFIG.local_model_dir = _bento_model.path
+    CONFIG.local_identity = {k: _bento_model.info.labels.get(f"mlflow.{k}") for k in ("name", "version", "alias")}
+    CONFIG.local_identity["audit_run_id"] = _bento_model.info.labels.get("audit.run_id")
 _CORE: dict[str, ExplanationService] = {}
 
 

@@ -152,6 +152,11 @@ class ServeConfig:
     top_neurons: int = 5  # default k of top units
     feedback_dir: str | None = None  # CXR_FEEDBACK_DIR
     cache_dir: str | None = None  # CXR_SERVE_CACHE: where registry artifacts are downloaded
+    # A model already on disk (a Bento's model store entry, see build_bento): its folder holds the MLflow
+    # model under ``mlflow_model/`` and optionally ``audit/concepts.parquet``; ``local_identity`` gives
+    # its MLflow name/version/alias (the registry is not contacted).
+    local_model_dir: str | None = None
+    local_identity: dict[str, Any] | None = None
 
     @classmethod
     def from_env(cls) -> "ServeConfig":
@@ -579,14 +584,15 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def load_model(identity: ModelIdentity, config: ServeConfig) -> LoadedModel:
-    """Download ``identity.uri`` and build the :class:`LoadedModel` (see the module docstring)."""
+def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.PathLike | None = None) -> LoadedModel:
+    """Download ``identity.uri`` (or use the local folder ``source``) and build the :class:`LoadedModel`
+    (see the module docstring)."""
     import mlflow
 
     cache_root = Path(config.cache_dir or tempfile.gettempdir()) / "cxr-serve"
-    key = hashlib.sha256(f"{_tracking_uri()}|{identity.uri}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source or _tracking_uri()}|{identity.uri}".encode()).hexdigest()[:16]
     dst = cache_root / key
-    src = Path(identity.uri)
+    src = Path(source) if source else Path(identity.uri)
     if not src.is_dir():
         dst.mkdir(parents=True, exist_ok=True)
         src = Path(mlflow.artifacts.download_artifacts(artifact_uri=identity.uri, dst_path=str(dst)))
@@ -712,9 +718,12 @@ class ExplanationService:
 
                 mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
             t0 = time.perf_counter()
-            identity = resolve_model_uri(self.config.model_uri)
-            model = load_model(identity, self.config)
-            audit = find_passing_audit(identity.name, identity.version)
+            if self.config.local_model_dir:
+                identity, model, audit = self._load_local()
+            else:
+                identity = resolve_model_uri(self.config.model_uri)
+                model = load_model(identity, self.config)
+                audit = find_passing_audit(identity.name, identity.version)
             if audit is not None:
                 model.audit_run_id, model.concepts = audit
                 model.unit_concepts = _unit_concepts(model.concepts, model.feature_layer)
@@ -726,6 +735,22 @@ class ExplanationService:
                      identity.uri, identity.name, identity.version, identity.alias, model.kind, len(model.classes),
                      time.perf_counter() - t0, self.config.intra_op_threads)
             return model
+
+    def _load_local(self):
+        folder = Path(self.config.local_model_dir)
+        ids = dict(self.config.local_identity or {})
+        name, version = ids.get("name") or None, ids.get("version") or None
+        uri = f"models:/{name}/{version}" if name and version else str(folder)
+        identity = ModelIdentity(name, version, ids.get("alias") or None, uri, str(folder), ids.get("run_id"))
+        source = folder / "mlflow_model" if (folder / "mlflow_model").is_dir() else folder
+        model = load_model(identity, self.config, source=source)
+        audit = None
+        table_path = folder / "audit" / "concepts.parquet"
+        if table_path.is_file():
+            import pandas as pd
+
+            audit = (ids.get("audit_run_id") or None, pd.read_parquet(table_path))
+        return identity, model, audit
 
     def _model(self) -> LoadedModel:
         if self.model is None:

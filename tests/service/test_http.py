@@ -164,6 +164,8 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
         ("raw body", lambda: client.post("/predict", content=png, headers={"Content-Type": "image/png"}), 415),
         ("too many pixels", lambda: client.post("/predict", files={"image": ("x.png", png_bytes(200, 200))}), 413),
         ("body too large", lambda: client.post("/predict", files={"image": ("x.png", b"\x89PNG" + b"0" * 300_000)}), 413),
+        ("image as text (URL)", lambda: client.post("/predict", files={"x": ("", b"")},
+                                                    data={"image": "http://169.254.169.254/"}), 400),
         ("unknown method", lambda: client.post("/explain", files={"image": ("x.png", png)}, data={"method": "lime"}), 400),
         ("unknown target", lambda: client.post("/explain", files={"image": ("x.png", png)},
                                                data={"targets": "Pneumonia"}), 400),
