@@ -250,6 +250,30 @@ def start_run(experiment: str, **kwargs):
     return mlflow.start_run(**kwargs)
 
 
+def log_resolved_config(config: Any) -> None:
+    """:func:`mlflow_projects.common.log_config`, tolerant of params ``mlflow run`` already logged: a
+    parameter already present with another spelling (e.g. ``pretrained=''``) is logged as ``resolved.<key>``."""
+    import mlflow
+    from dataclasses import is_dataclass
+
+    run = mlflow.active_run()
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    if not existing:
+        log_config(config)
+        return
+    data = asdict(config) if is_dataclass(config) else dict(config)
+    params = {}
+    for key, value in data.items():
+        text = "" if value is None else (value if isinstance(value, str) else json.dumps(value, default=str))
+        if key not in existing:
+            params[key] = text
+        elif existing[key] != text:
+            params[f"resolved.{key}"] = text
+    if params:
+        mlflow.log_params(params)
+    mlflow.log_dict(json.loads(json.dumps(data, default=str)), "config.json")
+
+
 def train_one(cfg: ClassifierRunConfig, train_ds, val_ds, test_ds, classes: Sequence[str], tmp: Path,
               log_epochs: bool = True):
     """Fit one model inside the active run and log metrics, tables and the ROC plot.
@@ -312,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     with start_run(cfg.experiment, run_name=f"train_classifier-{cfg.arch}-{cfg.loss}") as run, \
             tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        log_config(cfg)
+        log_resolved_config(cfg)
         mlflow.set_tags({"manifest": str(manifest), "classes": ",".join(classes), "task": cfg.task})
         dist = class_distribution({"train": train_ds, "val": val_ds, "test": test_ds}, classes)
         dist.to_csv(tmp / "class_distribution.csv", index=False)
