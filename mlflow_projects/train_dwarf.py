@@ -81,7 +81,7 @@ def resolve_clip(spec: str) -> tuple[Any, str]:
         from mlflow.exceptions import MlflowException
 
         try:
-            from mlflow_projects.train_clip import load_registered_clip
+            from mlflow_projects.pyfunc_clip import load_registered_clip
 
             return load_registered_clip(spec), spec
         except (MlflowException, OSError, ValueError, KeyError) as exc:
@@ -93,40 +93,62 @@ def resolve_clip(spec: str) -> tuple[Any, str]:
 
 
 def load_splits(manifest: Path, image_size: int, classes: Sequence[str] | None = None,
-                feedback: str | None = None, min_positives: int = 2):
+                feedback: str | None = None, min_positives: int = 2, prefer_shapes: bool = True):
     """In-memory train/val/test datasets with masks + validity, restricted to usable classes.
 
+    Masks come from :class:`training.data.ManifestDataset` (``masks=True``) on
+    :func:`training.dwarf.supervision.manifest_for_masks` (mask files and polygons win over the boxes
+    around them); feedback records (a folder written by the service's feedback store) are added to
+    the training split, their images found by ``image_path`` or, failing that, by the SHA-256 of the
+    manifest's image files.
+
+    Args:
+        manifest: manifest Parquet path.
+        image_size: side S of the images and masks.
+        classes: diseases to keep (default: those with >= ``min_positives`` training positives and a
+            test positive).
+        feedback: folder of clinician feedback records, or None.
+        min_positives: see ``classes``.
+        prefer_shapes: see :func:`training.dwarf.supervision.manifest_for_masks`.
+
     Returns:
-        ``(train, val, test, classes)``.
+        ``(train, val, test, classes)``; the datasets are :class:`training.dwarf.train.InMemoryDataset`.
+
+    Raises:
+        ValueError: no usable class, or a feedback record whose image cannot be found.
     """
     from torch.utils.data import ConcatDataset
 
     from training.data.dataset import ManifestDataset
-    from training.dwarf.supervision import FeedbackDataset, SupervisedDataset, load_feedback
+    from training.dwarf.supervision import (FeedbackDataset, SupervisedDataset, index_images_by_sha256,
+                                            load_feedback, manifest_for_masks)
     from training.dwarf.train import InMemoryDataset
 
+    frame = manifest_for_masks(manifest, prefer_shapes=prefer_shapes)
+    all_classes = ManifestDataset(frame, classes=classes).classes  # same columns in every split
+
     def split(name: str) -> InMemoryDataset:
-        try:
-            base = ManifestDataset(manifest, classes=classes, image_size=image_size, masks=True, split=name)
-        except (FileNotFoundError, ValueError) as exc:  # no mask files: rasterise the boxes instead
-            log.warning("masks unavailable for %s (%s); using boxes as masks", manifest, exc)
-            base = ManifestDataset(manifest, classes=classes, image_size=image_size, masks=False, split=name)
-        ds = SupervisedDataset(base, len(base.classes))
+        base = ManifestDataset(frame, classes=all_classes, image_size=image_size, masks=True, split=name)
+        ds = SupervisedDataset(base, len(all_classes))
         if name == "train" and feedback:
-            extra = FeedbackDataset(load_feedback(feedback), base.classes, image_size)
-            log.info("adding %d feedback images from %s", len(extra), feedback)
+            records = load_feedback(feedback)
+            lookup = None
+            if any(not r.image_path for r in records):
+                lookup = index_images_by_sha256(p for p in frame["path"] if isinstance(p, str))
+            extra = FeedbackDataset(records, all_classes, image_size, image_lookup=lookup)
+            log.info("adding %d feedback images (%d records) from %s", len(extra), len(records), feedback)
             ds = ConcatDataset([ds, extra])
-            ds.classes = base.classes
         out = InMemoryDataset(ds, progress=True)
-        out.classes = list(base.classes)
+        out.classes = list(all_classes)
         return out
 
     train_ds, val_ds, test_ds = split("train"), split("val"), split("test")
     if classes is None:
-        keep = [i for i in range(len(train_ds.classes))
+        keep = [i for i in range(len(all_classes))
                 if train_ds.labels[:, i].sum() >= min_positives and test_ds.labels[:, i].sum() >= 1]
         if not keep:
-            raise ValueError(f"no class has >= {min_positives} training positives in {manifest}")
+            raise ValueError(f"no class has >= {min_positives} training positives and a test positive in "
+                             f"{manifest}; classes: {all_classes}")
         train_ds, val_ds, test_ds = (d.select_classes(keep) for d in (train_ds, val_ds, test_ds))
     return train_ds, val_ds, test_ds, list(train_ds.classes)
 

@@ -1,8 +1,6 @@
 """Tiny CLIP bundle and synthetic localisation data shared by the DWARF tests."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch.utils.data import Dataset
 
@@ -12,16 +10,21 @@ PLACES = {0: (2, 2, 10), 1: (18, 18, 12), 2: (18, 2, 10)}
 
 
 def tiny_bundle(image_size: int = 32, seed: int = 0):
-    """A ClipBundle-like object with a 2-layer, width-32 open_clip ViT (patch 8) and text tower."""
+    """A :class:`training.clip.ClipBundle` with a 2-layer, width-32 open_clip ViT (patch 8) and text
+    tower (a smaller sibling of ``cxr-tiny-vit``, so the tests build it in milliseconds)."""
     import open_clip
 
+    from training.clip import ClipBundle, ImagePreprocess
+
     torch.manual_seed(seed)
-    model = open_clip.CLIP(embed_dim=32,
-                           vision_cfg=dict(image_size=image_size, patch_size=8, width=32, layers=2, head_width=16),
-                           text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    model_cfg = dict(embed_dim=32,
+                     vision_cfg=dict(image_size=image_size, patch_size=8, width=32, layers=2, head_width=16),
+                     text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+    model = open_clip.CLIP(**model_cfg)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
-    return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, spec="test-tiny", image_size=image_size,
-                           embed_dim=32, kind="open_clip")
+    return ClipBundle(model=model.eval(), tokenizer=tokenizer, preprocess=ImagePreprocess(image_size),
+                      spec="test-tiny", image_size=image_size, embed_dim=32, kind="open_clip",
+                      config={"model_cfg": model_cfg, "preprocess_cfg": {}})
 
 
 class SquaresDataset(Dataset):

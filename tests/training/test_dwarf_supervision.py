@@ -1,36 +1,68 @@
-"""Masks from boxes and polygons, pseudo-labels, clinician feedback records; Max Dice."""
+"""Masks from boxes, polygons and mask files, pseudo-labels, clinician feedback records; Max Dice."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from training.dwarf.metrics import choose_thresholds, classification_table, dice_at_thresholds, max_dice
-from training.dwarf.supervision import (FeedbackRecord, PseudoLabeler, SupervisedDataset, boxes_to_masks,
-                                        decode_mask_png, encode_mask_png, item_supervision, load_feedback,
-                                        polygons_to_mask)
+from training.dwarf.supervision import (FeedbackDataset, FeedbackRecord, PseudoLabeler, SupervisedDataset,
+                                        decode_mask_png, encode_mask_png, index_images_by_sha256,
+                                        item_supervision, load_feedback, manifest_for_masks)
 
 
-def test_boxes_to_masks_union_per_class():
-    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 4.0], [3.0, 0.0, 4.0, 1.0]])
-    masks = boxes_to_masks(boxes, torch.tensor([0, 0, 2]), num_classes=3, size=4)
-    expected0 = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0]], dtype=torch.float32)
-    assert torch.equal(masks[0], expected0)
-    assert masks[1].sum() == 0
-    assert masks[2].sum() == 1 and masks[2, 0, 3] == 1
-    with pytest.raises(ValueError, match="out of range"):
-        boxes_to_masks(boxes, torch.tensor([0, 0, 5]), 3, 4)
+def _tiny_manifest(tmp_path):
+    """Two 16-px images: a Nodule with a box and a smaller mask file (masks.parquet), an Effusion with a
+    box only, a Mass with a box and a triangle polygon."""
+    from PIL import Image
+
+    from training.data.schema import write_manifest
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 100, dtype=np.uint8)).save(tmp_path / "images" / f"i{i}.png")
+    nodule = np.zeros((16, 16), dtype=np.uint8)
+    nodule[4:6, 4:6] = 255  # 4 px inside the 8x8 box
+    Image.fromarray(nodule).save(tmp_path / "masks" / "i0__Nodule.png")
+    pd.DataFrame([{"image_id": "i0", "label": "Nodule", "path": "masks/i0__Nodule.png"}]).to_parquet(
+        tmp_path / "masks.parquet")
+    box = lambda lab, x, y, w, h: {"label": lab, "x": x, "y": y, "w": w, "h": h}  # noqa: E731
+    rows = [
+        {"image_id": "i0", "path": "images/i0.png", "patient_id": "p0", "split": "train", "view": "PA",
+         "labels": ["Nodule", "Effusion"], "boxes": [box("Nodule", 2, 2, 8, 8), box("Effusion", 10, 10, 4, 4)],
+         "width": 16, "height": 16, "report": None, "source": "demo",
+         "polygons": []},
+        {"image_id": "i1", "path": "images/i1.png", "patient_id": "p1", "split": "train", "view": "PA",
+         "labels": ["Mass"], "boxes": [box("Mass", 0, 0, 8, 8)], "width": 16, "height": 16, "report": None,
+         "source": "demo", "polygons": [{"label": "Mass", "points": [[0, 0], [8, 0], [0, 8]]}]},
+    ]
+    return write_manifest(pd.DataFrame(rows), tmp_path / "manifest.parquet")
 
 
-def test_polygon_square_and_scale():
-    mask = polygons_to_mask([[[1, 1], [5, 1], [5, 5], [1, 5]]], size=8)
-    assert mask[1:5, 1:5].all() and mask.sum() >= 16 and mask[7, 7] == 0
-    half = polygons_to_mask([[2, 2, 10, 2, 10, 10, 2, 10]], size=8, scale=0.5)
-    assert torch.equal(half, mask)
-    with pytest.raises(ValueError, match="3 points"):
-        polygons_to_mask([[[0, 0], [1, 1]]], 4)
+def test_manifest_for_masks_prefers_shapes_over_boxes(tmp_path):
+    from training.data.dataset import ManifestDataset
+
+    manifest = _tiny_manifest(tmp_path)
+    classes = ["Nodule", "Effusion", "Mass"]
+    frame = manifest_for_masks(manifest)
+    assert frame.loc[0, "mask_paths"][0]["path"].endswith("masks/i0__Nodule.png")
+    precise = ManifestDataset(frame, classes=classes, image_size=16, masks=True)
+    union = ManifestDataset(manifest_for_masks(manifest, prefer_shapes=False), classes=classes, image_size=16,
+                            masks=True)
+    m0, u0 = precise[0]["mask"], union[0]["mask"]
+    assert m0[0].sum() == 4 and m0[0, 4:6, 4:6].all()  # the mask file, not its 8x8 box
+    assert u0[0].sum() == 64  # the data layer's union: the box
+    assert m0[1].sum() == u0[1].sum() == 16  # box-only finding keeps its box
+    m1 = precise[1]["mask"][2]
+    assert 0 < m1.sum() < 64 and m1[0, 0] == 1 and m1[7, 7] == 0  # the triangle, not the box
+    mask, valid = item_supervision(precise[0], 3)
+    assert torch.equal(mask, m0) and valid.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        manifest_for_masks(tmp_path / "nope.parquet")
 
 
 def test_item_supervision_from_boxes_marks_unboxed_positives_unknown():
@@ -40,6 +72,10 @@ def test_item_supervision_from_boxes_marks_unboxed_positives_unknown():
     assert mask[0].sum() == 16 and mask[1:].sum() == 0
     assert valid.tolist() == [1.0, 0.0, 1.0]
     item["mask"] = torch.ones(3, 8, 8)
+    assert item_supervision(item, 3)[1].tolist() == [1.0, 1.0, 1.0]
+    item["mask"][1] = 0  # a positive finding with an empty mask is unknown, not "absent"
+    assert item_supervision(item, 3)[1].tolist() == [1.0, 0.0, 1.0]
+    item["seg_valid"] = torch.ones(3)  # explicit validity wins
     assert item_supervision(item, 3)[1].tolist() == [1.0, 1.0, 1.0]
 
 
@@ -96,7 +132,6 @@ def test_decode_mask_png_rejects_garbage():
 
 
 def test_feedback_dataset_merges_records(tmp_path):
-    pytest.importorskip("training.data.imageio")
     from PIL import Image
 
     Image.fromarray(np.full((40, 40), 128, dtype=np.uint8)).save(tmp_path / "img.png")
@@ -104,14 +139,28 @@ def test_feedback_dataset_merges_records(tmp_path):
     for i, (finding, box) in enumerate([("Nodule", [0, 0, 20, 20]), ("Mass", [20, 20, 20, 20])]):
         (tmp_path / "fb" / f"{i}.json").write_text(json.dumps(
             _record(id=f"r{i}", finding=finding, boxes=[box], image_path="../img.png")))
-    from training.dwarf.supervision import FeedbackDataset
-
     ds = FeedbackDataset(load_feedback(tmp_path / "fb"), ["Nodule", "Effusion", "Mass"], image_size=8)
     assert len(ds) == 1
     item = ds[0]
     assert item["image"].shape == (1, 8, 8)
     assert item["labels"].tolist() == [1.0, 0.0, 1.0] and item["seg_valid"].tolist() == [1.0, 0.0, 1.0]
     assert item["mask"][0, :4, :4].all() and item["mask"][2, 4:, 4:].all() and item["mask"][1].sum() == 0
+
+
+def test_feedback_without_image_path_is_found_by_sha256(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((20, 20), 200, dtype=np.uint8)).save(tmp_path / "a.png")
+    lookup = index_images_by_sha256([tmp_path / "a.png"])
+    (sha,) = lookup
+    (tmp_path / "fb").mkdir()
+    (tmp_path / "fb" / "r.json").write_text(json.dumps(_record(image_sha256=sha, boxes=[[10, 0, 10, 10]])))
+    records = load_feedback(tmp_path / "fb")
+    with pytest.raises(ValueError, match="not in image_lookup"):
+        FeedbackDataset(records, ["Nodule"], image_size=4)
+    item = FeedbackDataset(records, ["Nodule"], image_size=4, image_lookup=lookup)[0]
+    torch.testing.assert_close(item["image"], torch.full((1, 4, 4), 200 / 255))
+    assert item["mask"][0, :2, 2:].all() and item["mask"].sum() == 4
 
 
 def test_dice_and_max_dice():

@@ -5,9 +5,8 @@ the binarised map ``M >= t`` against the mask is averaged over the images where 
 (non-empty mask); Max Dice is the best such mean over t, per disease. The per-disease sweep is
 accumulated batch by batch (:class:`MaxDiceAccumulator`) so maps never need to be held all at once.
 
-Classification metrics come from :mod:`training.metrics` (``classification_metrics``,
-``choose_thresholds``) when that module is installed; otherwise from the small scikit-learn versions
-here (max-F1 thresholds, AUC, F1, MCC).
+Classification metrics (AUC, F1, MCC, max-F1 thresholds) are the project's shared ones in
+:mod:`training.metrics`, renamed to the DWARF paper's column names.
 """
 from __future__ import annotations
 
@@ -19,6 +18,8 @@ import pandas as pd
 import torch
 
 from training.dwarf.model import minmax_normalize
+from training.metrics import choose_thresholds as shared_choose_thresholds
+from training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,57 +91,24 @@ def max_dice(maps: torch.Tensor, masks: torch.Tensor, thresholds: Sequence[float
 
 # ---- classification --------------------------------------------------------------------------
 def choose_thresholds(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
-    """Per-class threshold maximising F1 on (N, C) validation labels/probabilities."""
-    try:
-        from training.metrics import choose_thresholds as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return np.asarray(shared(y_true, y_prob), dtype=float)
-    from sklearn.metrics import precision_recall_curve
-
-    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
-    out = np.full(y_true.shape[1], 0.5)
-    for c in range(y_true.shape[1]):
-        if y_true[:, c].min() == y_true[:, c].max():
-            continue
-        prec, rec, thr = precision_recall_curve(y_true[:, c], y_prob[:, c])
-        f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-12, None)
-        out[c] = float(thr[int(np.argmax(f1))])
-    return out
+    """Per-class threshold maximising F1 on (N, C) validation labels/probabilities
+    (:func:`training.metrics.choose_thresholds`; 0.5 for classes without positives)."""
+    return np.asarray(shared_choose_thresholds(y_true, y_prob), dtype=float)
 
 
 def classification_table(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray,
                          classes: Sequence[str]) -> pd.DataFrame:
-    """AUC, F1 and MCC per class (rows indexed by class name, columns ``auc``, ``f1``, ``mcc``).
+    """AUC, F1 and MCC per class from :func:`training.metrics.classification_metrics`.
 
-    Uses :func:`training.metrics.classification_metrics` when available (its columns are matched
-    case-insensitively); NaN AUC for a class with one label value only.
+    Args:
+        y_true: (N, C) labels in {0, 1} (NaN = unknown, ignored for that class).
+        y_prob: (N, C) probabilities.
+        thresholds: (C,) decision thresholds (chosen on validation).
+        classes: C class names.
+
+    Returns:
+        DataFrame indexed by class with columns ``auc``, ``f1``, ``mcc`` (AUC NaN for a class with one
+        label value only; F1/MCC 0 when undefined).
     """
-    try:
-        from training.metrics import classification_metrics
-    except ImportError:
-        classification_metrics = None
-    if classification_metrics is not None:
-        table = classification_metrics(y_true, y_prob, thresholds, list(classes))
-        cols = {c.lower(): c for c in table.columns}
-        if {"auc", "f1", "mcc"} <= set(cols):
-            if "class" in cols:
-                table = table.set_index(cols["class"])
-            out = table[[cols["auc"], cols["f1"], cols["mcc"]]].copy()
-            out.columns = ["auc", "f1", "mcc"]
-            return out.loc[[c for c in classes if c in out.index]] if set(classes) <= set(out.index) else out
-        log.warning("training.metrics.classification_metrics lacks auc/f1/mcc columns (%s); using local metrics",
-                    list(table.columns))
-    from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
-
-    y_true, y_prob = np.asarray(y_true).astype(int), np.asarray(y_prob)
-    pred = (y_prob >= np.asarray(thresholds)[None]).astype(int)
-    rows = []
-    for c, name in enumerate(classes):
-        both = y_true[:, c].min() != y_true[:, c].max()
-        rows.append({"class": name,
-                     "auc": roc_auc_score(y_true[:, c], y_prob[:, c]) if both else np.nan,
-                     "f1": f1_score(y_true[:, c], pred[:, c], zero_division=0),
-                     "mcc": matthews_corrcoef(y_true[:, c], pred[:, c]) if both else 0.0})
-    return pd.DataFrame(rows).set_index("class")
+    table = classification_metrics(y_true, y_prob, thresholds, list(classes))
+    return table[["auroc", "f1", "mcc"]].rename(columns={"auroc": "auc"})

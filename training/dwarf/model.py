@@ -3,8 +3,8 @@
 The model follows the KAD / DeViDe query-decoder design used by DWARF (disease-weighted attention map
 refinement):
 
-1. an image encoder (the trunk of an open_clip ``VisionTransformer``) turns a grey image into patch
-   tokens ``(B, N, W)``;
+1. an image encoder (an open_clip ``VisionTransformer`` loaded by :func:`training.clip.load_clip`, read
+   through :func:`training.clip.encode_image_tokens`) turns a grey image into patch tokens ``(B, N, W)``;
 2. disease-name embeddings from a text encoder (the CLIP text tower, or any callable that embeds
    prompts) are the decoder queries; they are computed once and stored as a buffer, so a trained DWARF
    model needs no tokenizer or text tower at inference;
@@ -31,8 +31,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPT_TEMPLATE = "A chest x-ray image of a {}"
 
 
@@ -118,38 +116,50 @@ def build_vision_tower(config: dict[str, Any]) -> nn.Module:
 
 
 class ViTPatchEncoder(nn.Module):
-    """Grey [0, 1] images -> ViT patch tokens, with resizing and normalisation inside.
+    """Grey [0, 1] images -> ViT patch tokens, with the CLIP preprocessing inside.
+
+    A thin module around :func:`training.clip.encode_image_tokens` and the bundle's
+    :class:`training.clip.ImagePreprocess` (resize to the tower's side, grey -> 3 channels, CLIP
+    mean/std), so DWARF sees exactly the tokens every other user of the CLIP sees. Non-square inputs
+    are first resized to a square (no centre crop), so the maps stay aligned with the whole image.
 
     Args:
         visual: an open_clip ``VisionTransformer``.
-        mean, std: per-channel normalisation of the CLIP model (default: OpenAI CLIP's).
+        preprocess: the CLIP bundle's preprocessing (default: OpenAI mean/std, bicubic, at the tower's
+            native side).
     """
 
-    def __init__(self, visual: nn.Module, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+    def __init__(self, visual: nn.Module, preprocess: Any | None = None) -> None:
         super().__init__()
+        from training.clip import ImagePreprocess
+
         self.config = vision_config(visual)
         self.visual = visual
-        mean = tuple(mean or getattr(visual, "image_mean", None) or OPENAI_MEAN)
-        std = tuple(std or getattr(visual, "image_std", None) or OPENAI_STD)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.native_size = self.config["vision_cfg"]["image_size"]
-        self.grid = tuple(visual.grid_size)
+        self.preprocess = preprocess if preprocess is not None else ImagePreprocess(self.native_size)
+        if int(self.preprocess.size) != self.native_size:
+            raise ValueError(f"preprocess size {self.preprocess.size} != image tower side {self.native_size}")
+        self.grid = tuple(int(g) for g in visual.grid_size)
         self.width = self.config["vision_cfg"]["width"]
 
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(float(m) for m in self.preprocess.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in self.preprocess.std)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (B, 1 or 3, S, S) in [0, 1] -> patch tokens (B, N, W), N = grid h * w."""
-        x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        if x.shape[-2:] != (self.native_size, self.native_size):
-            x = F.interpolate(x, size=(self.native_size, self.native_size), mode="bilinear",
-                              align_corners=False)
-        x = (x - self.mean) / self.std
-        v = self.visual
-        x = v._embeds(x)  # (B, 1 + N, W) with the class token first
-        x = v.transformer(x)
-        x = v.ln_post(x)
-        return x[:, 1:]  # (B, N, W) patch tokens
+        """``images`` (B, 1 or 3, H, W) in [0, 1] -> patch tokens (B, N, W), N = grid h * w."""
+        from training.clip import encode_image_tokens
+
+        h, w = images.shape[-2:]
+        if h != w:
+            side = max(h, w)
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+        tokens, _ = encode_image_tokens(self.visual, images, self.preprocess)  # (B, N, W)
+        return tokens
 
 
 # ---- text queries ----------------------------------------------------------------------------
@@ -312,7 +322,7 @@ class DwarfModel(nn.Module):
     @property
     def input_spec(self) -> dict[str, Any]:
         return {"size": self.encoder.native_size, "channels": 1, "range": [0.0, 1.0],
-                "mean": self.encoder.mean.flatten().tolist(), "std": self.encoder.std.flatten().tolist()}
+                "mean": list(self.encoder.mean), "std": list(self.encoder.std)}
 
     def forward(self, images: torch.Tensor) -> DwarfOutput:
         """Args: ``images`` (B, 1, S, S) float in [0, 1]. Returns: :class:`DwarfOutput`."""
@@ -334,17 +344,17 @@ class DwarfModel(nn.Module):
     def checkpoint(self) -> dict[str, Any]:
         """Architecture + metadata + weights (for :func:`load_dwarf`)."""
         return {"format": "cxr-dwarf/1", "config": asdict(self.config), "thresholds": list(self.thresholds),
-                "mean": self.encoder.mean.flatten().tolist(), "std": self.encoder.std.flatten().tolist(),
-                "text_dim": int(self.text_embeddings.shape[1]), "state_dict": self.state_dict()}
+                "preprocess": self.encoder.preprocess.params(), "text_dim": int(self.text_embeddings.shape[1]),
+                "state_dict": self.state_dict()}
 
 
 def build_dwarf(bundle: Any, classes: Sequence[str], text_embeddings: torch.Tensor | None = None,
                 **config: Any) -> DwarfModel:
-    """Build a DWARF model from a CLIP bundle (``training.clip.ClipBundle`` or any object with
-    ``model`` and ``tokenizer``).
+    """Build a DWARF model from a :class:`training.clip.ClipBundle` (from :func:`training.clip.load_clip`).
 
     Args:
-        bundle: CLIP model + tokenizer; the image tower (``model.visual``) must be an open_clip ViT.
+        bundle: CLIP bundle (``model``, ``tokenizer``, ``preprocess``); the image tower (``model.visual``)
+            must be an open_clip ViT. Its ``preprocess`` (mean/std/interpolation) moves into the model.
             The image tower is deep-copied, so fine-tuning DWARF leaves the bundle untouched.
         classes: disease names (queries / experts, in this order).
         text_embeddings: (C, E) query embeddings; default: the CLIP text tower on
@@ -361,7 +371,7 @@ def build_dwarf(bundle: Any, classes: Sequence[str], text_embeddings: torch.Tens
     clip_model = bundle.model
     if text_embeddings is None:
         text_embeddings = encode_prompts(clip_model, bundle.tokenizer, cfg.classes, cfg.prompt_template)
-    encoder = ViTPatchEncoder(copy.deepcopy(clip_model.visual))
+    encoder = ViTPatchEncoder(copy.deepcopy(clip_model.visual), getattr(bundle, "preprocess", None))
     device = next(clip_model.parameters()).device
     return DwarfModel(encoder, text_embeddings.to(device), cfg).to(device)
 
@@ -371,6 +381,8 @@ def load_dwarf(checkpoint: dict[str, Any] | str, map_location: str | torch.devic
 
     Weights load with ``strict=True``: a mismatch between architecture and weights raises.
     """
+    from training.clip import ImagePreprocess
+
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=False)
     if checkpoint.get("format") != "cxr-dwarf/1":
@@ -378,7 +390,10 @@ def load_dwarf(checkpoint: dict[str, Any] | str, map_location: str | torch.devic
     cfg = dict(checkpoint["config"])
     vision = cfg.pop("vision")
     config = DwarfConfig(**cfg)
-    encoder = ViTPatchEncoder(build_vision_tower(vision), checkpoint["mean"], checkpoint["std"])
+    pp = dict(checkpoint["preprocess"])
+    preprocess = ImagePreprocess(size=int(pp["size"]), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                                 interpolation=pp["interpolation"])
+    encoder = ViTPatchEncoder(build_vision_tower(vision), preprocess)
     num_classes = len(config.classes)
     model = DwarfModel(encoder, torch.zeros(num_classes, checkpoint["text_dim"]), config)
     model.load_state_dict(checkpoint["state_dict"], strict=True)

@@ -4,6 +4,12 @@ segmentation model, and clinician feedback records.
 Every source ends in the same per-image tensors: ``mask`` (C, S, S) float {0, 1} and ``seg_valid``
 (C,) float, 1 where the mask of that disease is known (an empty known mask means "not there").
 
+- Boxes, polygons (ChestX-Det) and mask files (the phantom's ``masks.parquet``): rasterised by
+  :class:`training.data.ManifestDataset` (``masks=True``); :func:`manifest_for_masks` makes a precise
+  shape win over the box around it, :func:`item_supervision` / :class:`SupervisedDataset` add validity.
+- Pseudo-labels: :class:`PseudoLabeler` thresholds a given segmentation model's output.
+- Clinician feedback: :func:`load_feedback` + :class:`FeedbackDataset` read the records below.
+
 Feedback record format (what the service's ``POST /feedback`` writes, one JSON file per record in a
 folder, any file name ending in ``.json``)::
 
@@ -30,95 +36,105 @@ import hashlib
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from training.data.imageio import read_image
+from training.data.transforms import boxes_to_mask, resize
+
 log = logging.getLogger(__name__)
 
-Polygon = Sequence[Sequence[float]]  # [[x0, y0], [x1, y1], ...] or flat [x0, y0, x1, y1, ...]
+# ---- manifests -> masks ----------------------------------------------------------------------
+def manifest_for_masks(manifest: str | os.PathLike, prefer_shapes: bool = True) -> pd.DataFrame:
+    """A manifest frame for :class:`training.data.ManifestDataset` (``masks=True``) whose masks are the
+    most precise shapes the data set has.
 
-
-# ---- geometry -> masks -----------------------------------------------------------------------
-def boxes_to_masks(boxes: torch.Tensor, box_labels: torch.Tensor, num_classes: int, size: int | tuple[int, int]
-                   ) -> torch.Tensor:
-    """Rasterise ``xyxy`` pixel boxes into per-class masks (union of each class's boxes).
+    ``ManifestDataset`` draws a class's mask as the union of its boxes, polygons and mask files. Where a
+    finding has both a box and a precise shape (the phantom's mask files in ``masks.parquet``,
+    ChestX-Det polygons) that union is the box, so the shape would be lost. With ``prefer_shapes`` the
+    boxes of every (image, finding) that has a polygon or a mask file are dropped, so its mask is the
+    shape itself; findings with boxes only (NIH, VinDr) keep their boxes as masks.
 
     Args:
-        boxes: (K, 4) float ``x0, y0, x1, y1`` in pixels of the (S, S) image.
-        box_labels: (K,) int class index of each box.
-        num_classes: C.
-        size: S or (H, W).
+        manifest: path of a manifest Parquet file (a ``masks.parquet`` side table ``image_id, label,
+            path`` beside it is read, as ``ManifestDataset`` does).
+        prefer_shapes: drop boxes superseded by a shape (``False``: keep the data layer's union).
 
     Returns:
-        (C, H, W) float32 masks in {0, 1}. A pixel belongs to a box when its centre lies inside.
+        The manifest (absolute image paths) with a ``mask_paths`` column ``[{label, path}]`` of absolute
+        mask-file paths; pass it to ``ManifestDataset(frame, masks=True, ...)``.
+
+    Raises:
+        FileNotFoundError: ``manifest`` does not exist.
     """
-    h, w = (size, size) if isinstance(size, int) else size
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    box_labels = torch.as_tensor(box_labels, dtype=torch.long).reshape(-1)
-    if boxes.shape[0] != box_labels.shape[0]:
-        raise ValueError(f"{boxes.shape[0]} boxes but {box_labels.shape[0]} box labels")
-    if box_labels.numel() and (box_labels.min() < 0 or box_labels.max() >= num_classes):
-        raise ValueError(f"box label out of range [0, {num_classes}): {box_labels.tolist()}")
-    ys = torch.arange(h, dtype=torch.float32) + 0.5
-    xs = torch.arange(w, dtype=torch.float32) + 0.5
-    inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])  # (K, H)
-    inside_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])  # (K, W)
-    per_box = (inside_y[:, :, None] & inside_x[:, None, :]).float()  # (K, H, W)
-    onehot = F.one_hot(box_labels, num_classes).float()  # (K, C)
-    return (onehot.T @ per_box.view(len(per_box), -1)).clamp(max=1.0).view(num_classes, h, w)
+    from training.data.schema import read_manifest
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
+    df = read_manifest(path)
+    files: dict[str, list[dict[str, str]]] = {}
+    side = path.parent / "masks.parquet"
+    if side.is_file():
+        for iid, lab, mpath in pd.read_parquet(side, columns=["image_id", "label", "path"]).itertuples(index=False):
+            mpath = mpath if os.path.isabs(mpath) else str((path.parent / mpath).resolve())
+            files.setdefault(str(iid), []).append({"label": str(lab), "path": mpath})
+    if "mask_paths" in df.columns:  # a manifest's own mask column: resolve and keep it too
+        for r, (iid, cell) in enumerate(zip(df["image_id"], df["mask_paths"])):
+            items = cell.items() if isinstance(cell, dict) else [
+                (x["label"], x["path"]) if isinstance(x, dict) else tuple(x) for x in _as_list(cell)]
+            files.setdefault(str(iid), []).extend(
+                {"label": str(k), "path": v if os.path.isabs(v) else str((path.parent / v).resolve())}
+                for k, v in items)
+    df["mask_paths"] = [files.get(str(iid), []) for iid in df["image_id"]]
+    if prefer_shapes:
+        polys = df["polygons"] if "polygons" in df.columns else [None] * len(df)
+        kept = []
+        for boxes, mfiles, cell in zip(df["boxes"], df["mask_paths"], polys):
+            shaped = {m["label"] for m in mfiles} | {p["label"] for p in _as_list(cell)}
+            kept.append([b for b in _as_list(boxes) if b["label"] not in shaped])
+        df["boxes"] = kept
+    return df
 
 
-def polygons_to_mask(polygons: Iterable[Polygon], size: int | tuple[int, int], scale: float | tuple[float, float] = 1.0
-                     ) -> torch.Tensor:
-    """Rasterise polygons (ChestX-Det style) into one (H, W) float mask (union).
-
-    Args:
-        polygons: each a list of ``[x, y]`` points or a flat ``[x0, y0, x1, y1, ...]`` list, in pixels of
-            the original image.
-        size: output S or (H, W).
-        scale: factor (or (sx, sy)) from original pixels to output pixels.
-    """
-    from PIL import Image, ImageDraw
-
-    h, w = (size, size) if isinstance(size, int) else size
-    sx, sy = (scale, scale) if isinstance(scale, (int, float)) else scale
-    canvas = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    for poly in polygons:
-        pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        if len(pts) < 3:
-            raise ValueError(f"a polygon needs at least 3 points, got {len(pts)}")
-        draw.polygon([(x * sx, y * sy) for x, y in pts], fill=1)
-    return torch.from_numpy(np.asarray(canvas, dtype=np.float32))
+def _as_list(value: Any) -> list:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return list(value)
 
 
 def item_supervision(item: Mapping[str, Any], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks and validity for one dataset item (``training.data.ManifestDataset`` layout).
 
-    Uses ``item["mask"]`` when present (phantom masks, or masks the data layer derived), otherwise
-    rasterises ``item["boxes"]`` / ``item["box_labels"]``. Returns ``mask`` (C, S, S) and
-    ``seg_valid`` (C,): with a ``mask`` every channel is known; from boxes only positive classes that
-    have at least one box (and all negatives) are known: a positive finding without a box is unknown.
+    Uses ``item["mask"]`` when present (``ManifestDataset(masks=True)``: boxes, polygons and mask
+    files), otherwise rasterises ``item["boxes"]`` / ``item["box_labels"]``. An explicit
+    ``item["seg_valid"]`` wins. Otherwise a channel is known when the finding is absent (known empty)
+    or its mask is non-empty: a positive finding without any region (NIH images without boxes) is
+    unknown rather than "empty", so it never teaches the map to go dark.
+
+    Returns:
+        ``mask`` (C, S, S) float {0, 1} and ``seg_valid`` (C,) float.
     """
-    image = item["image"]
-    size = tuple(image.shape[-2:])
-    if "seg_valid" in item and "mask" in item:
-        return torch.as_tensor(item["mask"]).float(), torch.as_tensor(item["seg_valid"]).float()
-    if "mask" in item and item["mask"] is not None:
-        return torch.as_tensor(item["mask"]).float(), torch.ones(num_classes)
+    if item.get("mask") is not None:
+        masks = torch.as_tensor(item["mask"]).float()
+    else:
+        size = int(item["image"].shape[-1])
+        boxes = torch.as_tensor(item.get("boxes", torch.zeros(0, 4)), dtype=torch.float32).reshape(-1, 4)
+        box_labels = torch.as_tensor(item.get("box_labels", torch.zeros(0)), dtype=torch.long).reshape(-1)
+        masks = boxes_to_mask(boxes, box_labels, num_classes, size)
+    if item.get("seg_valid") is not None:
+        return masks, torch.as_tensor(item["seg_valid"]).float()
     labels = torch.as_tensor(item["labels"]).float()
-    boxes = item.get("boxes", torch.zeros(0, 4))
-    box_labels = item.get("box_labels", torch.zeros(0, dtype=torch.long))
-    masks = boxes_to_masks(boxes, box_labels, num_classes, size)
-    has_box = masks.flatten(1).amax(1) > 0
-    valid = ((labels == 0) | has_box).float()
-    return masks, valid
+    has_region = masks.flatten(1).amax(1) > 0
+    return masks, ((labels == 0) | has_region).float()
 
 
 # ---- pseudo-labels ---------------------------------------------------------------------------
@@ -230,7 +246,7 @@ class FeedbackRecord:
             b = torch.tensor(self.boxes)
             xyxy = torch.stack([b[:, 0] * size / width, b[:, 1] * size / height,
                                 (b[:, 0] + b[:, 2]) * size / width, (b[:, 1] + b[:, 3]) * size / height], 1)
-            out = boxes_to_masks(xyxy, torch.zeros(len(b), dtype=torch.long), 1, size)[0]
+            out = boxes_to_mask(xyxy, torch.zeros(len(b), dtype=torch.long), 1, size)[0]
         if self.mask_png:
             out = torch.maximum(out, decode_mask_png(self.mask_png, size))
         return out
@@ -279,6 +295,7 @@ def load_feedback(folder: str | Path) -> list[FeedbackRecord]:
 
 
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes (what feedback records name images by)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -309,8 +326,6 @@ class FeedbackDataset(Dataset):
 
     def __init__(self, records: Sequence[FeedbackRecord], classes: Sequence[str], image_size: int,
                  folder: str | Path | None = None, image_lookup: Mapping[str, str | Path] | None = None) -> None:
-        from training.data.imageio import read_image  # noqa: F401 - fail early if the data layer is missing
-
         self.classes, self.image_size = list(classes), image_size
         index = {c: i for i, c in enumerate(self.classes)}
         lookup = {k.lower(): Path(v) for k, v in (image_lookup or {}).items()}
@@ -335,14 +350,12 @@ class FeedbackDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from training.data.imageio import read_image
-
         entry = self.items[i]
         raw = read_image(entry["path"])  # (H, W) float32 [0, 1]
         height, width = raw.shape
         s, c = self.image_size, len(self.classes)
-        image = F.interpolate(torch.from_numpy(np.ascontiguousarray(raw))[None, None], size=(s, s),
-                              mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        image, _, _ = resize(torch.from_numpy(np.ascontiguousarray(raw))[None], torch.zeros(0, 4), s)  # (1, S, S)
+        image = image.clamp(0, 1)
         mask, labels = torch.zeros(c, s, s), torch.zeros(c)
         for rec in entry["records"]:
             k = self.classes.index(rec.finding)
