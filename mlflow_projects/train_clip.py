@@ -17,11 +17,12 @@ import argparse
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mlflow_projects.common import (choice_of, log_config, nonneg_int, positive_int, register_version,
+from mlflow_projects.common import (DEFAULT_TRACKING_URI, choice_of, log_config, nonneg_int, positive_int, register_version,
                                     setup_tracking)
 from mlflow_projects.pyfunc_clip import load_registered_clip  # noqa: F401  (re-exported for other entry points)
 
@@ -126,7 +127,12 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
-    setup_tracking(cfg.experiment)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        # started by `mlflow run`: the run and its experiment exist already (pass --experiment-name to choose
+        # it); switching experiments here would make start_run refuse the run
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    else:
+        setup_tracking(cfg.experiment)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     tcfg = ClipTrainConfig(model=cfg.model, pretrained=cfg.pretrained, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, image_size=cfg.image_size, seed=cfg.seed, zero_shot=cfg.zero_shot)

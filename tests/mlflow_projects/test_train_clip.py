@@ -66,10 +66,17 @@ def test_pyfunc_round_trip_and_load_registered_clip(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_mlflow_run_train_clip_registers_candidate(tmp_path, tiny_phantom):
-    env = {**os.environ, **_store(tmp_path), "HF_HUB_OFFLINE": "1"}
+def test_mlflow_run_train_clip_registers_candidate(tmp_path, tiny_phantom, monkeypatch):
+    env = {**os.environ, **_store(tmp_path), "HF_HUB_OFFLINE": "1",
+           # MLproject runs `python -m ...`: the interpreter of this virtualenv must come first on PATH
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    from mlflow_projects.common import setup_tracking
+
+    for k, v in _store(tmp_path).items():  # the experiment (and its artifact root) live in tmp_path
+        monkeypatch.setenv(k, v)
+    setup_tracking("cxr-clip")
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train_clip", "--env-manager", "local",
-           "-P", f"data={tiny_phantom}", "-P", "epochs=1", "-P", "image_size=64", "-P", "seed=0"]
+           "--experiment-name", "cxr-clip", "-P", f"data={tiny_phantom}", "-P", "epochs=1", "-P", "image_size=64", "-P", "seed=0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     import mlflow
@@ -92,6 +99,7 @@ def test_mlflow_run_train_clip_registers_candidate(tmp_path, tiny_phantom):
     assert any(k.startswith("val.zs_auroc.") for k in metrics)
     assert 0.0 <= metrics["val.i2t_recall_at_5"] <= 1.0 and np.isfinite(metrics["loss"])
     assert run.data.params["model"] == "cxr-tiny-vit" and run.data.params["epochs"] == "1"
+    assert run.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())
 
     bundle = load_registered_clip("models:/cxr-clip@candidate")
     from interpret.vlm import VLMAdapter

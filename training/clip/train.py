@@ -315,7 +315,7 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             step += 1
-        row = {"loss": float(np.mean(losses)), "lr": float(lr), "logit_scale": float(model.logit_scale.exp())}
+        row = {"loss": float(np.mean(losses)), "lr": float(lr), "logit_scale": model.logit_scale.detach().exp().item()}
         model.eval()
         if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
             row.update({f"val.{k}": v for k, v in evaluate_clip(
