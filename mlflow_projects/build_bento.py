@@ -60,7 +60,7 @@ def import_model(model_uri: str):
             audit[1].to_parquet(Path(bento_model.path) / "audit" / "concepts.parquet", index=False)
     log.info("imported %s (version %s, alias %s) as BentoML model %s", ident.name, ident.version, ident.alias,
              bento_model.tag)
-    return bento_model
+    return bentoml.models.get(bento_model.tag)  # the stored copy (the context's folder was temporary)
 
 
 def build_bento(model_tag: str, version: str | None = None):
@@ -69,8 +69,14 @@ def build_bento(model_tag: str, version: str | None = None):
     import yaml
 
     spec = yaml.safe_load(BENTOFILE.read_text())
-    envs = [e for e in spec.get("envs", []) if e.get("name") != "CXR_BENTO_MODEL"]
-    envs.append({"name": "CXR_BENTO_MODEL", "value": str(model_tag)})
+    from bentoml._internal.bento.build_config import BentoEnvSchema
+
+    envs = [BentoEnvSchema(name=e["name"], value=str(e.get("value", ""))) for e in spec.get("envs", [])
+            if e.get("name") != "CXR_BENTO_MODEL"]
+    envs.append(BentoEnvSchema(name="CXR_BENTO_MODEL", value=str(model_tag)))
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    Path(BentoMLContainer.bentoml_home.get(), "tmp").mkdir(parents=True, exist_ok=True)  # a fresh BENTOML_HOME
     cwd = os.getcwd()
     os.chdir(PROJECT_ROOT)  # build context; restored below
     try:
