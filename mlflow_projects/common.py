@@ -26,12 +26,22 @@ def setup_tracking(experiment: str) -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` (default: SQLite in the project folder) and select
     ``experiment``, creating it with an explicit artifact location when the store is local.
 
+    Under ``mlflow run`` (``MLFLOW_RUN_ID`` set) the launcher has already created the run in the
+    experiment it was given (``--experiment-name``); switching experiments would make
+    ``mlflow.start_run`` refuse that run, so the run's own experiment is kept.
+
     Returns:
         The experiment id.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched:
+        exp_id = client.get_run(launched).info.experiment_id
+        log.info("under `mlflow run`: keeping run %s in experiment %s (not %r)", launched, exp_id,
+                 experiment)
+        return exp_id
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
