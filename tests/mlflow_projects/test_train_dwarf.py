@@ -64,10 +64,39 @@ def test_pyfunc_returns_probabilities_and_refined_maps(tmp_path, monkeypatch):
         loaded.predict(np.zeros((2, 3, 32, 32), dtype=np.float32))
 
 
+def test_load_splits_phantom_masks_and_service_feedback(tmp_path):
+    """The phantom's mask files are the masks; records the service's FeedbackStore writes join training."""
+    from mlflow_projects.feedback import FeedbackStore
+    from mlflow_projects.train_dwarf import load_splits
+    from training.data.imageio import read_image
+    from training.data.phantom import generate_phantom
+    from training.data.schema import read_manifest
+    from training.dwarf.supervision import sha256_file
+
+    manifest = generate_phantom(tmp_path / "ph", n=24, size=64, seed=3, masks=True, workers=1)
+    df = read_manifest(manifest)
+    train, val, test, classes = load_splits(manifest, 32, classes=["Effusion", "Nodule", "Mass"])
+    assert classes == ["Effusion", "Nodule", "Mass"] and len(train) + len(val) + len(test) == 24
+    assert train.images.shape[1:] == (1, 32, 32) and train.masks.shape[1:] == (3, 32, 32)
+    # every positive finding has a non-empty mask (from its mask file)
+    pos = train.labels > 0
+    assert pos.any() and bool((train.masks.flatten(2).sum(-1)[pos] > 0).all())
+    # feedback: one record with the image stored by the service, one found by the manifest file's hash
+    store = FeedbackStore(tmp_path / "feedback")
+    first, second = df["path"].iloc[0], df["path"].iloc[1]
+    store.append(image_sha256="cd" * 32, finding="Nodule", boxes=[[0, 0, 32, 32]], image=read_image(first))
+    store.append(image_sha256=sha256_file(second), finding="Mass", boxes=[[32, 32, 32, 32]])
+    store.append(image_sha256="ef" * 32, finding="Hernia", boxes=[[1, 1, 4, 4]], image=read_image(first))
+    fb_train, *_ = load_splits(manifest, 32, classes=classes, feedback=str(tmp_path / "feedback"))
+    assert len(fb_train) == len(train) + 3 - 1  # the Hernia record is not among the classes: skipped
+    extra = slice(len(train), None)
+    assert fb_train.labels[extra].tolist() == [[0, 1, 0], [0, 0, 1]]
+    assert fb_train.cls_valid[extra].tolist() == [[0, 1, 0], [0, 0, 1]]  # says nothing about the rest
+    assert fb_train.masks[len(train), 1, :16, :16].all() and fb_train.masks[len(train) + 1, 2, 16:, 16:].all()
+
+
 @pytest.mark.slow
 def test_mlflow_run_train_dwarf_registers_candidate(tmp_path):
-    pytest.importorskip("training.data.phantom")
-    pytest.importorskip("training.clip")
     from training.data.phantom import generate_phantom
 
     manifest = generate_phantom(tmp_path / "phantom", n=48, size=64, seed=0, masks=True)

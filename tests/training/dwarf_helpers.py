@@ -1,6 +1,8 @@
 """Tiny CLIP bundle and synthetic localisation data shared by the DWARF tests."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.data import Dataset
 
@@ -9,9 +11,12 @@ CLASSES = ["Nodule", "Effusion", "Mass"]
 PLACES = {0: (2, 2, 10), 1: (18, 18, 12), 2: (18, 2, 10)}
 
 
+@functools.lru_cache(maxsize=4)
 def tiny_bundle(image_size: int = 32, seed: int = 0):
     """A :class:`training.clip.ClipBundle` with a 2-layer, width-32 open_clip ViT (patch 8) and text
-    tower (a smaller sibling of ``cxr-tiny-vit``, so the tests build it in milliseconds)."""
+    tower (a smaller sibling of ``cxr-tiny-vit``, so the tests build it in milliseconds).
+
+    Cached: ``build_dwarf`` deep-copies the image tower, so models built on it never share weights."""
     import open_clip
 
     from training.clip import ClipBundle, ImagePreprocess
