@@ -48,6 +48,11 @@ def _error(exc: ServingError, core: ExplanationService) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
+def _ok(body: dict) -> JSONResponse:
+    """Serialise with json (the bodies carry large base64 strings; BentoML's pydantic pass is skipped)."""
+    return JSONResponse(body)
+
+
 def _read(path: Path | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
@@ -72,7 +77,7 @@ class CXRExplainer:
     async def predict(self, image: Path = None) -> dict:
         """Findings (name, probability, threshold, positive) for a PNG, JPEG or DICOM image."""
         try:
-            return await self.core.apredict(_read(image))
+            return _ok(await self.core.apredict(_read(image)))  # type: ignore[return-value]
         except ServingError as exc:
             return _error(exc, self.core)  # type: ignore[return-value]
 
@@ -86,7 +91,7 @@ class CXRExplainer:
         the top class; ``top_neurons``: k units per target (default 5).
         """
         try:
-            return await self.core.aexplain(_read(image), method, targets, top_neurons)
+            return _ok(await self.core.aexplain(_read(image), method, targets, top_neurons))  # type: ignore[return-value]
         except ServingError as exc:
             return _error(exc, self.core)  # type: ignore[return-value]
 
@@ -94,7 +99,7 @@ class CXRExplainer:
     def concepts(self) -> dict:
         """The unit-to-concept table of the served version (also served as ``GET /concepts``)."""
         try:
-            return self.core.concepts()
+            return _ok(self.core.concepts())  # type: ignore[return-value]
         except ServingError as exc:
             return _error(exc, self.core)  # type: ignore[return-value]
 
@@ -104,8 +109,8 @@ class CXRExplainer:
                  author: t.Any = None) -> dict:
         """Store a clinician's boxes ``[[x, y, w, h], ...]`` or mask PNG for an image and a finding; returns its id."""
         try:
-            return self.core.feedback(finding=finding, image=_read(image), image_sha256=image_sha256, boxes=boxes,
-                                      mask=_read(mask), mask_png=mask_png, author=author)
+            return _ok(self.core.feedback(finding=finding, image=_read(image), image_sha256=image_sha256,  # type: ignore[return-value]
+                                          boxes=boxes, mask=_read(mask), mask_png=mask_png, author=author))
         except ServingError as exc:
             return _error(exc, self.core)  # type: ignore[return-value]
 

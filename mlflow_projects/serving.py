@@ -922,12 +922,15 @@ class ExplanationService:
             raw = np.asarray(out["maps"])[classes].astype(np.float32)  # (T, S', S')
             t = torch.from_numpy(raw)[None]
             return minmax_normalize(upsample(t, (S, S)))[0].numpy(), raw
-        if method == "cam":
-            feats = torch.from_numpy(np.asarray(out["features"], dtype=np.float32))  # (K, h, w)
-            w = torch.from_numpy(m.head_weight[classes])  # (T, K)
-            raw = torch.einsum("tk,khw->thw", w, feats)  # (T, h, w): Zhou et al. eq. 2
-            maps = minmax_normalize(upsample(torch.relu(raw)[None], (S, S)))[0]
-            return maps.numpy(), raw.numpy()
+        if method == "cam":  # numpy: a (T, K) x (K, h*w) product; torch only for the bilinear upsampling
+            feats = np.asarray(out["features"], dtype=np.float32)  # (K, h, w)
+            K, h, w = feats.shape
+            raw = (m.head_weight[classes] @ feats.reshape(K, h * w)).reshape(len(classes), h, w)  # (T, h, w), eq. 2
+            up = upsample(torch.from_numpy(np.maximum(raw, 0))[None], (S, S))[0].numpy()  # (T, S, S)
+            lo = up.min(axis=(1, 2), keepdims=True)
+            span = up.max(axis=(1, 2), keepdims=True) - lo
+            maps = np.where(span > 0, (up - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
+            return maps, raw
         from interpret import attention_maps
 
         with self._torch_lock:

@@ -1,0 +1,233 @@
+"""Serving benchmark: the real service over HTTP on loopback vs ONNX Runtime in-process, same images, same run.
+
+    python benchmarks/serve_bench.py [--arch resnet18 --image-size 128 --n 24 --requests 32]
+    python benchmarks/serve_bench.py --model-uri models:/cxr-classifier@champion   # an existing registry
+
+Without ``--model-uri`` a randomly initialised classifier (``--arch``) is exported, logged and registered in a
+temporary MLflow store (the contract layout: checkpoint.pt, model.onnx, meta.json). Then ``bentoml serve
+service:CXRExplainer`` starts on a free loopback port (explanation cache off, so every request computes), and
+for ``/predict``, ``/explain method=cam`` and ``/explain method=gradcam`` at concurrency 1 and 8 it measures
+p50/p95 latency (ms) and throughput (requests/s); the in-process baseline is ONNX Runtime's ``run`` on the
+preprocessed images (one at a time, same thread count as the server) and the same plus PNG decoding and
+resizing. Explanations ask for one target each (``targets`` = the first class). Prints one JSON line with the figures and the ratios the issue targets:
+``explain_cam_vs_predict_c1`` (target <= 1.25) and ``predict_vs_inprocess_c1`` (target <= 1.5, against
+decode+preprocess+ORT).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _register(tmp: Path, arch: str, size: int) -> str:
+    import mlflow
+    import torch
+
+    from mlflow_projects.common import register_version, setup_tracking
+    from training.data.schema import PHANTOM_CLASSES
+    from training.export import export_onnx
+    from training.models import create_model, save_checkpoint
+
+    class Probabilities(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from training.models import load_checkpoint
+
+            self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
+
+        def predict(self, context, model_input, params=None):
+            with torch.no_grad():
+                return self.model(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).sigmoid().numpy()
+
+    torch.manual_seed(0)
+    model = create_model(arch, classes=list(PHANTOM_CLASSES), image_size=size).eval()
+    ckpt = save_checkpoint(model, tmp / "checkpoint.pt")
+    onnx = export_onnx(model, tmp / "model.onnx", image_size=size)
+    meta = {"arch": model.arch, "classes": model.class_names, "thresholds": model.thresholds, "input": model.input_spec,
+            "feature_layer": model.feature_layer, "head": "gap_linear"}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    setup_tracking("cxr-classifier")
+    with mlflow.start_run(run_name="serve-bench"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Probabilities(),
+                                       artifacts={"checkpoint": str(ckpt), "model_onnx": str(onnx),
+                                                  "meta": str(tmp / "meta.json")})
+    return str(register_version(info.model_uri, "cxr-classifier", {"classes": model.class_names}).version)
+
+
+def _images(n: int, side: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for _ in range(n):
+        base = 0.5 + 0.3 * np.sin(6 * xx + rng.random() * 3) * np.cos(4 * yy) + 0.1 * rng.standard_normal((side, side))
+        buf = io.BytesIO()
+        Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _stats(lat: list[float], wall: float) -> dict:
+    a = np.asarray(lat) * 1000
+    return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p95_ms": round(float(np.percentile(a, 95)), 2),
+            "rps": round(len(a) / wall, 1)}
+
+
+def _http_cell(base: str, headers: dict, route: str, data: dict, images: list[bytes], requests: int, conc: int) -> dict:
+    import httpx
+
+    clients = [httpx.Client(base_url=base, headers=headers, timeout=300) for _ in range(conc)]
+
+    def one(i: int) -> float:
+        c = clients[i % conc]
+        t0 = time.perf_counter()
+        r = c.post(route, files={"image": ("x.png", images[i % len(images)], "image/png")}, data=data)
+        if r.status_code != 200:
+            raise RuntimeError(f"{route} {data}: {r.status_code} {r.text[:200]}")
+        return time.perf_counter() - t0
+
+    for i in range(min(conc, 4)):  # warm-up
+        one(i)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(conc) as pool:
+        lat = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    return _stats(lat, wall)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--image-size", type=int, default=128, help="model input side")
+    p.add_argument("--image-side", type=int, default=256, help="side of the uploaded PNGs")
+    p.add_argument("--n", type=int, default=16, help="distinct images")
+    p.add_argument("--requests", type=int, default=32, help="requests per cell")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--model-uri", default=None, help="serve this registered model instead of a fresh one")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = the service's default)")
+    args = p.parse_args(argv)
+
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    env = dict(os.environ, BENTOML_HOME=str(tmp / "bentoml"), CXR_CACHE_SIZE="0", BENTOML_DO_NOT_TRACK="True",
+               CXR_SERVE_CACHE=str(tmp / "cache"), CXR_FEEDBACK_DIR=str(tmp / "feedback"), PYTHONPATH=str(ROOT))
+    env.pop("CXR_API_KEYS", None)
+    if args.threads:
+        env["CXR_THREADS"] = str(args.threads)
+    if args.model_uri:
+        env["CXR_MODEL_URI"] = args.model_uri
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+        os.environ["CXR_ARTIFACT_ROOT"] = env["CXR_ARTIFACT_ROOT"] = str(tmp / "artifacts")
+        (tmp / "model").mkdir()
+        _register(tmp / "model", args.arch, args.image_size)
+        env["CXR_MODEL_URI"] = "models:/cxr-classifier@candidate"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", "service:CXRExplainer", "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("server not ready in 300 s")
+            time.sleep(0.5)
+        images = _images(args.n, args.image_side)
+        served = httpx.post(f"{base}/predict", files={"image": ("x.png", images[0])}, timeout=60).json()["model"]
+
+        # in-process ONNX Runtime on the very model the server loaded
+        from mlflow_projects.serving import ServeConfig, decode_upload, load_model, preprocess, resolve_model_uri
+        import mlflow
+
+        mlflow.set_tracking_uri(env.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI"))
+        cfg = ServeConfig(threads=args.threads, cache_dir=str(tmp / "cache-local"))
+        lm = load_model(resolve_model_uri(served["uri"]), cfg)
+        xs = [preprocess(decode_upload(b, 50_000_000).pixels, lm.image_size)[None] for b in images]
+        for x in xs[:4]:
+            lm.session.run(["logits", "features"], {"images": x})
+        lat, t0 = [], time.perf_counter()
+        for i in range(args.requests):
+            s = time.perf_counter()
+            lm.session.run(["logits", "features"], {"images": xs[i % len(xs)]})
+            lat.append(time.perf_counter() - s)
+        inproc = _stats(lat, time.perf_counter() - t0)
+        lat, t0 = [], time.perf_counter()
+        for i in range(args.requests):
+            s = time.perf_counter()
+            x = preprocess(decode_upload(images[i % len(images)], 50_000_000).pixels, lm.image_size)[None]
+            lm.session.run(["logits", "features"], {"images": x})
+            lat.append(time.perf_counter() - s)
+        inproc_full = _stats(lat, time.perf_counter() - t0)
+
+        result = {"bench": "serve", "arch": args.arch if not args.model_uri else served["uri"],
+                  "image_size": lm.image_size, "upload_side": args.image_side, "requests_per_cell": args.requests,
+                  "ort_threads": cfg.intra_op_threads, "model": served, "inprocess_ort": inproc,
+                  "inprocess_decode_preprocess_ort": inproc_full,
+                  "explain_targets": 1}
+        target = lm.classes[0]  # one target per explanation, so that explain and predict do comparable work
+        cells = {"predict": ("/predict", {}), "explain_cam": ("/explain", {"method": "cam", "targets": target}),
+                 "explain_gradcam": ("/explain", {"method": "gradcam", "targets": target})}
+        for conc in args.concurrency:
+            for name, (route, data) in cells.items():
+                result[f"{name}_c{conc}"] = _http_cell(base, {}, route, data, images, args.requests, conc)
+        c1 = min(args.concurrency)
+        result["explain_cam_vs_predict_c1"] = round(result[f"explain_cam_c{c1}"]["p50_ms"] / result[f"predict_c{c1}"]["p50_ms"], 3)
+        result["explain_gradcam_vs_predict_c1"] = round(result[f"explain_gradcam_c{c1}"]["p50_ms"] / result[f"predict_c{c1}"]["p50_ms"], 3)
+        result["predict_vs_inprocess_c1"] = round(result[f"predict_c{c1}"]["p50_ms"] / inproc_full["p50_ms"], 3)
+        result["predict_vs_inprocess_ort_only_c1"] = round(result[f"predict_c{c1}"]["p50_ms"] / inproc["p50_ms"], 3)
+        if len(args.concurrency) > 1:
+            hi = max(args.concurrency)
+            result["predict_throughput_gain_c%d_vs_c%d" % (hi, c1)] = round(
+                result[f"predict_c{hi}"]["rps"] / result[f"predict_c{c1}"]["rps"], 3)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        vals = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines()
+                if ln.startswith(("cxr_batches_total", "cxr_batched_items_total"))}
+        if vals.get("cxr_batches_total"):
+            result["mean_batch_size"] = round(vals["cxr_batched_items_total"] / vals["cxr_batches_total"], 2)
+        print(json.dumps(result))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
