@@ -32,5 +32,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# Serve the registry's champion (falls back to candidate) on http://127.0.0.1:3000
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	CXR_MODEL_URI=$${CXR_MODEL_URI:-models:/cxr-classifier@champion} \
+	$(VENV)/bin/bentoml serve service:CXRExplainer --port $${PORT:-3000}
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
