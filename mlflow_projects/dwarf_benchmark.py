@@ -35,6 +35,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vlm-epochs", type=nonneg_int, default=6)
     p.add_argument("--lam", type=unit_float, default=0.5)
     p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--encoder-lr-scale", type=float, default=0.1,
+                   help="image-tower lr = lr * this (1.0 when the CLIP is untrained; 0 freezes it)")
     p.add_argument("--phantom-n", type=positive_int, default=240)
     p.add_argument("--device", default="")
     return p.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         raise ValueError(f"--diseases must list positive counts, got {a.diseases!r}")
     setup_tracking("cxr-dwarf-benchmark")
     manifest = ensure_data(a.data, a.image_size, a.seed, a.phantom_n)
-    bundle, clip_used = resolve_clip(a.clip)
+    bundle, clip_used = resolve_clip(a.clip, a.image_size)
     train_all, val_all, test_all, classes = load_splits(manifest, a.image_size)
     order = np.argsort(-train_all.labels.sum(0).numpy(), kind="stable")  # most frequent first
     device = str(resolve_device(a.device or None))
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             idx = sorted(order[:k].tolist())
             sub = [d.select_classes(idx) for d in (train_all, val_all, test_all)]
             torch.manual_seed(a.seed)
-            cfg = TrainConfig(batch_size=a.batch_size, lam=a.lam, seed=a.seed, device=device)
+            cfg = TrainConfig(batch_size=a.batch_size, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale, lam=a.lam,
+                              seed=a.seed, device=device)
             table = compare_methods(bundle, sub[0].classes, *sub, config=cfg, cycles=a.epochs,
                                     vlm_epochs=a.vlm_epochs)
             for _, row in table.iterrows():

@@ -70,7 +70,8 @@ def model_meta(model) -> dict[str, Any]:
 
 def log_dwarf_model(model, name: str = "model", example_size: int | None = None):
     """Log ``model`` as a pyfunc under the active run; returns mlflow's ``ModelInfo``."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
 
     model = model.cpu().eval()
     size = example_size or model.input_spec["size"]
@@ -78,7 +79,10 @@ def log_dwarf_model(model, name: str = "model", example_size: int | None = None)
     with torch.no_grad():
         out = model(torch.from_numpy(example))
     outputs = {"probabilities": out.logits.sigmoid().numpy(), "maps": out.refined_maps.numpy()}
-    signature = infer_signature(example, outputs, params={"return_raw": False, "batch_size": 32})
+    inferred = infer_signature(example, outputs, params={"return_raw": False, "batch_size": 32})
+    # the model resizes internally and returns maps at the input size: any S x S is accepted
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]),
+                               outputs=inferred.outputs, params=inferred.params)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, meta = Path(tmp) / "checkpoint.pt", Path(tmp) / "meta.json"
         torch.save(model.checkpoint(), ckpt)

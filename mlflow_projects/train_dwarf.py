@@ -73,8 +73,13 @@ def ensure_data(data: str, image_size: int, seed: int, n: int) -> Path:
     return Path(generate_phantom(path.parent, n=n, size=max(64, image_size), seed=seed, masks=True)).resolve()
 
 
-def resolve_clip(spec: str) -> tuple[Any, str]:
-    """Load the CLIP bundle named by ``spec``; returns ``(bundle, resolved description)``."""
+def resolve_clip(spec: str, image_size: int | None = None) -> tuple[Any, str]:
+    """Load the CLIP bundle named by ``spec``; returns ``(bundle, resolved description)``.
+
+    ``scratch`` (and the fallback when a ``models:/`` URI cannot be loaded) is an untrained
+    ``cxr-tiny-vit`` built for ``image_size`` (its own 64 px when None): an untrained tower gains nothing
+    from a larger input than the data.
+    """
     from training.clip import load_clip
 
     if spec.startswith("models:/"):
@@ -86,9 +91,9 @@ def resolve_clip(spec: str) -> tuple[Any, str]:
             return load_registered_clip(spec), spec
         except (MlflowException, OSError, ValueError, KeyError) as exc:
             log.warning("could not load CLIP %s (%s); falling back to an untrained %s", spec, exc, FALLBACK_CLIP)
-            return load_clip(FALLBACK_CLIP), f"scratch:{FALLBACK_CLIP}"
+            return load_clip(FALLBACK_CLIP, image_size=image_size), f"scratch:{FALLBACK_CLIP}"
     if spec == "scratch":
-        return load_clip(FALLBACK_CLIP), f"scratch:{FALLBACK_CLIP}"
+        return load_clip(FALLBACK_CLIP, image_size=image_size), f"scratch:{FALLBACK_CLIP}"
     return load_clip(spec), spec
 
 
@@ -210,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     torch.manual_seed(cfg.seed)
     setup_tracking(cfg.experiment)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
-    bundle, clip_used = resolve_clip(cfg.clip)
+    bundle, clip_used = resolve_clip(cfg.clip, cfg.image_size)
     train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, cfg.classes, cfg.feedback)
     device = str(resolve_device(cfg.device))
     with mlflow.start_run(run_name="train_dwarf") as run, tempfile.TemporaryDirectory() as tmp:

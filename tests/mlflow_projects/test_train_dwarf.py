@@ -60,7 +60,9 @@ def test_pyfunc_returns_probabilities_and_refined_maps(tmp_path, monkeypatch):
     assert meta["classes"] == CLASSES and meta["input"]["channels"] == 1
     from mlflow.exceptions import MlflowException
 
-    with pytest.raises((ValueError, MlflowException), match=r"1, 32, 32|\(B, 1, S, S\)"):  # signature or pyfunc
+    other = loaded.predict(np.zeros((1, 1, 48, 48), dtype=np.float32))  # any S x S: resized inside
+    assert other["maps"].shape == (1, 3, 48, 48)
+    with pytest.raises((ValueError, MlflowException), match=r"-1, 1, -1, -1|\(B, 1, S, S\)"):  # signature or pyfunc
         loaded.predict(np.zeros((2, 3, 32, 32), dtype=np.float32))
 
 
@@ -96,13 +98,21 @@ def test_load_splits_phantom_masks_and_service_feedback(tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_train_dwarf_registers_candidate(tmp_path):
+def test_mlflow_run_train_dwarf_registers_candidate(tmp_path, monkeypatch):
+    from mlflow_projects.common import setup_tracking
     from training.data.phantom import generate_phantom
 
-    manifest = generate_phantom(tmp_path / "phantom", n=48, size=64, seed=0, masks=True)
-    env = {**os.environ, **_store(tmp_path), "HF_HUB_OFFLINE": "1"}
+    manifest = generate_phantom(tmp_path / "phantom", n=48, size=64, seed=0, masks=True, workers=1)
+    store = _store(tmp_path, monkeypatch)
+    setup_tracking("cxr-dwarf")  # the experiment (with its artifact root in tmp_path) before `mlflow run`
+    # MLproject commands call `python`: this virtualenv's must come first on PATH
+    env = {**os.environ, **store, "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):  # set_experiment exports the id
+        env.pop(key, None)
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train_dwarf", "--env-manager", "local",
-           "-P", f"data={manifest}", "-P", "epochs=1", "-P", "image_size=32", "-P", "clip=models:/cxr-clip@candidate"]
+           "--experiment-name", "cxr-dwarf", "-P", f"data={manifest}", "-P", "epochs=1", "-P", "image_size=32",
+           "-P", "clip=models:/cxr-clip@candidate"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     import mlflow
