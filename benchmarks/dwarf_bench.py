@@ -1,7 +1,7 @@
 """DWARF speed: training steps/s and inference images/s against the bare VLM image forward pass.
 
 Measured side by side in one process on the same CLIP image tower and batch: (a) the bare VLM
-forward (``clip_model.encode_image``), (b) DWARF inference (tower + query decoder + experts + maps at
+forward (``bundle.preprocess`` + ``clip_model.encode_image``), (b) DWARF inference (tower + query decoder + experts + maps at
 image size), (c) one cyclic DWARF training step (forward, FP soft Dice + BCE, backward, AdamW).
 Prints one JSON line with the figures and the ratios.
 
@@ -15,32 +15,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.clip import load_clip  # noqa: E402
 from training.dwarf.losses import DwarfLoss  # noqa: E402
 from training.dwarf.model import build_dwarf  # noqa: E402
 
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax"]
-
-
-def load_bundle(spec: str, image_size: int):
-    """``training.clip.load_clip(spec)``; a local tiny open_clip ViT when that module is unavailable."""
-    try:
-        from training.clip import load_clip
-    except ImportError:
-        load_clip = None
-    if load_clip is not None and spec != "local-tiny":
-        return load_clip(spec)
-    import open_clip
-
-    model = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=image_size, patch_size=8, width=64, layers=4,
-                                                          head_width=32),
-                           text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2))
-    return SimpleNamespace(model=model, tokenizer=open_clip.tokenizer.SimpleTokenizer(context_length=32))
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -55,7 +39,7 @@ def timed(fn, repeats: int, sync) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--clip", default="cxr-tiny-vit", help="open_clip spec for training.clip.load_clip, or local-tiny")
+    p.add_argument("--clip", default="cxr-tiny-vit", help="any spec of training.clip.load_clip")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
@@ -66,12 +50,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    bundle = load_bundle(a.clip, a.image_size)
+    bundle = load_clip(a.clip)
     bundle.model.to(dev).eval()
     model = build_dwarf(bundle, CLASSES).to(dev)
     size = model.encoder.native_size if a.image_size <= 0 else a.image_size
     x = torch.rand(a.batch_size, 1, size, size, device=dev)
-    x3 = torch.nn.functional.interpolate(x, size=model.encoder.native_size).expand(-1, 3, -1, -1)
     labels = (torch.rand(a.batch_size, len(CLASSES), device=dev) < 0.3).float()
     masks = (torch.rand(a.batch_size, len(CLASSES), size, size, device=dev) < 0.1).float()
     amp = dev.type == "cuda"
@@ -79,7 +62,7 @@ def main(argv=None) -> dict:
     @torch.no_grad()
     def vlm_forward():
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
-            bundle.model.encode_image(x3)
+            bundle.model.encode_image(bundle.preprocess(x))  # same preprocessing as DWARF's encoder
 
     @torch.no_grad()
     def dwarf_infer():
