@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from training.dwarf.metrics import choose_thresholds, classification_table
 from training.dwarf.model import DwarfModel, build_dwarf
-from training.dwarf.train import Evaluation, TrainConfig, evaluate, label_matrix, matched_epochs, train
+from training.dwarf.train import TrainConfig, evaluate, label_matrix, matched_epochs, train
 
 log = logging.getLogger(__name__)
 
