@@ -1,0 +1,263 @@
+"""Small experiments built from the interpret pieces: localisation of attention maps against chance.
+
+:func:`localization_vs_chance` answers "does this method's map cover the findings better than a map
+that knows nothing?" per class, on the images of a data set that have boxes. For every (image,
+class-with-a-box) pair it scores the method's map and three reference maps with the soft metrics of
+:mod:`interpret.localization` (soft IoBB ``sum(A M) / sum(M)``, soft IoR ``sum(A M) / sum(A)``, soft
+IoU, pointing game; Khakzar et al., DESIGN.md):
+
+- ``random``: uniform noise drawn at the method's *raw* map resolution (the feature grid for CAM /
+  Grad-CAM, the pixel grid for pixel methods), bilinearly upsampled and min-max normalised exactly as
+  the method's maps are, so it has the same blob size; ``n_random`` draws per pair, averaged. Its soft
+  IoBB is about 0.5 (the mean of a min-max normalised noise map) and its IoR and pointing game about
+  the box's share of the image;
+- ``uniform``: the constant map ``A = 1`` (attention spread evenly): IoBB 1 by construction, IoR and
+  IoU equal to the box's area fraction, pointing game equal to the area fraction (the expected hit
+  rate when the tie between all pixels is broken at random). It shows why IoBB is never read alone;
+- ``centre``: a centre prior, the isotropic Gaussian ``exp(-r^2 / (2 sigma^2))`` around the image
+  centre with ``sigma = centre_sigma * S``, min-max normalised: what a map that only knows "findings
+  sit inside the chest" achieves.
+
+A method map with no spatial preference (constant before normalisation, or no positive evidence
+after the ReLU, which :func:`interpret.attention.minmax_normalize` turns into all zeros) is scored as
+the ``uniform`` map rather than as zeros (which would give IoBB 0 and a pointing hit decided by the
+top-left pixel); such maps are counted in ``n_flat``.
+
+Example:
+    >>> from training.data.dataset import ManifestDataset
+    >>> ds = ManifestDataset("phantom/manifest.parquet", image_size=96, split="test")  # doctest: +SKIP
+    >>> table = localization_vs_chance(model, ds, method="cam", n_random=8)          # doctest: +SKIP
+    >>> table[["n_images", "iobb", "iobb_random", "pointing", "pointing_random"]]     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from interpret.attention import get_method, list_methods, minmax_normalize, upsample
+from interpret.localization import masks_from_boxes, pointing_game, soft_scores
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["localization_vs_chance", "centre_prior", "BASELINES", "METRICS"]
+
+#: Reference maps scored beside the method, in column-suffix order.
+BASELINES: tuple[str, ...] = ("random", "uniform", "centre")
+#: Per-pair metrics reported for the method and every baseline.
+METRICS: tuple[str, ...] = ("iobb", "ior", "iou", "pointing")
+
+
+def centre_prior(size: int | tuple[int, int], sigma: float = 0.25) -> torch.Tensor:
+    """Isotropic Gaussian centred on the image, min-max normalised to [0, 1].
+
+    Args:
+        size: S or (H, W).
+        sigma: standard deviation as a fraction of the shorter side (> 0).
+
+    Returns:
+        (H, W) float32 map, 1 at the centre.
+
+    Raises:
+        ValueError: ``sigma <= 0``.
+    """
+    if not sigma > 0:
+        raise ValueError(f"centre_sigma must be > 0, got {sigma!r}")
+    H, W = (size, size) if np.isscalar(size) else size
+    s = sigma * min(H, W)
+    y = torch.arange(H, dtype=torch.float32) + 0.5 - H / 2
+    x = torch.arange(W, dtype=torch.float32) + 0.5 - W / 2
+    g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * s * s))     # (H, W)
+    return minmax_normalize(g)
+
+
+def _model_classes(model: nn.Module, dataset) -> list[str]:
+    names = getattr(model, "class_names", None)
+    if names:
+        return [str(c) for c in names]
+    names = getattr(dataset, "classes", None)
+    if not names:
+        raise ValueError("the model has no class_names and the dataset no classes; cannot match box "
+                         "labels to model outputs")
+    return [str(c) for c in names]
+
+
+def _boxed_pairs(dataset, to_model: np.ndarray, wanted: set[int], progress: bool
+                 ) -> dict[int, list[int]]:
+    """Model class index -> indices of images with at least one box of that class."""
+    label_arrays = getattr(dataset, "box_label_arrays", None)
+    if label_arrays is None or len(label_arrays) != len(dataset):
+        logger.info("dataset has no box_label_arrays; reading every item to find the boxed images")
+        label_arrays = [np.asarray(dataset[i]["box_labels"]).reshape(-1)
+                        for i in tqdm(range(len(dataset)), desc="finding boxes", disable=not progress)]
+    pairs: dict[int, list[int]] = {}
+    for i, labs in enumerate(label_arrays):
+        labs = np.asarray(labs, dtype=np.int64).reshape(-1)
+        for c in sorted(set(to_model[labs].tolist()) if len(labs) else ()):
+            if c in wanted:
+                pairs.setdefault(c, []).append(i)
+    return pairs
+
+
+def _score(A: np.ndarray, M: np.ndarray, flat: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-pair iobb / ior / iou / pointing of maps (n, H, W) against masks (n, H, W); pairs whose map
+    is flat are scored as the uniform map."""
+    s = soft_scores(A, M)
+    out = {k: s[k] for k in ("iobb", "ior", "iou")}
+    out["pointing"] = pointing_game(A, M)
+    if flat is not None and flat.any():
+        uni = _uniform_scores(M)
+        for k in out:
+            out[k] = np.where(flat, uni[k], out[k])
+    return out
+
+
+def _noise(seed: int, cls: int, image: int, draws: int, size: tuple[int, int]) -> torch.Tensor:
+    """(draws, h, w) uniform noise of one (image, class) pair, independent of batching and order."""
+    key = np.random.SeedSequence([int(seed), int(cls), int(image)]).generate_state(1)[0]
+    return torch.rand(draws, *size, generator=torch.Generator().manual_seed(int(key)))
+
+
+def _uniform_scores(M: np.ndarray) -> dict[str, np.ndarray]:
+    area = M.reshape(len(M), -1).mean(-1)                                   # (n,) box share
+    return {"iobb": np.ones_like(area), "ior": area, "iou": area, "pointing": area}
+
+
+def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
+                           classes: Sequence[str] | None = None, n_random: int = 8, seed: int = 0,
+                           centre_sigma: float = 0.25, batch_size: int = 32, layer: str | None = None,
+                           min_images: int = 1, progress: bool = True, **method_params: Any
+                           ) -> pd.DataFrame:
+    """Per-class localisation of an attention method against random, uniform and centre-prior maps.
+
+    Only images with at least one box of a class take part for that class; the map requested for an
+    image is the one of that class. Scores are per (image, class) pair, then averaged per class.
+    Memory is one batch of maps at a time plus a few numbers per pair.
+
+    Args:
+        model: classifier returning logits, with ``class_names`` (else the dataset's ``classes`` are
+            taken to be its outputs, in order) and whatever ``method`` needs (e.g. ``feature_layer``
+            and a linear ``head`` for ``cam``).
+        dataset: indexable data set of dicts with ``image`` (C, S, S), ``boxes`` (K, 4) ``xyxy`` in
+            S-pixels and ``box_labels`` (K,) indices into ``dataset.classes``, e.g.
+            :class:`training.data.dataset.ManifestDataset` (whose ``box_label_arrays`` let the boxed
+            images be found without decoding any image).
+        method: one of :func:`interpret.attention.list_methods`.
+        classes: class names to evaluate; default every model class with a box in ``dataset``.
+        n_random: random maps per (image, class) pair (>= 1).
+        seed: seed of the random maps (the table is deterministic given model, data and seed).
+        centre_sigma: standard deviation of the centre prior as a fraction of the image side.
+        batch_size: images per attention-map call.
+        layer: layer to explain (layer methods); default ``model.feature_layer``.
+        min_images: classes with fewer boxed images are reported but left out of the ``"mean"`` row.
+        progress: tqdm bar over batches.
+        **method_params: passed to :func:`interpret.attention.get_method` (e.g. ``n_steps``).
+
+    Returns:
+        DataFrame indexed by ``class`` (model class order) with ``n_images`` (boxed images of the
+        class), ``n_flat`` (method maps with no spatial preference, scored as uniform), the method's
+        ``iobb, ior, iou, pointing`` and the same four with suffixes ``_random``, ``_uniform`` and
+        ``_centre``; a last row ``"mean"`` averages the class rows with ``n_images >= min_images``
+        (unweighted, so rare findings count as much as common ones; its ``n_images`` is their sum).
+        ``attrs`` records method, n_random, seed, centre_sigma, image size and raw map size.
+
+    Raises:
+        ValueError: unknown method or class (valid ones listed), bad ``n_random`` / ``batch_size`` /
+            ``centre_sigma``, a dataset without boxed images of the requested classes, or a dataset
+            whose items lack ``image`` / ``boxes`` / ``box_labels``.
+
+    Example:
+        >>> t = localization_vs_chance(model, test_ds, "gradcam", n_random=4)   # doctest: +SKIP
+        >>> float(t.loc["mean", "iobb"] - t.loc["mean", "iobb_random"])        # doctest: +SKIP
+        0.21
+    """
+    if method not in list_methods():
+        raise ValueError(f"unknown attention method {method!r}; valid: {list_methods()}")
+    for name, value in (("n_random", n_random), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not centre_sigma > 0:
+        raise ValueError(f"centre_sigma must be > 0, got {centre_sigma!r}")
+    model_classes = _model_classes(model, dataset)
+    data_classes = [str(c) for c in getattr(dataset, "classes", model_classes)]
+    index = {c: i for i, c in enumerate(model_classes)}
+    # dataset class index -> model class index (-1: the model has no such output)
+    to_model = np.array([index.get(c, -1) for c in data_classes] + [-1], dtype=np.int64)
+    if classes is None:
+        wanted = set(range(len(model_classes)))
+    else:
+        bad = [c for c in classes if c not in index]
+        if bad:
+            raise ValueError(f"unknown classes {bad}; the model's classes: {model_classes}")
+        wanted = {index[c] for c in classes}
+    pairs = _boxed_pairs(dataset, to_model, wanted, progress)
+    if not pairs:
+        raise ValueError(f"no image of the dataset has a box of the requested classes "
+                         f"{sorted(model_classes[c] for c in wanted)}")
+
+    explainer = get_method(method, model, layer, **method_params)
+    n_batches = sum(math.ceil(len(v) / batch_size) for v in pairs.values())
+    bar = tqdm(total=n_batches, desc=f"localisation vs chance ({method})", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    size = raw_size = None
+    prior = None
+    try:
+        for c in sorted(pairs):
+            scores: dict[str, list[np.ndarray]] = {}
+            n_flat = 0
+            for start in range(0, len(pairs[c]), batch_size):
+                items = [dataset[i] for i in pairs[c][start:start + batch_size]]
+                try:
+                    images = torch.stack([it["image"] for it in items]).float()   # (B, C, S, S)
+                    boxes = [np.asarray(it["boxes"], np.float32).reshape(-1, 4) for it in items]
+                    labs = [to_model[np.asarray(it["box_labels"], np.int64).reshape(-1)]
+                            for it in items]
+                except KeyError as e:
+                    raise ValueError(f"dataset items need 'image', 'boxes' and 'box_labels'; "
+                                     f"missing {e}") from None
+                B, H, W = len(items), images.shape[-2], images.shape[-1]
+                targets = torch.full((B, 1), c, dtype=torch.long)
+                maps, raw = explainer(images, targets, return_raw=True)       # (B, 1, H, W), (B, 1, h, w)
+                A = maps[:, 0].float().numpy()                                  # (B, H, W)
+                M = masks_from_boxes(boxes, labs, targets.numpy(), (H, W))[:, 0]   # (B, H, W)
+                size, raw_size = (H, W), tuple(raw.shape[-2:])
+                flat = A.reshape(B, -1).max(-1) <= 0                            # no spatial preference
+                n_flat += int(flat.sum())
+                parts = {"": _score(A, M, flat), "_uniform": _uniform_scores(M)}
+                if prior is None or tuple(prior.shape) != (H, W):
+                    prior = centre_prior((H, W), centre_sigma).numpy()
+                parts["_centre"] = _score(np.broadcast_to(prior, M.shape), M)
+                idx = pairs[c][start:start + B]
+                noise = torch.stack([_noise(seed, c, i, n_random, raw_size) for i in idx], 1)
+                R = minmax_normalize(upsample(noise, (H, W))).numpy()           # (D, B, H, W)
+                rnd = _score(R, np.broadcast_to(M, R.shape))
+                parts["_random"] = {k: v.mean(0) for k, v in rnd.items()}       # (B,) mean over draws
+                for suffix, d in parts.items():
+                    for k, v in d.items():
+                        scores.setdefault(k + suffix, []).append(np.asarray(v, np.float64))
+                bar.update()
+            row: dict[str, Any] = {"class": model_classes[c], "n_images": len(pairs[c]),
+                                   "n_flat": n_flat}
+            row.update({k: float(np.nanmean(np.concatenate(v))) for k, v in scores.items()})
+            rows.append(row)
+    finally:
+        bar.close()
+
+    cols = ["n_images", "n_flat"] + [m + s for s in ("",) + tuple("_" + b for b in BASELINES)
+                                     for m in METRICS]
+    table = pd.DataFrame(rows).set_index("class")[cols]
+    keep = table[table["n_images"] >= min_images]
+    mean = {"n_images": int(keep["n_images"].sum()), "n_flat": int(keep["n_flat"].sum()),
+            **{k: float(keep[k].mean()) if len(keep) else float("nan") for k in cols[2:]}}
+    table.loc["mean"] = pd.Series(mean)
+    table[["n_images", "n_flat"]] = table[["n_images", "n_flat"]].astype(int)
+    table.attrs.update({"method": method, "n_random": int(n_random), "seed": int(seed),
+                        "centre_sigma": float(centre_sigma), "image_size": size,
+                        "raw_map_size": raw_size, "min_images": int(min_images)})
+    return table

@@ -1,0 +1,170 @@
+"""Localisation against chance: analytic models with known answers, and CAM of a classifier trained
+on the phantom (issue 4: "CAM of a trained small classifier covers its findings far better than
+chance")."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from interpret.experiments import centre_prior, localization_vs_chance
+from interpret.localization import boxes_to_mask, pointing_game, soft_scores
+
+log = logging.getLogger(__name__)
+
+S = 32
+CLASSES = ["Effusion", "Nodule", "Mass"]
+
+
+class BoxData:
+    """Images whose channel c is the rasterised union of the class-c boxes (so an identity feature
+    layer with an identity head has CAM == the box mask), with ``boxes`` / ``box_labels`` items."""
+
+    def __init__(self, n: int = 12, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.classes = list(CLASSES)
+        self.items = []
+        for i in range(n):
+            k = 1 + i % 3
+            x0, y0 = rng.integers(0, S - 8, k), rng.integers(0, S - 8, k)
+            w, h = rng.integers(2, 9, k), rng.integers(2, 9, k)
+            boxes = np.stack([x0, y0, x0 + w, y0 + h], 1).astype(np.float32)       # integer corners
+            labs = rng.permutation(len(CLASSES))[:k] if i % 4 else np.array([], np.int64)[:0]
+            boxes = boxes[:len(labs)]
+            img = np.stack([boxes_to_mask(boxes[labs == c], S) for c in range(len(CLASSES))])
+            self.items.append({"image": torch.from_numpy(img.astype(np.float32)),  # (C, S, S)
+                               "boxes": torch.from_numpy(boxes), "box_labels": torch.from_numpy(labs),
+                               "index": i})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class IdentityCAM(nn.Module):
+    """features = the input channels, head = identity: CAM of class c is input channel c."""
+
+    feature_layer = "features"
+
+    def __init__(self, n: int = len(CLASSES)):
+        super().__init__()
+        self.class_names = list(CLASSES)
+        self.features = nn.Identity()
+        self.head = nn.Linear(n, n)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(n))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class ConstantFeatures(nn.Module):
+    def forward(self, x):
+        return torch.ones(x.shape[0], 2, x.shape[-2] // 4, x.shape[-1] // 4)     # (B, 2, S/4, S/4)
+
+
+class ConstantCAM(nn.Module):
+    """Feature maps that ignore the image: every CAM is constant (no spatial preference)."""
+
+    feature_layer = "features"
+
+    def __init__(self, sign: float = 1.0):
+        super().__init__()
+        self.class_names = list(CLASSES)
+        self.features = ConstantFeatures()
+        self.head = nn.Linear(2, len(CLASSES))
+        with torch.no_grad():
+            self.head.weight.fill_(sign)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _by_hand(ds: BoxData, cls: int, sigma: float = 0.25) -> dict[str, float]:
+    """Uniform and centre-prior scores of class ``cls`` computed directly from the boxes."""
+    masks = [boxes_to_mask(it["boxes"].numpy()[it["box_labels"].numpy() == cls], S)
+             for it in ds.items if (it["box_labels"].numpy() == cls).any()]
+    M = np.stack(masks).astype(np.float32)
+    area = M.reshape(len(M), -1).mean(1)
+    yy, xx = np.mgrid[0:S, 0:S] + 0.5 - S / 2
+    g = np.exp(-(yy ** 2 + xx ** 2) / (2 * (sigma * S) ** 2))
+    g = (g - g.min()) / (g.max() - g.min())
+    G = np.broadcast_to(g, M.shape)
+    s = soft_scores(G, M)
+    return {"n": len(M), "area": area.mean(), "iobb_centre": s["iobb"].mean(),
+            "ior_centre": s["ior"].mean(), "pointing_centre": np.nanmean(pointing_game(G, M))}
+
+
+def test_maps_equal_to_boxes_score_one_and_baselines_match_hand_values():
+    ds = BoxData()
+    t = localization_vs_chance(IdentityCAM(), ds, "cam", n_random=16, seed=3, batch_size=5,
+                               progress=False)
+    assert list(t.index) == CLASSES + ["mean"]
+    assert (t["n_flat"] == 0).all()
+    for col in ("iobb", "ior", "iou", "pointing"):
+        np.testing.assert_allclose(t[col].to_numpy(), 1.0, atol=1e-6, err_msg=col)
+    for c, name in enumerate(CLASSES):
+        ref = _by_hand(ds, c)
+        row = t.loc[name]
+        assert row["n_images"] == ref["n"]
+        # uniform map: IoBB 1, IoR = IoU = pointing = box share of the image
+        assert row["iobb_uniform"] == pytest.approx(1.0)
+        for col in ("ior_uniform", "iou_uniform", "pointing_uniform"):
+            assert row[col] == pytest.approx(ref["area"], rel=1e-6), col
+        for col in ("iobb_centre", "ior_centre", "pointing_centre"):
+            assert row[col] == pytest.approx(ref[col], rel=1e-5), col
+        # random maps at the raw (here full) resolution: mean of min-max normalised noise ~ 0.5,
+        # IoR ~ box share; 16 draws of >= 4 px boxes keep the sampling error well under 0.1
+        assert row["iobb_random"] == pytest.approx(0.5, abs=0.1)
+        assert row["ior_random"] == pytest.approx(ref["area"], rel=0.3)
+    # the mean row is the unweighted mean of the class rows
+    np.testing.assert_allclose(t.loc["mean", "iobb_random"], t.loc[CLASSES, "iobb_random"].mean())
+    assert t.loc["mean", "n_images"] == t.loc[CLASSES, "n_images"].sum()
+    assert t.attrs["raw_map_size"] == (S, S) and t.attrs["image_size"] == (S, S)
+    # deterministic given the seed, whatever the batch size (to float32 summation order); another
+    # seed moves only the random baseline
+    again = localization_vs_chance(IdentityCAM(), ds, "cam", n_random=16, seed=3, progress=False)
+    other = localization_vs_chance(IdentityCAM(), ds, "cam", n_random=16, seed=4, progress=False)
+    np.testing.assert_allclose(t.to_numpy(), again.to_numpy(), rtol=1e-6)
+    assert not np.allclose(t["iobb_random"], other["iobb_random"])
+    np.testing.assert_array_equal(t["iobb_centre"], other["iobb_centre"])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_constant_map_model_equals_the_uniform_baseline(sign):
+    # sign -1: the CAM is negative everywhere, nothing survives the ReLU: no spatial preference either
+    t = localization_vs_chance(ConstantCAM(sign), BoxData(), "cam", n_random=2, progress=False)
+    assert (t["n_flat"] == t["n_images"]).all()
+    for m in ("iobb", "ior", "iou", "pointing"):
+        np.testing.assert_allclose(t[m].to_numpy(), t[f"{m}_uniform"].to_numpy(), rtol=1e-6)
+    assert t.attrs["raw_map_size"] == (S // 4, S // 4)
+
+
+def test_class_selection_and_bad_arguments():
+    ds = BoxData()
+    t = localization_vs_chance(IdentityCAM(), ds, "cam", classes=["Nodule"], n_random=1,
+                               min_images=10_000, progress=False)
+    assert list(t.index) == ["Nodule", "mean"] and np.isnan(t.loc["mean", "iobb"])
+    with pytest.raises(ValueError, match="unknown attention method 'camm'.*gradcam"):
+        localization_vs_chance(IdentityCAM(), ds, "camm")
+    with pytest.raises(ValueError, match="unknown classes \\['Hernia'\\].*Effusion"):
+        localization_vs_chance(IdentityCAM(), ds, classes=["Hernia"])
+    with pytest.raises(ValueError, match="n_random"):
+        localization_vs_chance(IdentityCAM(), ds, n_random=0)
+    with pytest.raises(ValueError, match="centre_sigma"):
+        localization_vs_chance(IdentityCAM(), ds, centre_sigma=0)
+    empty = BoxData(n=1)                                   # item 0 has no boxes
+    with pytest.raises(ValueError, match="no image of the dataset has a box"):
+        localization_vs_chance(IdentityCAM(), empty, progress=False)
+
+
+def test_centre_prior_shape_and_peak():
+    g = centre_prior((8, 12), 0.25)
+    assert g.shape == (8, 12) and float(g.min()) == 0.0 and float(g.max()) == 1.0
+    assert torch.equal(g, g.flip(0)) and torch.equal(g, g.flip(1))      # symmetric about the centre
