@@ -385,6 +385,13 @@ class AttentionPass:
     markers: np.ndarray  # (N, S, S) bool marker estimate
 
 
+def _map_params(method: str) -> dict:
+    """Layer methods run without the ReLU before min-max normalisation: a weakly trained class whose evidence
+    is negative everywhere would otherwise get an all-zero map (IoBB 0 by construction, not by behaviour);
+    without it the map still shows where the evidence is highest."""
+    return {"relu": False} if method in ("cam", "gradcam", "gradcampp") else {}
+
+
 def attention_pass(model, probe: Probe, method: str, batch_size: int) -> AttentionPass:
     """Maps for every class on every probing image (batched); localisation rows and shortcut shares."""
     import pandas as pd
@@ -403,7 +410,7 @@ def attention_pass(model, probe: Probe, method: str, batch_size: int) -> Attenti
         sl = slice(start, min(start + batch_size, n))
         x = probe.images[sl]
         targets = torch.arange(c).expand(len(x), c)
-        maps = attention_maps(model, x, targets, method=method).float().numpy()  # (B, C, S, S)
+        maps = attention_maps(model, x, targets, method=method, **_map_params(method)).float().numpy()  # (B, C, S, S)
         outside[sl], on_marker[sl] = attention_shares(maps, field_mask, markers[sl])
         boxed = [i for i in range(len(x)) if len(probe.boxes[start + i])]
         if boxed:
@@ -451,7 +458,7 @@ def save_gallery(model, probe: Probe, loc, method: str, out: Path, n: int) -> li
         picks = {"best": part.head(n), "worst": part.tail(n).iloc[::-1]}
         for kind, rows in picks.items():
             ids = [index[i] for i in rows["image_id"]]
-            maps = attention_maps(model, probe.images[ids], c, method=method)[:, 0].numpy()
+            maps = attention_maps(model, probe.images[ids], c, method=method, **_map_params(method))[:, 0].numpy()
             fig, axes = plt.subplots(1, len(ids), figsize=(2.6 * len(ids), 2.9), dpi=90, squeeze=False)
             try:
                 for ax, i, m, (_, r) in zip(axes[0], ids, maps, rows.iterrows()):
