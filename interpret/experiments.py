@@ -2,7 +2,7 @@
 
 :func:`localization_vs_chance` answers "does this method's map cover the findings better than a map
 that knows nothing?" per class, on the images of a data set that have boxes. For every (image,
-class-with-a-box) pair it scores the method's map and three reference maps with the soft metrics of
+class-with-a-box) pair it scores the method's map and four reference maps with the soft metrics of
 :mod:`interpret.localization` (soft IoBB ``sum(A M) / sum(M)``, soft IoR ``sum(A M) / sum(A)``, soft
 IoU, pointing game; Khakzar et al., DESIGN.md):
 
@@ -11,6 +11,12 @@ IoU, pointing game; Khakzar et al., DESIGN.md):
   the method's maps are, so it has the same blob size; ``n_random`` draws per pair, averaged. Its soft
   IoBB is about 0.5 (the mean of a min-max normalised noise map) and its IoR and pointing game about
   the box's share of the image;
+- ``shuffled``: the method's own raw map with its cells randomly permuted (``n_random``
+  permutations per pair), then ReLU, upsampling and normalisation as usual: a random map with exactly
+  the method's value distribution (same mass, same peakiness), so it is the chance level that
+  separates *where* a method puts its attention from *how much* of the image it lights up. Soft IoBB
+  grows with a map's mass (the uniform map below scores 1), so IoBB is compared with this baseline
+  rather than with ``random`` whenever the method's maps are peakier than noise;
 - ``uniform``: the constant map ``A = 1`` (attention spread evenly): IoBB 1 by construction, IoR and
   IoU equal to the box's area fraction, pointing game equal to the area fraction (the expected hit
   rate when the tie between all pixels is broken at random). It shows why IoBB is never read alone;
@@ -27,7 +33,7 @@ Example:
     >>> from training.data.dataset import ManifestDataset
     >>> ds = ManifestDataset("phantom/manifest.parquet", image_size=96, split="test")  # doctest: +SKIP
     >>> table = localization_vs_chance(model, ds, method="cam", n_random=8)          # doctest: +SKIP
-    >>> table[["n_images", "iobb", "iobb_random", "pointing", "pointing_random"]]     # doctest: +SKIP
+    >>> table[["n_images", "iobb", "iobb_shuffled", "pointing", "pointing_random"]]   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,7 +56,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["localization_vs_chance", "centre_prior", "BASELINES", "METRICS"]
 
 #: Reference maps scored beside the method, in column-suffix order.
-BASELINES: tuple[str, ...] = ("random", "uniform", "centre")
+BASELINES: tuple[str, ...] = ("random", "shuffled", "uniform", "centre")
 #: Per-pair metrics reported for the method and every baseline.
 METRICS: tuple[str, ...] = ("iobb", "ior", "iou", "pointing")
 
@@ -106,8 +113,8 @@ def _boxed_pairs(dataset, to_model: np.ndarray, wanted: set[int], progress: bool
 
 
 def _score(A: np.ndarray, M: np.ndarray, flat: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-pair iobb / ior / iou / pointing of maps (n, H, W) against masks (n, H, W); pairs whose map
-    is flat are scored as the uniform map."""
+    """Per-pair iobb / ior / iou / pointing of maps (..., H, W) against masks (..., H, W); pairs whose
+    map is flat (``flat`` (...,) True) are scored as the uniform map."""
     s = soft_scores(A, M)
     out = {k: s[k] for k in ("iobb", "ior", "iou")}
     out["pointing"] = pointing_game(A, M)
@@ -118,14 +125,16 @@ def _score(A: np.ndarray, M: np.ndarray, flat: np.ndarray | None = None) -> dict
     return out
 
 
-def _noise(seed: int, cls: int, image: int, draws: int, size: tuple[int, int]) -> torch.Tensor:
-    """(draws, h, w) uniform noise of one (image, class) pair, independent of batching and order."""
-    key = np.random.SeedSequence([int(seed), int(cls), int(image)]).generate_state(1)[0]
+def _noise(seed: int, cls: int, image: int, stream: int, draws: int, size: tuple[int, ...]
+           ) -> torch.Tensor:
+    """(draws, *size) uniform noise of one (image, class) pair and stream, independent of batching
+    and order."""
+    key = np.random.SeedSequence([int(seed), int(cls), int(image), int(stream)]).generate_state(1)[0]
     return torch.rand(draws, *size, generator=torch.Generator().manual_seed(int(key)))
 
 
 def _uniform_scores(M: np.ndarray) -> dict[str, np.ndarray]:
-    area = M.reshape(len(M), -1).mean(-1)                                   # (n,) box share
+    area = np.asarray(M, np.float64).mean((-2, -1))                         # (...,) box share
     return {"iobb": np.ones_like(area), "ior": area, "iou": area, "pointing": area}
 
 
@@ -150,7 +159,7 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
             images be found without decoding any image).
         method: one of :func:`interpret.attention.list_methods`.
         classes: class names to evaluate; default every model class with a box in ``dataset``.
-        n_random: random maps per (image, class) pair (>= 1).
+        n_random: random maps (and shuffles of the method's map) per (image, class) pair (>= 1).
         seed: seed of the random maps (the table is deterministic given model, data and seed).
         centre_sigma: standard deviation of the centre prior as a fraction of the image side.
         batch_size: images per attention-map call.
@@ -162,8 +171,8 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
     Returns:
         DataFrame indexed by ``class`` (model class order) with ``n_images`` (boxed images of the
         class), ``n_flat`` (method maps with no spatial preference, scored as uniform), the method's
-        ``iobb, ior, iou, pointing`` and the same four with suffixes ``_random``, ``_uniform`` and
-        ``_centre``; a last row ``"mean"`` averages the class rows with ``n_images >= min_images``
+        ``iobb, ior, iou, pointing`` and the same four with suffixes ``_random``, ``_shuffled``,
+        ``_uniform`` and ``_centre``; a last row ``"mean"`` averages the class rows with ``n_images >= min_images``
         (unweighted, so rare findings count as much as common ones; its ``n_images`` is their sum).
         ``attrs`` records method, n_random, seed, centre_sigma, image size and raw map size.
 
@@ -234,10 +243,19 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                     prior = centre_prior((H, W), centre_sigma).numpy()
                 parts["_centre"] = _score(np.broadcast_to(prior, M.shape), M)
                 idx = pairs[c][start:start + B]
-                noise = torch.stack([_noise(seed, c, i, n_random, raw_size) for i in idx], 1)
+                MD = np.broadcast_to(M, (n_random, *M.shape))                     # (D, B, H, W)
+                noise = torch.stack([_noise(seed, c, i, 0, n_random, raw_size) for i in idx], 1)
                 R = minmax_normalize(upsample(noise, (H, W))).numpy()           # (D, B, H, W)
-                rnd = _score(R, np.broadcast_to(M, R.shape))
-                parts["_random"] = {k: v.mean(0) for k, v in rnd.items()}       # (B,) mean over draws
+                parts["_random"] = {k: v.mean(0) for k, v in _score(R, MD).items()}  # (B,) mean of draws
+                # the method's raw cells in random order: same value distribution, no location
+                cells = raw[:, 0].float().flatten(1)                            # (B, h*w)
+                order = torch.stack([_noise(seed, c, i, 1, n_random, (cells.shape[1],)).argsort(-1)
+                                     for i in idx], 1)                          # (D, B, h*w)
+                shuf = cells.expand(n_random, -1, -1).gather(-1, order).view(n_random, B, *raw_size)
+                shuf = F.relu(shuf) if explainer.relu else shuf
+                R = minmax_normalize(upsample(shuf, (H, W))).numpy()            # (D, B, H, W)
+                rflat = R.reshape(n_random, B, -1).max(-1) <= 0
+                parts["_shuffled"] = {k: v.mean(0) for k, v in _score(R, MD, rflat).items()}
                 for suffix, d in parts.items():
                     for k, v in d.items():
                         scores.setdefault(k + suffix, []).append(np.asarray(v, np.float64))

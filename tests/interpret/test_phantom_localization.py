@@ -123,6 +123,10 @@ def test_maps_equal_to_boxes_score_one_and_baselines_match_hand_values():
         # IoR ~ box share; 16 draws of >= 4 px boxes keep the sampling error well under 0.1
         assert row["iobb_random"] == pytest.approx(0.5, abs=0.1)
         assert row["ior_random"] == pytest.approx(ref["area"], rel=0.3)
+        # shuffled = the box mask's own pixels permuted: k ones among N pixels, so IoBB and IoR both
+        # have expectation k / N = the box share
+        assert row["iobb_shuffled"] == pytest.approx(ref["area"], rel=0.3)
+        assert row["ior_shuffled"] == pytest.approx(ref["area"], rel=0.3)
     # the mean row is the unweighted mean of the class rows
     np.testing.assert_allclose(t.loc["mean", "iobb_random"], t.loc[CLASSES, "iobb_random"].mean())
     assert t.loc["mean", "n_images"] == t.loc[CLASSES, "n_images"].sum()
@@ -143,6 +147,9 @@ def test_constant_map_model_equals_the_uniform_baseline(sign):
     assert (t["n_flat"] == t["n_images"]).all()
     for m in ("iobb", "ior", "iou", "pointing"):
         np.testing.assert_allclose(t[m].to_numpy(), t[f"{m}_uniform"].to_numpy(), rtol=1e-6)
+        # a constant map shuffled is still constant
+        np.testing.assert_allclose(t[f"{m}_shuffled"].to_numpy(), t[f"{m}_uniform"].to_numpy(),
+                                   rtol=1e-6)
     assert t.attrs["raw_map_size"] == (S // 4, S // 4)
 
 
