@@ -21,7 +21,7 @@ def _model(bundle, **kw):
 
 
 def _cfg(**kw):
-    base = dict(epochs=3, batch_size=8, lr=3e-3, progress=False, device="cpu")
+    base = dict(epochs=3, batch_size=16, lr=3e-3, progress=False, device="cpu")  # one step per epoch
     base.update(kw)
     return TrainConfig(**base)
 
