@@ -31,3 +31,18 @@ def tiny_phantom(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("phantom")
     return generate_phantom(out, n=48, size=64, seed=0)
+
+
+_MLFLOW_LEAKS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_env_leaks():
+    """``mlflow.set_experiment`` exports ``MLFLOW_EXPERIMENT_ID`` into ``os.environ``; a later test's
+    ``mlflow run --experiment-name`` subprocess then fails ("Specify only one of ..."). Every test
+    starts and ends without these variables."""
+    for key in _MLFLOW_LEAKS:
+        os.environ.pop(key, None)
+    yield
+    for key in _MLFLOW_LEAKS:
+        os.environ.pop(key, None)
