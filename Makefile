@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@echo "[setup] $(VENV) ready"
 
 demo: $(STAMP)
-	$(PY) -m mlflow_projects.demo --out $(DEMO_DIR)
+	$(PY) -m mlflow_projects.demo --out $(DEMO_DIR) --serve
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
