@@ -20,6 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 DEFAULT_ARTIFACT_ROOT = PROJECT_ROOT / "mlartifacts"
 CANDIDATE, CHAMPION = "candidate", "champion"
+DEFAULT_DATA = "outputs/phantom/manifest.parquet"  # the entry points' default manifest (the phantom)
 
 
 def setup_tracking(experiment: str) -> str:
@@ -54,6 +55,23 @@ def setup_tracking(experiment: str) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def ensure_data(data: str, image_size: int, seed: int, n: int, masks: bool = False) -> Path:
+    """The manifest path; generates an ``n``-image phantom when the default path is missing.
+
+    Raises:
+        FileNotFoundError: a manifest other than the default does not exist (names the path).
+    """
+    path = Path(data)
+    if path.is_file():
+        return path.resolve()
+    if data != DEFAULT_DATA:
+        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
+    from training.data.phantom import generate_phantom
+
+    log.info("no manifest at %s: generating a %d-image phantom", path, n)
+    return Path(generate_phantom(path.parent, n=n, size=max(64, image_size), seed=seed, masks=masks)).resolve()
 
 
 # ---- argparse types: MLproject does not validate int/float parameters, so we do. -------------

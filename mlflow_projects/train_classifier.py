@@ -27,12 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mlflow_projects.common import DEFAULT_DATA, ensure_data
 from mlflow_projects.common import (choice_of, log_config, nonneg_int, positive_int, register_version,
                                     setup_tracking)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = "outputs/phantom/manifest.parquet"
 EXPERIMENT = "cxr-classifier"
 
 
@@ -140,19 +140,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ClassifierRunConfig:
 
 
 # ---- data -------------------------------------------------------------------------------------
-def ensure_data(data: str, image_size: int, seed: int, n: int) -> Path:
-    """The manifest path; generates the phantom when the default path is missing."""
-    path = Path(data)
-    if path.is_file():
-        return path.resolve()
-    if data != DEFAULT_DATA:
-        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
-    from training.data.phantom import generate_phantom
-
-    log.info("no manifest at %s: generating a %d-image phantom", path, n)
-    return Path(generate_phantom(path.parent, n=n, size=max(64, image_size), seed=seed)).resolve()
-
-
 def load_splits(manifest: Path, image_size: int, augment: bool = False, cache: bool = True):
     """``(train, val, test | None, classes)`` datasets of the manifest's splits.
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mlflow_projects.common import DEFAULT_DATA, ensure_data
 from mlflow_projects.common import (DEFAULT_TRACKING_URI, choice_of, log_config, nonneg_int, positive_int, register_version,
                                     setup_tracking)
 from mlflow_projects.pyfunc_clip import load_registered_clip  # noqa: F401  (re-exported for other entry points)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = "outputs/phantom/manifest.parquet"
 EXPERIMENT = "cxr-clip"
 
 
@@ -99,19 +99,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
                          registered_name=a.registered_name, batch_size=a.batch_size, lr=a.lr,
                          pretrained=a.pretrained or None, zero_shot=a.zero_shot, phantom_n=a.phantom_n,
                          experiment=a.experiment)
-
-
-def ensure_data(data: str, image_size: int, seed: int, n: int) -> Path:
-    """The manifest path; generates the phantom when the default path is missing."""
-    path = Path(data)
-    if path.is_file():
-        return path.resolve()
-    if data != DEFAULT_DATA:
-        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
-    from training.data.phantom import generate_phantom
-
-    log.info("no manifest at %s: generating a %d-image phantom", path, n)
-    return Path(generate_phantom(path.parent, n=n, size=max(64, image_size), seed=seed)).resolve()
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

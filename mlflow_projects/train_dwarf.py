@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mlflow_projects.common import DEFAULT_DATA, ensure_data as common_ensure_data
 from mlflow_projects.common import (log_config, nonneg_int, positive_int, register_version, setup_tracking,
                                     unit_float)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = "outputs/phantom/manifest.parquet"
 DEFAULT_CLIP = "models:/cxr-clip@candidate"
 FALLBACK_CLIP = "cxr-tiny-vit"
 EXPERIMENT = "cxr-dwarf"
@@ -61,16 +61,8 @@ class DwarfRunConfig:
 
 # ---- data and CLIP ---------------------------------------------------------------------------
 def ensure_data(data: str, image_size: int, seed: int, n: int) -> Path:
-    """The manifest path; generates the phantom (with masks) when the default path is missing."""
-    path = Path(data)
-    if path.is_file():
-        return path.resolve()
-    if data != DEFAULT_DATA:
-        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
-    from training.data.phantom import generate_phantom
-
-    log.info("no manifest at %s: generating a %d-image phantom", path, n)
-    return Path(generate_phantom(path.parent, n=n, size=max(64, image_size), seed=seed, masks=True)).resolve()
+    """:func:`mlflow_projects.common.ensure_data` with phantom masks (DWARF's supervision)."""
+    return common_ensure_data(data, image_size, seed, n, masks=True)
 
 
 def resolve_clip(spec: str, image_size: int | None = None) -> tuple[Any, str]:
