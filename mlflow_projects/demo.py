@@ -48,10 +48,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/demo", help="folder for the phantom, audit folder and logs")
-    p.add_argument("--n", type=positive_int, default=400, help="phantom images")
+    # Defaults measured on the phantom (resnet18, 96 px, 10 epochs, lr 1e-3 on 1000 images): val mean
+    # AUROC 0.736, test 0.790, about 3 minutes of training on 2 cores (whole demo: 228 s). Fewer images or epochs leave the
+    # classifier near chance (400 images, 3 epochs, lr 4e-4: 0.50) and the audit refuses promotion.
+    p.add_argument("--n", type=positive_int, default=1000, help="phantom images")
     p.add_argument("--size", type=positive_int, default=128, help="phantom image side (px)")
     p.add_argument("--arch", default="resnet18", help="classifier architecture")
-    p.add_argument("--epochs", type=positive_int, default=3, help="classifier epochs")
+    p.add_argument("--epochs", type=positive_int, default=10, help="classifier epochs")
+    p.add_argument("--lr", default="1e-3", help="classifier learning rate")
     p.add_argument("--image-size", type=positive_int, default=96, help="classifier input side")
     p.add_argument("--clip-epochs", type=positive_int, default=5)
     p.add_argument("--clip-image-size", type=positive_int, default=64)
@@ -114,7 +118,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         manifest = Path(generate_phantom(out / "phantom", n=args.n, size=args.size, seed=args.seed, masks=True))
     with _step("train classifier", timings):
         cls_version = _as_version(train_classifier.main(
-            ["--data", str(manifest), "--arch", args.arch, "--epochs", str(args.epochs),
+            ["--data", str(manifest), "--arch", args.arch, "--epochs", str(args.epochs), "--lr", args.lr,
              "--image-size", str(args.image_size), "--seed", str(args.seed)]), "train_classifier")
     with _step("train CLIP", timings):
         clip_version = _as_version(train_clip.main(
