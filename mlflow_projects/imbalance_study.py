@@ -5,7 +5,23 @@ full :func:`mlflow_projects.train_classifier.train_one`: per-epoch metrics, per-
 and one comparison table ``comparison/imbalance_comparison.{csv,html}``: per loss and class the AUROC,
 AP and mean predicted probability (with the class prevalence), on the test split when it exists,
 else on validation, plus one ``mean`` row per loss. Models are not registered (``train_classifier``
-does that). The interpret parts of the study (IoBB/IoR, dissection concept counts) are not in yet.
+does that).
+
+The interpret columns (the shape of the paper's Tables 1 and 2, Khakzar et al.; multilabel task only)
+are computed on the images of the compared split that have boxes:
+
+- ``iobb``, ``ior``: soft IoBB ``sum(A M) / sum(M)`` and soft IoR ``sum(A M) / sum(A)`` of the CAM
+  map of each boxed class (raw CAM, no ReLU, min-max normalised to [0, 1]; M the union of the class's
+  boxes), averaged over the images with a box of that class (``n_boxed``);
+- ``disjoint``, ``unique``: dissection of the feature layer against the boxes (unit threshold at the
+  quantile ``1 - q``; q = 0.01 for DenseNet-family architectures, 0.04 otherwise, or
+  ``--dissection-q``): Disjoint = components overlapping a box of the class / images,
+  Unique = (image, unit) pairs with such a component / images, so ``disjoint >= unique >= 0``.
+
+Each child run logs them as metrics (``interp_{iobb,ior,disjoint,unique}.{class}`` and
+``interp_*_mean``, plus ``dissection_{disjoint,unique}`` over all boxes); the parent logs
+``comparison/imbalance_dissection.{csv,html}``, one row per loss with the overall Disjoint / Unique
+(Table 2).
 
     python -m mlflow_projects.imbalance_study --data outputs/phantom/manifest.parquet --arch resnet18
 """
@@ -16,10 +32,11 @@ import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from mlflow_projects.common import choice_of, log_config, nonneg_int, positive_int
 from mlflow_projects.train_classifier import (DEFAULT_DATA, EXPERIMENT, ClassifierRunConfig, _image_size,
@@ -29,10 +46,32 @@ from mlflow_projects.train_classifier import (DEFAULT_DATA, EXPERIMENT, Classifi
 log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "wbce", "focal", "cb_focal")
+INTERPRET_COLUMNS = ("n_boxed", "iobb", "ior", "disjoint", "unique")
+BASE_COLUMNS = ("auroc", "ap", "mean_prob", "prevalence", "n_pos")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ClassifierRunConfig, list[str]]:
-    """Parse and validate (exit 2 on a bad value). Returns the shared config and the losses to compare."""
+def dissection_q(arch: str) -> float:
+    """Dissection quantile of DESIGN.md: 0.01 for DenseNet-family models (T-DenseNet), else 0.04 (ResNet50)."""
+    return 0.01 if "densenet" in arch else 0.04
+
+
+def _unit_fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text!r}")
+    return v
+
+
+def parse_args(argv: Sequence[str] | None = None, return_all: bool = False):
+    """Parse and validate (exit 2 on a bad value).
+
+    Returns:
+        ``(config, losses)``; with ``return_all`` ``(config, losses, interpret)`` where ``interpret`` is
+        ``{"enabled": bool, "q": float}`` (``q`` from :func:`dissection_q` unless ``--dissection-q``).
+    """
     from training.losses import list_losses
     from training.models import list_models
     from training.train import TASKS
@@ -47,6 +86,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ClassifierRunConfig, 
     p.add_argument("--task", type=choice_of(TASKS, "task"), default="multilabel")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of the losses")
     p.add_argument("--experiment", default=EXPERIMENT)
+    p.add_argument("--dissection-q", type=_unit_fraction, default=None,
+                   help="top fraction per unit for dissection (default 0.01 DenseNet family, 0.04 others)")
+    p.add_argument("--no-interpret", action="store_true", help="skip the IoBB/IoR and dissection columns")
     a = p.parse_args(argv)
     data = Path(a.data).expanduser()
     if not data.is_file() and a.data != DEFAULT_DATA:
@@ -58,22 +100,127 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ClassifierRunConfig, 
     cfg = ClassifierRunConfig(data=str(data.resolve()) if data.is_file() else a.data, arch=a.arch, epochs=a.epochs,
                               image_size=a.image_size, seed=a.seed, batch_size=a.batch_size, task=a.task,
                               experiment=a.experiment)
+    if return_all:
+        q = a.dissection_q if a.dissection_q is not None else dissection_q(a.arch)
+        return cfg, losses, {"enabled": not a.no_interpret, "q": q}
     return cfg, losses
 
 
-def comparison_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Long table (loss, class) -> auroc, ap, mean_prob, prevalence, n_pos, plus a ``mean`` row per loss."""
+def comparison_table(tables: dict[str, pd.DataFrame],
+                     interpret: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Long table (loss, class) -> auroc, ap, mean_prob, prevalence, n_pos, plus a ``mean`` row per loss.
+
+    Args:
+        tables: per loss the per-class classification table (indexed by class).
+        interpret: optional per loss a table indexed by class with :data:`INTERPRET_COLUMNS` (see
+            :func:`interpret_table`); its columns are appended. The ``mean`` row averages classes
+            (NaN-skipping; ``n_pos`` and ``n_boxed`` are summed).
+    """
+    cols = list(BASE_COLUMNS) + (list(INTERPRET_COLUMNS) if interpret is not None else [])
     rows = []
     for loss, table in tables.items():
-        t = table[["auroc", "ap", "mean_prob", "prevalence", "n_pos"]].copy()
+        t = table[list(BASE_COLUMNS)].copy()
+        if interpret is not None:
+            extra = interpret.get(loss)
+            if extra is None:
+                extra = pd.DataFrame(index=t.index, columns=list(INTERPRET_COLUMNS), dtype=float)
+            t = t.join(extra[list(INTERPRET_COLUMNS)], how="left")
+            t["n_boxed"] = t["n_boxed"].fillna(0).astype(int)
         t.insert(0, "loss", loss)
         t = t.reset_index()
-        mean = {"loss": loss, "class": "mean", "auroc": np.nanmean(t["auroc"]) if t["auroc"].notna().any() else np.nan,
-                "ap": np.nanmean(t["ap"]) if t["ap"].notna().any() else np.nan,
-                "mean_prob": float(t["mean_prob"].mean()), "prevalence": float(t["prevalence"].mean()),
-                "n_pos": int(t["n_pos"].sum())}
+        mean: dict[str, Any] = {"loss": loss, "class": "mean"}
+        for c in cols:
+            if c in ("n_pos", "n_boxed"):
+                mean[c] = int(t[c].sum())
+            else:
+                v = t[c].astype(float)
+                mean[c] = float(np.nanmean(v)) if v.notna().any() else np.nan
         rows.append(pd.concat([t, pd.DataFrame([mean])], ignore_index=True))
-    return pd.concat(rows, ignore_index=True)[["loss", "class", "auroc", "ap", "mean_prob", "prevalence", "n_pos"]]
+    return pd.concat(rows, ignore_index=True)[["loss", "class"] + cols]
+
+
+def boxed_subset(manifest: Path, split: str, image_size: int):
+    """The images of ``split`` with at least one box, as ``(ManifestDataset, indices)``."""
+    from training.data.dataset import ManifestDataset
+
+    ds = ManifestDataset(manifest, image_size=image_size, split=split)
+    idx = [i for i, labs in enumerate(ds.box_label_arrays) if len(labs)]
+    return ds, idx
+
+
+def interpret_table(model, dataset, indices: Sequence[int], q: float, batch_size: int = 32,
+                    progress: bool = True) -> tuple[pd.DataFrame, dict[str, float]]:
+    """CAM localisation and dissection counts of ``model`` on the boxed images ``indices`` of ``dataset``.
+
+    Args:
+        model: a trained ``CXRClassifier`` (``class_names``, ``feature_layer``, linear ``head``).
+        dataset: a ``ManifestDataset`` (items with ``image``, ``boxes``, ``box_labels``).
+        indices: images to use (those with boxes).
+        q: dissection top fraction per unit.
+        batch_size: images per batch.
+        progress: tqdm bars.
+
+    Returns:
+        ``(table, overall)``: ``table`` indexed by the dataset's classes with :data:`INTERPRET_COLUMNS`
+        (NaN where a class has no boxed image), ``overall`` the dissection figures over the union of
+        all boxes (``n_images``, ``disjoint``, ``unique``, ``units_detecting``).
+
+    Raises:
+        ValueError: no indices.
+    """
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from interpret.attention import get_method
+    from interpret.dissection import dissect
+    from interpret.localization import masks_from_boxes, soft_scores
+    from training.data.dataset import collate
+
+    if not len(indices):
+        raise ValueError("interpret_table needs at least one image with boxes")
+    data_classes = [str(c) for c in dataset.classes]
+    model_classes = [str(c) for c in model.class_names]
+    pos = {c: i for i, c in enumerate(model_classes)}
+    to_model = np.array([pos.get(c, -1) for c in data_classes], dtype=np.int64)
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    K = len(model_classes)
+    sums = {k: np.zeros(K) for k in ("iobb", "ior")}
+    counts = np.zeros(K, dtype=np.int64)
+    cam = get_method("cam", model, relu=False)        # raw CAM, min-max normalised (no all-zero maps)
+    for batch in tqdm(loader, desc="CAM localisation", disable=not progress):
+        images = batch["image"].float()
+        B, S = images.shape[0], images.shape[-1]
+        targets = torch.arange(K).expand(B, K)                                     # every class at once
+        maps = cam(images, targets).float().numpy()                                # (B, K, S, S)
+        labs = [to_model[np.asarray(b, np.int64).reshape(-1)] for b in batch["box_labels"]]
+        masks = masks_from_boxes([np.asarray(b) for b in batch["boxes"]], labs, targets.numpy(), S)
+        has = masks.reshape(B, K, -1).any(-1)                                      # (B, K) boxed pairs
+        sc = soft_scores(maps, masks)
+        for k in sums:
+            sums[k] += np.where(has, np.nan_to_num(sc[k]), 0.0).sum(0)
+        counts += has.sum(0)
+    res = dissect(model, loader, classes=data_classes, q=q, progress=progress)
+    pc = res.per_class
+    rows = []
+    for j, name in enumerate(data_classes):
+        m = to_model[j]
+        n = int(counts[m]) if m >= 0 else 0
+        rows.append({"class": name, "n_boxed": n,
+                     "iobb": sums["iobb"][m] / n if n else np.nan,
+                     "ior": sums["ior"][m] / n if n else np.nan,
+                     "disjoint": float(pc.loc[name, "disjoint"]), "unique": float(pc.loc[name, "unique"])})
+    overall = {k: float(res.overall[k]) for k in ("n_images", "disjoint", "unique", "units_detecting")}
+    return pd.DataFrame(rows).set_index("class")[list(INTERPRET_COLUMNS)], overall
+
+
+def dissection_table(overall: dict[str, dict[str, float]], q: float) -> pd.DataFrame:
+    """Table 2 shape: one row per loss with the overall dissection figures (``loss, q, n_images,
+    disjoint, unique, units_detecting``)."""
+    rows = [{"loss": loss, "q": q, **o} for loss, o in overall.items()]
+    cols = ["loss", "q", "n_images", "disjoint", "unique", "units_detecting"]
+    t = pd.DataFrame(rows, columns=cols)
+    t[["n_images", "units_detecting"]] = t[["n_images", "units_detecting"]].astype(int)
+    return t
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
@@ -82,16 +229,25 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, losses = parse_args(argv)
+    cfg, losses, interp = parse_args(argv, return_all=True)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, False, True)
     split = "test" if test_ds is not None else "val"
     tables: dict[str, pd.DataFrame] = {}
+    interp_tables: dict[str, pd.DataFrame] = {}
+    overall: dict[str, dict[str, float]] = {}
+    probe, probe_idx = (boxed_subset(manifest, split, cfg.image_size) if interp["enabled"] else (None, []))
+    if interp["enabled"] and cfg.task != "multilabel":
+        log.warning("interpret columns need per-class outputs; task %r has none, so they are skipped", cfg.task)
+    elif interp["enabled"] and not probe_idx:
+        log.warning("no image of the %s split has boxes: interpret columns are skipped", split)
+    do_interp = interp["enabled"] and cfg.task == "multilabel" and bool(probe_idx)
     with start_run(cfg.experiment, run_name=f"imbalance_study-{cfg.arch}") as parent, \
             tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         log_resolved_config({**{k: v for k, v in vars(cfg).items() if k not in ("loss", "registered_name", "pretrained")},
-                    "losses": losses, "compared_on": split})
+                    "losses": losses, "compared_on": split, "interpret": do_interp,
+                    "dissection_q": interp["q"], "n_boxed_images": len(probe_idx)})
         mlflow.set_tags({"manifest": str(manifest), "study": "imbalance", "classes": ",".join(classes)})
         class_distribution({"train": train_ds, "val": val_ds, "test": test_ds}, classes).to_csv(
             tmp / "class_distribution.csv", index=False)
@@ -105,10 +261,27 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                 log_config(run_cfg)
                 mlflow.set_tags({"parent_study": parent.info.run_id, "loss": loss})
                 result, test_table, _, _ = train_one(run_cfg, train_ds, val_ds, test_ds, classes, sub)
+                if do_interp:
+                    it, ov = interpret_table(result.model.cpu().eval(), probe, probe_idx, interp["q"],
+                                             2 * cfg.batch_size)
+                    interp_tables[loss], overall[loss] = it, ov
+                    mlflow.log_metrics(finite_metrics({f"interp_{col}.{cls}": row[col] for cls, row in it.iterrows()
+                                                       for col in INTERPRET_COLUMNS[1:]}))
+                    mlflow.log_metrics(finite_metrics({f"interp_{col}_mean": it[col].mean(skipna=True)
+                                                       for col in INTERPRET_COLUMNS[1:]}))
+                    mlflow.log_metrics(finite_metrics({f"dissection_{k}": v for k, v in ov.items()}))
             tables[loss] = test_table if test_table is not None else result.val_table
             means = tables[loss][["auroc", "ap", "mean_prob"]].mean(skipna=True)
             mlflow.log_metrics(finite_metrics({f"{loss}.{k}_mean": v for k, v in means.items()}))
-        table = comparison_table(tables)
+        table = comparison_table(tables, interp_tables if do_interp else None)
+        if do_interp:
+            diss = dissection_table(overall, interp["q"])
+            diss.to_csv(tmp / "imbalance_dissection.csv", index=False)
+            (tmp / "imbalance_dissection.html").write_text(
+                f"<h2>Dissection of {cfg.arch} ({split} split, {len(probe_idx)} boxed images, q = {interp['q']})</h2>"
+                + diss.to_html(index=False, float_format="%.4f"))
+            mlflow.log_artifact(str(tmp / "imbalance_dissection.csv"), "comparison")
+            mlflow.log_artifact(str(tmp / "imbalance_dissection.html"), "comparison")
         table.to_csv(tmp / "imbalance_comparison.csv", index=False)
         (tmp / "imbalance_comparison.html").write_text(
             f"<h2>Imbalance study: {cfg.arch} on {manifest.name} ({split} split, seed {cfg.seed})</h2>"

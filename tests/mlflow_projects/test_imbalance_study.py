@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlflow_projects.imbalance_study import comparison_table, parse_args
+from mlflow_projects.imbalance_study import (INTERPRET_COLUMNS, comparison_table, dissection_q, dissection_table,
+                                             parse_args)
 
 
 def test_comparison_table_has_a_mean_row_per_loss():
@@ -16,6 +17,32 @@ def test_comparison_table_has_a_mean_row_per_loss():
     means = table[table["class"] == "mean"].set_index("loss")
     assert means.loc["bce", "auroc"] == pytest.approx(0.8) and means.loc["focal", "auroc"] == pytest.approx(0.6)
     assert means.loc["bce", "mean_prob"] == pytest.approx(0.3)
+
+
+def test_comparison_table_appends_interpret_columns():
+    t = pd.DataFrame({"n_pos": [2, 1], "auroc": [0.8, 0.7], "ap": [0.5, 0.4], "mean_prob": [0.2, 0.4],
+                      "prevalence": [0.1, 0.05]}, index=pd.Index(["A", "B"], name="class"))
+    it = pd.DataFrame({"n_boxed": [3, 0], "iobb": [0.6, np.nan], "ior": [0.2, np.nan], "disjoint": [4.0, np.nan],
+                       "unique": [2.0, np.nan]}, index=pd.Index(["A", "B"], name="class"))
+    table = comparison_table({"bce": t, "wbce": t}, {"bce": it})
+    assert list(table.columns) == ["loss", "class", "auroc", "ap", "mean_prob", "prevalence", "n_pos",
+                                   *INTERPRET_COLUMNS]
+    means = table[table["class"] == "mean"].set_index("loss")
+    assert means.loc["bce", "iobb"] == pytest.approx(0.6) and means.loc["bce", "n_boxed"] == 3
+    assert np.isnan(means.loc["wbce", "iobb"]) and means.loc["wbce", "n_boxed"] == 0   # no interpret table
+    d = dissection_table({"bce": {"n_images": 3, "disjoint": 4.0, "unique": 2.0, "units_detecting": 5}}, 0.04)
+    assert list(d.columns) == ["loss", "q", "n_images", "disjoint", "unique", "units_detecting"]
+
+
+def test_dissection_q_by_arch(tmp_path):
+    assert dissection_q("t_densenet") == 0.01 and dissection_q("resnet50") == 0.04
+    m = tmp_path / "m.parquet"
+    m.write_bytes(b"")
+    assert parse_args(["--data", str(m), "--arch", "t_densenet"], return_all=True)[2] == {"enabled": True, "q": 0.01}
+    assert parse_args(["--data", str(m), "--dissection-q", "0.1", "--no-interpret"], return_all=True)[2] == {
+        "enabled": False, "q": 0.1}
+    with pytest.raises(SystemExit):
+        parse_args(["--data", str(m), "--dissection-q", "1.5"])
 
 
 def test_bad_parameters(capsys, tmp_path):
@@ -49,6 +76,15 @@ def test_study_logs_parent_with_four_children_and_comparison(tiny_phantom, tmp_p
     # same data and seed: every loss sees the same class prevalences
     prev = table[table["class"] != "mean"].pivot(index="class", columns="loss", values="prevalence")
     assert (prev.nunique(axis=1) == 1).all()
+    # interpret columns (Table 1 shape): soft IoBB / IoR in [0, 1], Disjoint >= Unique >= 0
+    assert set(INTERPRET_COLUMNS) <= set(table.columns)
+    boxed = table[(table["class"] != "mean") & (table["n_boxed"] > 0)]
+    assert len(boxed) >= 4 and boxed[["iobb", "ior", "disjoint", "unique"]].notna().all().all()
+    assert boxed["iobb"].between(0, 1).all() and boxed["ior"].between(0, 1).all()
+    assert (boxed["unique"] >= 0).all() and (boxed["disjoint"] >= boxed["unique"] - 1e-12).all()
+    assert table.loc[table["n_boxed"] == 0, ["iobb", "ior"]].isna().all().all()
+    # same boxed images for every loss
+    assert table[table["class"] != "mean"].pivot(index="class", columns="loss", values="n_boxed").nunique(axis=1).eq(1).all()
 
     client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
     exp = client.get_experiment_by_name("imbalance-test")
@@ -59,7 +95,18 @@ def test_study_logs_parent_with_four_children_and_comparison(tiny_phantom, tmp_p
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.params["loss"] for c in children} == {"bce", "wbce", "focal", "cb_focal"}
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")}
-    assert arts == {"comparison/imbalance_comparison.csv", "comparison/imbalance_comparison.html"}
+    assert arts == {"comparison/imbalance_comparison.csv", "comparison/imbalance_comparison.html",
+                    "comparison/imbalance_dissection.csv", "comparison/imbalance_dissection.html"}
     local = client.download_artifacts(parents[0].info.run_id, "comparison/imbalance_comparison.csv", str(tmp_path))
     logged = pd.read_csv(local)
     assert len(logged) == len(table) and set(logged["loss"]) == {"bce", "wbce", "focal", "cb_focal"}
+    assert set(INTERPRET_COLUMNS) <= set(logged.columns)
+    local = client.download_artifacts(parents[0].info.run_id, "comparison/imbalance_dissection.csv", str(tmp_path))
+    diss = pd.read_csv(local)
+    assert sorted(diss["loss"]) == ["bce", "cb_focal", "focal", "wbce"] and (diss["q"] == 0.04).all()
+    assert (diss["n_images"] > 0).all() and (diss["disjoint"] >= diss["unique"]).all() and (diss["unique"] >= 0).all()
+    print("\nTABLE1\n" + table[table["class"] == "mean"].to_string() + "\nTABLE2\n" + diss.to_string())
+    for c in children:
+        m = c.data.metrics
+        assert "interp_iobb_mean" in m and 0 <= m["interp_iobb_mean"] <= 1 and "dissection_disjoint" in m
+        assert m["dissection_disjoint"] >= m["dissection_unique"] >= 0
