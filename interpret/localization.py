@@ -9,7 +9,12 @@ boxes, rasterised end-exclusive: pixel ``(i, j)`` is inside a box ``x0, y0, x1, 
 - soft IoU ``sum(A M) / sum(A + M - A M)`` (= sum(min) / sum(max) for binary M) and soft Dice
   ``2 sum(A M) / (sum(A) + sum(M))``;
 - the hard variants of all four with ``A >= threshold``;
-- pointing game: the map's maximum (first in raster order) falls inside M;
+- pointing game (Zhang et al., 2018): the map's maximum falls inside M, or within ``tolerance``
+  pixels of it (their protocol: 15 px at 224 px). A maximum reached on several pixels (a plateau:
+  bilinear upsampling of a coarse map clamps its border cells into flat bands and corners) scores
+  the fraction of those pixels that hit, i.e. the expected hit under uniform random tie-breaking,
+  so a constant map scores the (dilated) mask's area share, the chance level; taking the first
+  pixel in raster order instead would always point at a plateau's top-left corner;
 - Max Dice (DWARF): the best mean hard Dice over a threshold sweep, over images with a non-empty
   mask, and the threshold achieving it.
 
@@ -32,6 +37,7 @@ import pandas as pd
 import torch
 
 __all__ = ["boxes_to_mask", "masks_from_boxes", "soft_scores", "hard_scores", "pointing_game",
+           "pointing_tolerance", "dilate_masks",
            "max_dice", "localization_table", "class_summary", "random_map_baseline",
            "DEFAULT_THRESHOLDS"]
 
@@ -142,21 +148,66 @@ def hard_scores(maps, masks, threshold: float = 0.5) -> dict[str, np.ndarray]:
     return _scores((A >= threshold).astype(np.float32), M)
 
 
-def pointing_game(maps, masks) -> np.ndarray:
-    """Whether each map's maximum (first in raster order) lies inside the mask.
+def pointing_game(maps, masks, tolerance: float = 0.0, tie_rtol: float = 1e-6) -> np.ndarray:
+    """Pointing-game hit of each map: does its maximum fall inside the mask (or within ``tolerance``)?
 
     Args:
         maps: (..., H, W).
         masks: (..., H, W) binary.
+        tolerance: a maximum within this Euclidean distance (pixels) of a mask pixel is a hit; 0 is the
+            strict game, Zhang et al.'s protocol uses 15 px at 224 px (see :func:`pointing_tolerance`).
+        tie_rtol: pixels within ``tie_rtol * (max - min)`` of the maximum count as tied maxima.
 
     Returns:
-        (...,) float: 1 hit, 0 miss, NaN where the mask is empty.
+        (...,) float in [0, 1]: the fraction of the tied maxima that hit (1 or 0 for a unique maximum),
+        NaN where the mask is empty.
+
+    Raises:
+        ValueError: shapes differ, or a negative ``tolerance`` / ``tie_rtol``.
+
+    Example:
+        >>> A = np.zeros((4, 4)); A[:, :2] = 1.0           # plateau: the left half
+        >>> M = np.zeros((4, 4)); M[:2, :] = 1              # mask: the top half
+        >>> float(pointing_game(A, M))                       # 4 of the 8 tied maxima hit
+        0.5
     """
+    if tolerance < 0 or tie_rtol < 0:
+        raise ValueError(f"tolerance and tie_rtol must be >= 0, got {tolerance!r} and {tie_rtol!r}")
     A, M = _check_pair(maps, masks)
-    flatA, flatM = A.reshape(*A.shape[:-2], -1), M.reshape(*M.shape[:-2], -1)
-    idx = flatA.argmax(-1)
-    hit = np.take_along_axis(flatM, idx[..., None], -1)[..., 0]
-    return np.where(flatM.any(-1), hit, np.nan)
+    A = A.astype(np.float64, copy=False)
+    M = dilate_masks(M, tolerance) if tolerance > 0 else M > 0.5
+    hi = A.max(axis=(-2, -1), keepdims=True)
+    lo = A.min(axis=(-2, -1), keepdims=True)
+    tied = A >= hi - tie_rtol * (hi - lo)                                   # (..., H, W) argmax set
+    hits = (tied & M).sum((-2, -1)) / tied.sum((-2, -1))
+    return np.where(M.any((-2, -1)), hits, np.nan)
+
+
+def pointing_tolerance(image_size: int, reference_px: float = 15.0, reference_size: int = 224) -> float:
+    """Zhang et al.'s pointing-game tolerance (15 px at 224 px) scaled to ``image_size`` pixels."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size!r}")
+    return float(reference_px) * image_size / reference_size
+
+
+def dilate_masks(masks, radius: float) -> np.ndarray:
+    """Masks (..., H, W) grown by a disc of ``radius`` pixels (Euclidean, centre to centre).
+
+    A pixel is set when some mask pixel lies within ``radius`` of it; leading axes are independent.
+    """
+    from scipy.ndimage import binary_dilation
+
+    M = np.asarray(masks).astype(bool)
+    if M.ndim < 2:
+        raise ValueError(f"masks must be (..., H, W), got shape {M.shape}")
+    r = int(np.floor(radius))
+    if r < 1:
+        return M
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (yy ** 2 + xx ** 2) <= radius ** 2
+    flat = M.reshape(-1, *M.shape[-2:])
+    out = binary_dilation(flat, structure=disc[None])
+    return out.reshape(M.shape)
 
 
 def max_dice(maps, masks, thresholds: Sequence[float] | None = None
@@ -197,8 +248,8 @@ def max_dice(maps, masks, thresholds: Sequence[float] | None = None
 
 
 def localization_table(maps, masks, targets, class_names: Sequence[str] | None = None,
-                       image_ids: Sequence[str] | None = None, threshold: float = 0.5
-                       ) -> pd.DataFrame:
+                       image_ids: Sequence[str] | None = None, threshold: float = 0.5,
+                       pointing_tolerance: float = 0.0) -> pd.DataFrame:
     """One row per (image, requested class) with soft, hard and pointing-game scores.
 
     Args:
@@ -208,10 +259,13 @@ def localization_table(maps, masks, targets, class_names: Sequence[str] | None =
         class_names: names indexed by class; default the index as a string.
         image_ids: N ids; default ``"0"``, ``"1"``, ...
         threshold: threshold of the hard variants.
+        pointing_tolerance: tolerance (pixels) of the pointing game (see :func:`pointing_game`).
 
     Returns:
         DataFrame with columns ``image_id, class, has_mask, iobb, ior, iou, dice, hard_iobb,
-        hard_ior, hard_iou, hard_dice, pointing``.
+        hard_ior, hard_iou, hard_dice, pointing, pointing_chance`` (``pointing_chance``: the hit
+        expected of a map that points anywhere at random, the share of the image within the tolerance
+        of the mask).
     """
     A, M = _check_pair(maps, masks)
     if A.ndim != 4:
@@ -232,18 +286,20 @@ def localization_table(maps, masks, targets, class_names: Sequence[str] | None =
         "has_mask": M.reshape(N, T, -1).any(-1).reshape(-1),
         **{k: v.reshape(-1) for k, v in soft.items()},
         **{f"hard_{k}": v.reshape(-1) for k, v in hard.items()},
-        "pointing": pointing_game(A, M).reshape(-1),
+        "pointing": pointing_game(A, M, pointing_tolerance).reshape(-1),
+        "pointing_chance": pointing_game(np.zeros_like(A), M, pointing_tolerance).reshape(-1),
     })
     return df
 
 
 def class_summary(maps, masks, targets, class_names: Sequence[str] | None = None,
-                  threshold: float = 0.5, thresholds: Sequence[float] | None = None
-                  ) -> pd.DataFrame:
+                  threshold: float = 0.5, thresholds: Sequence[float] | None = None,
+                  pointing_tolerance: float = 0.0) -> pd.DataFrame:
     """Per-class means over images whose mask of that class is non-empty, plus Max Dice.
 
     Args:
-        maps, masks, targets, class_names, threshold: as :func:`localization_table`.
+        maps, masks, targets, class_names, threshold, pointing_tolerance: as
+            :func:`localization_table`.
         thresholds: Max Dice sweep (default 0.05 ... 0.95).
 
     Returns:
@@ -251,11 +307,11 @@ def class_summary(maps, masks, targets, class_names: Sequence[str] | None = None
         :func:`localization_table`, ``max_dice`` and ``max_dice_threshold``; a final row ``"all"``
         pools every (image, class) pair.
     """
-    table = localization_table(maps, masks, targets, class_names, None, threshold)
+    table = localization_table(maps, masks, targets, class_names, None, threshold, pointing_tolerance)
     A, M = _check_pair(maps, masks)
     flatA, flatM = A.reshape(-1, *A.shape[-2:]), M.reshape(-1, *M.shape[-2:])
     cols = ["iobb", "ior", "iou", "dice", "hard_iobb", "hard_ior", "hard_iou", "hard_dice",
-            "pointing"]
+            "pointing", "pointing_chance"]
     rows = []
     groups = list(dict.fromkeys(table["class"]))
     for name in groups + ["all"]:

@@ -97,6 +97,7 @@ class AuditConfig:
     image_size: int = 0  # 0 = the model's input size
     batch_size: int = 32
     attention: str = "cam"  # attention-map method for localisation and shortcuts
+    pointing_tolerance: float | None = None  # px; None = Zhang et al.'s 15 px at 224 px, scaled to the probe
     penultimate_layer: str = ""  # default: the block before the feature layer
     dissection_quantile: float = 0.0  # 0 = by architecture (0.01 DenseNet family, 0.04 otherwise)
     alpha: float = 0.93  # MAMMI adaptive threshold
@@ -392,8 +393,10 @@ def _map_params(method: str) -> dict:
     return {"relu": False} if method in ("cam", "gradcam", "gradcampp") else {}
 
 
-def attention_pass(model, probe: Probe, method: str, batch_size: int) -> AttentionPass:
-    """Maps for every class on every probing image (batched); localisation rows and shortcut shares."""
+def attention_pass(model, probe: Probe, method: str, batch_size: int, pointing_tolerance: float = 0.0
+                   ) -> AttentionPass:
+    """Maps for every class on every probing image (batched); localisation rows (pointing game within
+    ``pointing_tolerance`` pixels) and shortcut shares."""
     import pandas as pd
     import torch
     from tqdm.auto import tqdm
@@ -418,7 +421,7 @@ def attention_pass(model, probe: Probe, method: str, batch_size: int) -> Attenti
             masks = masks_from_boxes([probe.boxes[i] for i in idx], [probe.box_labels[i] for i in idx],
                                      targets[boxed], s)
             t = localization_table(maps[boxed], masks, targets[boxed], probe.classes,
-                                   [probe.image_ids[i] for i in idx])
+                                   [probe.image_ids[i] for i in idx], pointing_tolerance=pointing_tolerance)
             tables.append(t[t["has_mask"]].drop(columns="has_mask"))
     loc = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return AttentionPass(loc, outside, on_marker, markers)
@@ -432,7 +435,9 @@ def localization_summary(loc, classes: Sequence[str]) -> list[dict]:
             continue
         rows.append({"class": cls, "n_images": int(part["image_id"].nunique()),
                      "iobb": _finite(part["iobb"].mean()), "ior": _finite(part["ior"].mean()),
-                     "pointing": _finite(part["pointing"].mean())})
+                     "pointing": _finite(part["pointing"].mean()),
+                     "pointing_chance": _finite(part["pointing_chance"].mean())
+                     if "pointing_chance" in part else None})
     return rows
 
 
@@ -548,7 +553,7 @@ def flat_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     for key in ("auroc", "ap", "f1", "mcc"):
         m[f"{key}_mean"] = _nanmean(r.get(key) for r in perf)
     loc = summary.get("localization", {}).get("per_class", [])
-    for key in ("iobb", "ior", "pointing"):
+    for key in ("iobb", "ior", "pointing", "pointing_chance"):
         m[f"{key}_mean"] = _nanmean(r.get(key) for r in loc)
     dis = summary.get("dissection", {}).get("per_class", [])
     for key in ("disjoint", "unique"):
@@ -581,6 +586,8 @@ def reproduce_command(cfg: AuditConfig, model_uri: str) -> str:
         args += ["--reports", cfg.reports]
     if cfg.image_size:
         args += ["--image-size", str(cfg.image_size)]
+    if cfg.pointing_tolerance is not None:
+        args += ["--pointing-tolerance", str(cfg.pointing_tolerance)]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -669,10 +676,13 @@ def compute_audit(cfg: AuditConfig) -> Path:
     steps.update()
 
     steps.set_postfix_str("attention")
-    ap = attention_pass(model, probe, cfg.attention, cfg.batch_size)
+    from interpret.localization import pointing_tolerance
+
+    tol = pointing_tolerance(probe.size) if cfg.pointing_tolerance is None else float(cfg.pointing_tolerance)
+    ap = attention_pass(model, probe, cfg.attention, cfg.batch_size, tol)
     loc_rows = localization_summary(ap.localization, probe.classes)
     summary["localization"] = {"method": cfg.attention, "per_class": loc_rows,
-                               "n_pairs": int(len(ap.localization))}
+                               "n_pairs": int(len(ap.localization)), "pointing_tolerance_px": tol}
     if len(ap.localization):
         ap.localization.to_parquet(art / "localization.parquet", index=False)
         gallery = save_gallery(model, probe, ap.localization, cfg.attention, art / "heatmaps", cfg.gallery_n)
@@ -681,7 +691,7 @@ def compute_audit(cfg: AuditConfig) -> Path:
     else:
         import pandas as pd
 
-        pd.DataFrame(columns=["image_id", "class", "iobb", "ior", "pointing"]).to_parquet(
+        pd.DataFrame(columns=["image_id", "class", "iobb", "ior", "pointing", "pointing_chance"]).to_parquet(
             art / "localization.parquet", index=False)
         sections.skip("localization", "no probing image has boxes of the model's classes")
     steps.update()
@@ -848,7 +858,7 @@ def publish_audit(folder: str | Path) -> str:
 
 # ---- entry point -----------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str]:
-    from mlflow_projects.common import choice_of, nonneg_int, positive_int, unit_float
+    from mlflow_projects.common import choice_of, nonneg_float, nonneg_int, positive_int, unit_float
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resume", default="", metavar="FOLDER",
@@ -864,6 +874,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str]:
     p.add_argument("--image-size", type=nonneg_int, default=0, help="0 = the model's input size")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--attention", type=choice_of(ATTENTION_METHODS, "attention method"), default="cam")
+    p.add_argument("--pointing-tolerance", type=nonneg_float, default=None, metavar="PX",
+                   help="pointing-game tolerance in probe pixels (default: 15 px at 224 px, scaled)")
     p.add_argument("--penultimate-layer", default="")
     p.add_argument("--dissection-quantile", type=unit_float, default=0.0, help="0 = by architecture")
     p.add_argument("--alpha", type=unit_float, default=0.93)

@@ -190,13 +190,20 @@ def _performance(s: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def _tol(loc: Mapping[str, Any]) -> str:
+    tol = loc.get("pointing_tolerance_px")
+    return "0" if tol is None else f"{float(tol):.1f}"
+
+
 def _localization(s: Mapping[str, Any], folder: Path) -> str:
     loc = s.get("localization", {})
     out = ["<h2>Localisation: does the model look at the finding?</h2>",
            f"<p>Attention maps ({_e(loc.get('method', 'cam'))}, min-max normalised) against the annotated boxes. "
            "Soft IoBB = share of the box covered by attention (sum(A&middot;M)/sum(M)); soft IoR = share of the "
            "attention inside the box (sum(A&middot;M)/sum(A)); pointing game = the map's maximum falls in a "
-           "box.</p>"]
+           f"box or within {_e(_tol(loc))} px of it (Zhang et al.: 15 px at 224 px, scaled; a maximum "
+           "reached on several pixels scores the share of them that hit); pointing chance = the hit rate "
+           "of a map pointing anywhere at random, the bar the pointing game should clear.</p>"]
     skipped = _skipped(s, "localization")
     if skipped:
         return "".join(out) + skipped
@@ -205,7 +212,8 @@ def _localization(s: Mapping[str, Any], folder: Path) -> str:
     if rows:
         png = bar_chart_png([r["class"] for r in rows], {"IoBB": [r.get("iobb") for r in rows],
                                                          "IoR": [r.get("ior") for r in rows],
-                                                         "pointing": [r.get("pointing") for r in rows]},
+                                                         "pointing": [r.get("pointing") for r in rows],
+                                                         "pointing chance": [r.get("pointing_chance") for r in rows]},
                             "Localisation per class")
         out.append(_img(png, "localisation per class"))
     gallery = sorted((folder / "heatmaps").glob("*.png")) if (folder / "heatmaps").is_dir() else []

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from interpret.localization import (boxes_to_mask, class_summary, hard_scores, localization_table,
-                                    masks_from_boxes, max_dice, pointing_game, random_map_baseline,
-                                    soft_scores)
+from interpret.localization import (boxes_to_mask, class_summary, dilate_masks, hard_scores,
+                                    localization_table, masks_from_boxes, max_dice, pointing_game,
+                                    pointing_tolerance, random_map_baseline, soft_scores)
 
 
 def test_boxes_rasterised_end_exclusive():
@@ -64,6 +64,59 @@ def test_empty_cases_and_pointing_game():
     np.testing.assert_array_equal(pointing_game(np.stack([A, B, A]),
                                                 np.stack([M, M, np.zeros_like(M)])),
                                   [1.0, 0.0, np.nan])
+
+
+def test_pointing_game_scores_plateaus_by_their_share_of_hits():
+    """A coarse map upsampled bilinearly (what CAM of a 3x3 feature map becomes) has flat corners and
+    edges; its maximum is a set of pixels, scored by the fraction inside the box."""
+    raw = torch.zeros(1, 1, 3, 3)
+    raw[0, 0, 2, 2] = 1.0                                   # evidence in the bottom-right cell
+    A = torch.nn.functional.interpolate(raw, size=(96, 96), mode="bilinear", align_corners=False)[0, 0].numpy()
+    tied = A >= A.max()
+    assert tied.sum() == 16 * 16 and tied[80:, 80:].all()  # the clamped corner: a 16 x 16 plateau
+    # a box over the bottom-right cell holds the whole plateau; one over its left half, half of it
+    assert pointing_game(A, boxes_to_mask([[64, 64, 96, 96]], 96)) == 1.0
+    assert pointing_game(A, boxes_to_mask([[64, 64, 88, 96]], 96)) == 0.5
+    # the first tied pixel in raster order (80, 80) would hit this box; the plateau mostly misses it
+    assert pointing_game(A, boxes_to_mask([[70, 70, 82, 82]], 96)) == pytest.approx(4 / 256)
+    # a constant map points anywhere: its score is the box's area share (the chance level)
+    M = boxes_to_mask([[0, 0, 48, 24]], 96)
+    assert pointing_game(np.full((96, 96), 0.3), M) == pytest.approx(M.mean())
+    # no raster-order bias: flipping map and mask together changes nothing
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        small = torch.from_numpy(rng.integers(0, 3, (1, 1, 3, 3)).astype(np.float32))
+        B = torch.nn.functional.interpolate(small, size=(24, 24), mode="nearest")[0, 0].numpy()
+        K = rng.random((24, 24)) < 0.2
+        for axes in ((0,), (1,), (0, 1)):
+            assert pointing_game(np.flip(B, axes), np.flip(K, axes)) == pytest.approx(pointing_game(B, K))
+
+
+def test_pointing_game_tolerance_is_a_euclidean_distance_to_the_mask():
+    A = np.zeros((20, 20))
+    A[10, 14] = 1.0                                          # maximum at row 10, column 14
+    M = boxes_to_mask([[2, 5, 11, 12]], 20)                 # columns 2..10: 4 px left of the maximum
+    assert [float(pointing_game(A, M, t)) for t in (0, 3.9, 4.0, 15)] == [0.0, 0.0, 1.0, 1.0]
+    A2 = np.zeros((20, 20))
+    A2[15, 14] = 1.0                                         # 4 right, 4 down from the corner (10, 11)
+    assert float(pointing_game(A2, M, 5.6)) == 0.0 and float(pointing_game(A2, M, 5.7)) == 1.0
+    # dilation == brute-force distance to the nearest mask pixel, batch items independent
+    rng = np.random.default_rng(1)
+    masks = rng.random((3, 2, 12, 12)) < 0.05
+    yy, xx = np.mgrid[:12, :12]
+    for r in (1.0, 2.5, 4.0):
+        got = dilate_masks(masks, r)
+        for idx in np.ndindex(3, 2):
+            pts = np.argwhere(masks[idx])
+            d = np.sqrt((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2).min(-1) \
+                if len(pts) else np.full((12, 12), np.inf)
+            np.testing.assert_array_equal(got[idx], d <= r)
+    assert pointing_tolerance(224) == 15.0 and pointing_tolerance(96) == pytest.approx(15 * 96 / 224)
+    with pytest.raises(ValueError, match="tolerance"):
+        pointing_game(A, M, -1)
+    # the chance column of the table is the dilated box's share of the image
+    t = localization_table(A[None, None], M[None, None], [[0]], pointing_tolerance=4.0)
+    assert t["pointing"][0] == 1.0 and t["pointing_chance"][0] == pytest.approx(dilate_masks(M, 4.0).mean())
 
 
 def test_max_dice_sweep_by_hand():

@@ -112,6 +112,11 @@ def test_audit_logs_every_artifact_and_tag_then_resume_after_outage(tmp_path, ti
         assert set(summary["sections"]) == {"performance", "localization", "dissection", "concepts", "importance",
                                             "shortcuts"}
         assert summary["model"]["version"] == version and summary["data"]["n_images"] == 24
+        # pointing game within Zhang et al.'s tolerance scaled to the probe, reported with its chance level
+        loc = summary["localization"]
+        assert loc["pointing_tolerance_px"] == pytest.approx(15 * summary["data"]["image_size"] / 224)
+        assert all(0 < r["pointing_chance"] <= 1 for r in loc["per_class"])
+        assert "pointing_chance_mean" in summary["metrics"]
         html = (tmp_path / "a1" / "audit" / "report.html").read_text()
         assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
 
