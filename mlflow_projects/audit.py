@@ -555,6 +555,10 @@ def flat_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     loc = summary.get("localization", {}).get("per_class", [])
     for key in ("iobb", "ior", "pointing", "pointing_chance"):
         m[f"{key}_mean"] = _nanmean(r.get(key) for r in loc)
+    # how far the pointing game clears a map pointing at random, averaged over classes
+    m["pointing_lift_mean"] = _nanmean(r["pointing"] - r["pointing_chance"] for r in loc
+                                       if _finite(r.get("pointing")) is not None
+                                       and _finite(r.get("pointing_chance")) is not None)
     dis = summary.get("dissection", {}).get("per_class", [])
     for key in ("disjoint", "unique"):
         m[f"{key}_mean"] = _nanmean(r.get(key) for r in dis)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 #: Figures shown side by side (summary "metrics" keys), in order.
-HEADLINE = ("auroc_mean", "ap_mean", "f1_mean", "mcc_mean", "iobb_mean", "ior_mean", "pointing_mean",
+HEADLINE = ("auroc_mean", "ap_mean", "f1_mean", "mcc_mean", "iobb_mean", "ior_mean", "pointing_mean", "pointing_lift_mean",
             "disjoint_mean", "unique_mean", "concept_coverage", "shortcut_class_fraction", "shortcut_warnings")
 
 

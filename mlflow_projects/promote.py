@@ -168,7 +168,8 @@ def short_summary(summary: Mapping[str, Any], results: Sequence[GateResult] | No
 
     lines = [f"Audit {verdict} ({sum(r.passed for r in results)}/{len(results)} gates); run "
              f"{summary.get('mlflow', {}).get('run_id') or 'not logged'}.",
-             f"AUROC {fmt('auroc_mean')}, IoBB {fmt('iobb_mean')}, pointing {fmt('pointing_mean')}, "
+             f"AUROC {fmt('auroc_mean')}, IoBB {fmt('iobb_mean')}, pointing {fmt('pointing_mean')} "
+             f"(chance {fmt('pointing_chance_mean')}), "
              f"concept coverage {fmt('concept_coverage')}, "
              f"{int(m.get('shortcut_warnings', 0) or 0)} shortcut warning(s)."]
     failed = [r.line() for r in results if not r.passed]

@@ -71,12 +71,17 @@ def test_shortcut_section_flags_class_attending_markers():
 def test_flat_metrics_and_related_terms():
     summary = {"performance": [{"class": "A", "auroc": 0.8, "ap": 0.5, "f1": None, "mcc": 0.1},
                                {"class": "B", "auroc": None, "ap": 0.3, "f1": 0.2, "mcc": 0.3}],
-               "localization": {"per_class": [{"class": "A", "iobb": 0.4, "ior": 0.2, "pointing": 1.0}]},
+               "localization": {"per_class": [
+                   {"class": "A", "iobb": 0.4, "ior": 0.2, "pointing": 1.0, "pointing_chance": 0.25},
+                   {"class": "B", "iobb": 0.6, "ior": 0.1, "pointing": 0.0, "pointing_chance": 0.15},
+                   {"class": "C", "iobb": None, "ior": None, "pointing": None, "pointing_chance": 0.1}]},
                "importance": {"concept_coverage": 0.5}, "shortcuts": {"per_class": [], "warnings": [],
                                                                       "class_fraction": 0.0}}
     m = audit.flat_metrics(summary)
     assert m["auroc_mean"] == pytest.approx(0.8) and m["ap_mean"] == pytest.approx(0.4)
-    assert m["iobb_mean"] == pytest.approx(0.4) and m["concept_coverage"] == 0.5
+    assert m["iobb_mean"] == pytest.approx(0.5) and m["concept_coverage"] == 0.5
+    # pointing lift: per class hit rate minus chance, then the mean (classes without a score left out)
+    assert m["pointing_mean"] == pytest.approx(0.5) and m["pointing_lift_mean"] == pytest.approx((0.75 - 0.15) / 2)
     assert "auroc.B" not in m and m["shortcut_class_fraction"] == 0.0
     assert audit.related("pleural effusion", "Effusion") and not audit.related("rib", "Effusion")
 
