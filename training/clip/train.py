@@ -1,9 +1,27 @@
 """Train a small CLIP from scratch on image-report pairs, and evaluate it (retrieval, zero-shot AUROC).
 
-The model is an open_clip model class (default the shipped ``cxr-tiny-vit``) trained with open_clip's
-symmetric contrastive :class:`open_clip.loss.ClipLoss` on the ``train`` split of a manifest (rows with a
-``report``); grey images are repeated to three channels by the bundle's preprocessing. Evaluation on the
-``val`` split:
+The model is an open_clip model class (default the shipped ``cxr-minilm-vit``: an open_clip ViT image
+tower trained from scratch and the offline all-MiniLM-L6-v2 as a locked, pretrained text tower, LiT-style)
+trained with a symmetric contrastive loss on the ``train`` split of a manifest (rows with a ``report``);
+grey images are repeated to three channels by the bundle's preprocessing.
+
+Why not a text tower from scratch: on a few hundred phantom pairs a from-scratch text transformer and
+ViT stay on the contrastive plateau (train loss ~ln(batch) for 10+ epochs: both towers start collapsed,
+cosines ~0.96 between random images, ~0.6 between reports); see the README's CLIP section for figures.
+What the loop does about it:
+
+* locked pretrained text tower (``lock_text``): its pooled features are computed once per distinct
+  text and only the projection is trained (no text encoder forward per step);
+* the text projection is initialised from the data (``whiten_text_init``): PCA whitening of the pooled
+  training-report features with their mean direction removed, so report embeddings start spread out
+  (mean cosine ~0) instead of collapsed;
+* identical texts in a batch are all positives of each other (:func:`multi_positive_clip_loss`), so
+  repeated sentences ("No pneumothorax.") do not make the contrastive target contradictory;
+* ``sentence_prob``: with that probability a pair's text is one random sentence of its report instead
+  of the whole report (short finding sentences are what zero-shot prompts look like);
+* ``augment``: small random affine and contrast jitter of the grey images.
+
+Evaluation on the ``val`` split:
 
 * retrieval recall@k, image -> text and text -> image: the fraction of pairs whose partner ranks in the
   top k of the cosine similarities among all val pairs (chance: k / N);
@@ -20,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -41,7 +60,7 @@ ZERO_SHOT_MODES = ("contrast", "similarity")
 class ClipTrainConfig:
     """Small-CLIP training configuration (logged as is by the MLflow glue)."""
 
-    model: str = "cxr-tiny-vit"  # load_clip spec; open_clip names are built for image_size
+    model: str = "cxr-minilm-vit"  # load_clip spec; open_clip names are built for image_size
     pretrained: str | None = None  # local checkpoint file to start from (None: from scratch)
     epochs: int = 5
     batch_size: int = 32  # pairs per contrastive batch (negatives = batch_size - 1)
@@ -56,6 +75,10 @@ class ClipTrainConfig:
     zero_shot: str = "contrast"  # contrast | similarity
     eval_every_epoch: bool = True
     classes: list[str] | None = None  # default: the dataset's classes (PHANTOM_CLASSES on the phantom)
+    lock_text: bool | None = None  # freeze the text encoder (not its projection); None: lock pretrained HF towers
+    whiten_text_init: bool = True  # data-dependent init of a locked HF tower's linear projection (PCA whitening)
+    sentence_prob: float = 0.0  # probability that a pair's text is one random sentence of its report
+    augment: bool = False  # random affine (+-7 deg, +-10 % scale, +-6 % shift) and contrast/brightness jitter
 
 
 @dataclass
@@ -231,6 +254,159 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(report: str) -> list[str]:
+    """Sentences of a report (split after ``.``/``!``/``?`` and at line breaks); the whole text if none.
+
+    Example:
+        >>> split_sentences("PA view.\\nNo effusion. A 3 cm mass in the left upper lobe.")
+        ['PA view.', 'No effusion.', 'A 3 cm mass in the left upper lobe.']
+    """
+    parts = [t.strip() for t in _SENTENCE_END.split(report) if t and t.strip()]
+    return parts or [report.strip()]
+
+
+def multi_positive_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                             keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric contrastive (InfoNCE) loss in which pairs with the same text key are all positives.
+
+    With all keys distinct (or ``keys=None``) this is open_clip's ``ClipLoss``: the mean of the image ->
+    text and text -> image cross-entropies with the diagonal as target (Radford et al. 2021). Identical
+    texts in one batch (e.g. the sentence "No pneumothorax." drawn for several images) would otherwise
+    be contradictory targets; here each row's target spreads uniformly over the columns that share its
+    key (the matrix is symmetric, so the same target serves both directions).
+
+    Args:
+        image_emb: (B, d) L2-normalised image embeddings.
+        text_emb: (B, d) L2-normalised text embeddings; row i pairs with image i.
+        logit_scale: scalar temperature (already exponentiated).
+        keys: (B,) int64 text identity per pair, or None.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: shapes that do not pair up.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must be equal (B, d)")
+    logits = logit_scale * image_emb @ text_emb.T  # (B, B) image x text
+    if keys is None:
+        target = torch.eye(len(logits), device=logits.device, dtype=logits.dtype)
+    else:
+        if keys.shape != (len(logits),):
+            raise ValueError(f"keys must have shape ({len(logits)},), got {tuple(keys.shape)}")
+        same = (keys[:, None] == keys[None, :]).to(logits.dtype)  # (B, B) symmetric
+        target = same / same.sum(1, keepdim=True)
+    loss_i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator, max_rotate_deg: float = 7.0,
+                   max_scale: float = 0.1, max_shift: float = 0.06, max_contrast: float = 0.15,
+                   max_brightness: float = 0.05) -> torch.Tensor:
+    """Random affine and intensity jitter of grey images in [0, 1] (one draw per image).
+
+    Args:
+        images: (B, C, H, W) in [0, 1].
+        generator: the random source (training stays seeded).
+        max_rotate_deg, max_scale, max_shift: rotation (degrees), relative zoom, shift (fraction of the side).
+        max_contrast, max_brightness: multiplicative contrast and additive brightness jitter.
+
+    Returns:
+        (B, C, H, W) in [0, 1]; border pixels are repeated where the image moves in.
+    """
+    b = images.shape[0]
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator) * 2 - 1  # U(-1, 1)
+
+    angle = uniform(b) * math.radians(max_rotate_deg)
+    scale = 1 + uniform(b) * max_scale
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = torch.cos(angle) / scale
+    theta[:, 0, 1] = -torch.sin(angle) / scale
+    theta[:, 1, 0] = torch.sin(angle) / scale
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, :, 2] = uniform(b, 2) * 2 * max_shift  # grid units span 2 per side
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    out = F.grid_sample(images.float(), grid, padding_mode="border", align_corners=False)
+    contrast = (1 + uniform(b, 1, 1, 1) * max_contrast).to(out)
+    brightness = (uniform(b, 1, 1, 1) * max_brightness).to(out)
+    return ((out - 0.5) * contrast + 0.5 + brightness).clamp(0, 1)
+
+
+def _hf_text_tower(model: torch.nn.Module) -> Any:
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    return text if isinstance(text, HFTextEncoder) else None
+
+
+@torch.no_grad()
+def pooled_text_features(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Pooled (not projected) features of a bundle's HF text tower, texts batched by length.
+
+    Args:
+        bundle: an open_clip bundle whose model has an HF text tower (``model.text``).
+        texts: M strings.
+        batch_size: encoding batch size.
+
+    Returns:
+        (M, W) pooled features (W the tower's width), in the order of ``texts``.
+
+    Raises:
+        ValueError: the model has no HF text tower.
+    """
+    tower = _hf_text_tower(bundle.model)
+    if tower is None:
+        raise ValueError(f"{type(bundle.model).__name__} has no HF text tower (model.text); valid: open_clip models "
+                         "whose text_cfg names hf_model_name (e.g. cxr-minilm-vit)")
+    was_training = tower.training
+    tower.eval()
+    device = bundle.device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+    out: torch.Tensor | None = None
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids = bundle.tokenizer([texts[i] for i in idx]).to(device)  # (b, L)
+            mask = (ids != tower.config.pad_token_id).long()
+            pooled = tower.pooler(tower.transformer(input_ids=ids, attention_mask=mask), mask)  # (b, W)
+            if out is None:
+                out = torch.zeros(len(texts), pooled.shape[1], device=device)
+            out[torch.as_tensor(idx, device=device)] = pooled.float()
+    finally:
+        tower.train(was_training)
+    return out if out is not None else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def whiten_projection_(proj: torch.nn.Linear, features: torch.Tensor) -> None:
+    """Initialise a bias-free linear text projection as PCA whitening of ``features`` (in place).
+
+    Rows are the top principal directions of the centred features, scaled by the inverse of their
+    standard deviations; the features' mean direction u is then projected out (``W <- W (I - u u^T)``),
+    so the shared component of all reports (cosine ~0.6 between MiniLM report features) maps to zero and
+    the projected embeddings start spread out. Rows beyond the features' rank keep their random init.
+
+    Args:
+        proj: ``nn.Linear(W, d, bias=False)``.
+        features: (N, W) pooled features of the training texts, N >= 2.
+    """
+    x = features.float().to(proj.weight.device)
+    mean = x.mean(0)
+    _, sv, vh = torch.linalg.svd(x - mean, full_matrices=False)  # vh (r, W) principal directions
+    k = min(proj.out_features, int((sv > sv[0] * 1e-6).sum()))
+    w = vh[:k] * (math.sqrt(len(x)) / sv[:k, None])  # (k, W): unit variance per output
+    u = mean / mean.norm().clamp_min(1e-12)
+    w = w - (w @ u)[:, None] * u[None, :]
+    proj.weight[:k] = w.to(proj.weight.dtype)
+
+
 def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = None,
                callback: Callable[[int, dict[str, float]], None] | None = None,
                device: str | torch.device = "cpu") -> ClipTrainResult:
@@ -253,8 +429,6 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
         >>> result = train_clip("outputs/phantom/manifest.parquet", ClipTrainConfig(epochs=1))  # doctest: +SKIP
         >>> result.metrics["i2t_recall_at_5"]  # doctest: +SKIP
     """
-    from open_clip.loss import ClipLoss
-
     cfg = config or ClipTrainConfig()
     for name in ("epochs", "batch_size", "image_size"):
         if int(getattr(cfg, name)) < 1:
@@ -263,6 +437,8 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
         raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {cfg.batch_size}")
     if cfg.zero_shot not in ZERO_SHOT_MODES:
         raise ValueError(f"unknown zero-shot mode {cfg.zero_shot!r}; valid: {', '.join(ZERO_SHOT_MODES)}")
+    if not 0.0 <= float(cfg.sentence_prob) <= 1.0:
+        raise ValueError(f"sentence_prob must be in [0, 1], got {cfg.sentence_prob!r}")
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -282,9 +458,39 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
     if n < 2:
         raise ValueError(f"need at least 2 train image-report pairs, got {n}")
     batch_size = min(cfg.batch_size, n)
-    tokens = bundle.tokenizer(train.reports)  # tokenised once: tensor or BatchEncoding
     model = bundle.model.to(device)
-    loss_fn = ClipLoss()
+
+    # texts: every distinct report (and sentence); a pair's text is an index into this list
+    texts: list[str] = []
+    text_id: dict[str, int] = {}
+
+    def _id(t: str) -> int:
+        if t not in text_id:
+            text_id[t] = len(texts)
+            texts.append(t)
+        return text_id[t]
+
+    report_ids = torch.tensor([_id(r) for r in train.reports])  # (n,)
+    sentence_ids = ([torch.tensor([_id(t) for t in split_sentences(r)]) for r in train.reports]
+                    if cfg.sentence_prob > 0 else [])
+
+    hf_tower = _hf_text_tower(model)
+    lock = cfg.lock_text if cfg.lock_text is not None else hf_tower is not None
+    if lock:
+        model.lock_text_tower(0, True)
+    cached = hf_tower is not None and not any(p.requires_grad for p in hf_tower.transformer.parameters())
+    if cached:  # the encoder is frozen: its pooled features once per distinct text, only the projection trains
+        features = pooled_text_features(bundle, texts)  # (T, W)
+        if cfg.whiten_text_init and cfg.pretrained is None and isinstance(hf_tower.proj, torch.nn.Linear) \
+                and hf_tower.proj.bias is None:
+            whiten_projection_(hf_tower.proj, features[report_ids])
+        tokens = None
+    else:
+        features = None
+        tokens = bundle.tokenizer(texts)  # tokenised once: tensor or BatchEncoding
+    log.info("clip training: %d pairs, %d distinct texts, text tower %s%s", n, len(texts),
+             "locked" if lock else "trained", " (cached features)" if cached else "")
+
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     steps_per_epoch = n // batch_size  # drop the ragged last batch: equal-size contrastive batches
     total = steps_per_epoch * cfg.epochs
@@ -302,11 +508,22 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
             lr = _lr_at(step, total, cfg.warmup_steps, cfg.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            pixels = bundle.preprocess(train.images[idx].to(device))  # (B, 3, S, S)
-            text = _select(tokens, idx, device)
+            keys = report_ids[idx].clone()  # (B,) text of each pair
+            if cfg.sentence_prob > 0:
+                use_sentence = torch.rand(len(idx), generator=gen) < cfg.sentence_prob
+                for j in use_sentence.nonzero().flatten().tolist():
+                    options = sentence_ids[int(idx[j])]
+                    keys[j] = options[int(torch.randint(len(options), (1,), generator=gen))]
+            images = train.images[idx]
+            if cfg.augment:
+                images = augment_images(images, gen)
+            pixels = bundle.preprocess(images.to(device))  # (B, 3, S, S)
             img = F.normalize(model.encode_image(pixels), dim=-1)  # (B, d)
-            txt = F.normalize(model.encode_text(text), dim=-1)  # (B, d)
-            loss = loss_fn(img, txt, model.logit_scale.exp())
+            if cached:
+                txt = F.normalize(hf_tower.proj(features[keys.to(features.device)]), dim=-1)  # (B, d)
+            else:
+                txt = F.normalize(model.encode_text(_select(tokens, keys, device)), dim=-1)  # (B, d)
+            loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), keys.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
