@@ -387,16 +387,37 @@ def test_train_clip_runs_seeded_and_reports(tiny_phantom, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not met yet: measured on 224 train / 48 val pairs after 8 epochs (lr 1e-3) and 9 epochs (lr 2e-3), "
-                   "val recall@5 0.06-0.17 (chance 0.10) and zero-shot AUROC mean 0.46-0.54 while the train loss "
-                   "fell 3.55 -> 2.79: the from-scratch CLIP memorises but does not generalise at this size")
+def test_train_clip_locked_minilm_cached_path_runs_seeded(tiny_phantom):
+    """cxr-minilm-vit: locked text tower (cached features), sentence sampling, augmentation; seeded."""
+    from training.clip.train import ClipTrainConfig, train_clip
+
+    cfg = ClipTrainConfig(model="cxr-minilm-vit", epochs=2, batch_size=8, image_size=32, seed=0, warmup_steps=2,
+                          sentence_prob=0.5, augment=True)
+    r1 = train_clip(tiny_phantom, cfg)
+    text = r1.bundle.model.text
+    assert not any(p.requires_grad for p in text.transformer.parameters())  # locked
+    assert all(p.requires_grad for p in text.proj.parameters()) and np.isfinite(r1.history[-1]["loss"])
+    assert {"i2t_recall_at_5", "zs_auroc_mean"} <= set(r1.metrics)
+    r2 = train_clip(tiny_phantom, cfg)
+    with torch.no_grad():
+        t = r1.bundle.tokenizer(["A chest x-ray image of a nodule"])
+        torch.testing.assert_close(r1.bundle.model.encode_text(t), r2.bundle.model.encode_text(t), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not met yet (measured, README 'CLIP on the phantom'): on a 1200-image phantom "
+                   "(840 train / 180 val pairs, 64 px) no DWARF-compatible set-up generalises: cxr-tiny-vit stays at "
+                   "loss ~ln(B); cxr-minilm-vit (locked MiniLM, whitened projection) fits the train pairs (loss 4.5 -> "
+                   "2.9 in 11 epochs) but val recall@5 0.02-0.04 (chance 0.028) and zero-shot AUROC 0.44-0.56. Only a "
+                   "conv stem in the ViT (not shipped: DWARF rebuilds plain ViT towers) reached val recall@5 0.10-0.14")
 def test_small_clip_learns_on_the_phantom(tmp_path):
     """A few epochs on a few hundred phantom pairs: retrieval and zero-shot AUROC above chance."""
     from training.clip.train import ClipTrainConfig, train_clip
     from training.data.phantom import generate_phantom
 
     manifest = generate_phantom(tmp_path / "ph", n=320, size=64, seed=0)
-    r = train_clip(manifest, ClipTrainConfig(epochs=8, batch_size=32, lr=1e-3, warmup_steps=5, seed=0))
+    r = train_clip(manifest, ClipTrainConfig(model="cxr-minilm-vit", epochs=8, batch_size=32, lr=1e-3, warmup_steps=5,
+                                             seed=0))
     n_val = r.n_val
     chance5 = 5 / n_val
     assert r.history[-1]["loss"] < r.history[0]["loss"]
