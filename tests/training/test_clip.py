@@ -408,7 +408,7 @@ def test_train_clip_locked_minilm_cached_path_runs_seeded(tiny_phantom):
 @pytest.mark.xfail(strict=False, reason="not met yet (measured, README 'CLIP on the phantom'): on a 1200-image phantom "
                    "(840 train / 180 val pairs, 64 px) no DWARF-compatible set-up generalises: cxr-tiny-vit stays at "
                    "loss ~ln(B); cxr-minilm-vit (locked MiniLM, whitened projection) fits the train pairs (loss 4.5 -> "
-                   "2.9 in 11 epochs) but val recall@5 0.02-0.04 (chance 0.028) and zero-shot AUROC 0.44-0.56. Only a "
+                   "2.3 in 15 epochs) but val recall@5 0.02-0.04 (chance 0.028) and zero-shot AUROC 0.44-0.56. Only a "
                    "conv stem in the ViT (not shipped: DWARF rebuilds plain ViT towers) reached val recall@5 0.10-0.14")
 def test_small_clip_learns_on_the_phantom(tmp_path):
     """A few epochs on a few hundred phantom pairs: retrieval and zero-shot AUROC above chance."""
