@@ -100,3 +100,22 @@ def test_bad_inputs_raise(bundle):
 def test_minmax_normalize_constant_map_is_zero():
     out = minmax_normalize(torch.full((1, 1, 4, 4), 3.0))
     assert torch.equal(out, torch.zeros(1, 1, 4, 4))
+
+
+def test_conv_stem_tower_round_trip(tmp_path):
+    """A ViT with a conv stem (as in ``cxr-minilm-convvit``) is described, rebuilt and loaded strictly."""
+    import copy
+
+    from training.clip.loading import ConvStem, apply_conv_stem
+
+    bundle = copy.deepcopy(tiny_bundle())
+    torch.manual_seed(1)
+    apply_conv_stem(bundle.model.visual, channels=8)
+    cfg = vision_config(bundle.model.visual)
+    assert cfg["vision_cfg"]["conv_stem"] == 8 and cfg["vision_cfg"]["width"] == 32
+    model = build_dwarf(bundle, CLASSES, d_model=32, heads=2).eval()
+    assert isinstance(model.encoder.visual.conv1, ConvStem)
+    torch.save(model.checkpoint(), tmp_path / "dwarf.pt")
+    again = load_dwarf(tmp_path / "dwarf.pt")
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(model(x).logits, again(x).logits, rtol=0, atol=0)

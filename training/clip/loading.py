@@ -55,6 +55,73 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 KINDS = ("open_clip", "hf_clip")
 PYPACKAGE_PREFIX = "pypackage:"
+CONV_STEM_KEY = "conv_stem"  # vision_cfg key (ours, not open_clip's): base channels of a convolutional stem
+
+
+class ConvStem(nn.Module):
+    """Convolutional patch embedding for an open_clip ViT (replaces its single strided ``conv1``).
+
+    ``log2(patch_size)`` stride-2 3x3 convolutions, each followed by BatchNorm and GELU (channels
+    ``channels, 2 * channels, ...``, the last one ``width``), then a 1x1 convolution to ``width``: the
+    same output grid (``image_size / patch_size``) and token width as the patchify convolution, so the
+    tower stays an open_clip ``VisionTransformer`` (patch tokens, DWARF). Xiao et al. 2021, "Early
+    convolutions help transformers see better": a conv stem gives the ViT the locality bias it lacks on
+    small data (on the phantom a plain ViT memorises its few hundred training images).
+
+    Args:
+        width: token width of the ViT (``conv1.out_channels`` of the patchify convolution it replaces).
+        patch_size: ViT patch size; a power of two >= 2.
+        channels: channels of the first convolution.
+        in_channels: input channels (3: grey images are repeated by the preprocessing).
+
+    Raises:
+        ValueError: a patch size that is not a power of two >= 2, or non-positive channels.
+    """
+
+    def __init__(self, width: int, patch_size: int, channels: int = 32, in_channels: int = 3) -> None:
+        super().__init__()
+        patch_size = int(patch_size)
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"a conv stem needs a patch_size that is a power of two >= 2, got {patch_size}")
+        if int(channels) < 1 or int(width) < 1:
+            raise ValueError(f"conv stem channels and width must be >= 1, got {channels}, {width}")
+        n = patch_size.bit_length() - 1  # stride-2 stages
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i in range(n):
+            cout = int(channels) * 2 ** i if i < n - 1 else int(width)
+            layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+            cin = cout
+        layers.append(nn.Conv2d(int(width), int(width), 1))
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = int(width)  # what DWARF and open_clip read from a patchify conv1
+        self.channels = int(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, width, S / patch, S / patch)."""
+        return self.layers(x)
+
+
+def apply_conv_stem(visual: nn.Module, channels: int) -> nn.Module:
+    """Replace an open_clip ``VisionTransformer``'s patchify ``conv1`` by a :class:`ConvStem` (in place).
+
+    Args:
+        visual: an open_clip ``VisionTransformer``.
+        channels: channels of the stem's first convolution.
+
+    Returns:
+        ``visual``.
+
+    Raises:
+        ValueError: ``visual`` is not an open_clip ``VisionTransformer``.
+    """
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"a conv stem needs an open_clip VisionTransformer, got {type(visual).__name__}")
+    visual.conv1 = ConvStem(visual.conv1.out_channels, int(visual.patch_size[0]), channels,
+                            in_channels=visual.conv1.in_channels)
+    return visual
 
 
 def _register_configs() -> None:
@@ -361,7 +428,7 @@ def _load_named(name: str, pretrained: str | None, image_size: int | None = None
         if int(image_size) < 8:
             raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
         model_cfg["vision_cfg"]["image_size"] = int(image_size)
-    if _has_package_tower(model_cfg):  # open_clip cannot resolve pypackage: names itself
+    if _needs_own_builder(model_cfg):  # open_clip cannot resolve pypackage: names or build conv stems itself
         return _build_open_clip(name, {"model_cfg": model_cfg}, CONFIG_DIR, pretrained=pretrained)
     model = open_clip.create_model(name, pretrained=pretrained, pretrained_text=False,
                                    force_image_size=None if image_size is None else int(image_size))
@@ -388,7 +455,7 @@ def _load_local_dir(spec: str, pretrained: str | None) -> ClipBundle:
     if not any(folder.glob(pat) for pat in ("*.safetensors", "*.bin", "*.pth")):
         raise FileNotFoundError(f"no weights (*.safetensors, *.bin, *.pth) in local-dir folder {folder.resolve()}")
     spec = LOCAL_DIR_PREFIX + str(folder.resolve())
-    if _has_package_tower(config["model_cfg"]):
+    if _needs_own_builder(config["model_cfg"]):
         weights = sorted(p for pat in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(pat))
         return _build_open_clip(spec, config, folder, pretrained=str(weights[0]),
                                 tokenizer_dir=folder if (folder / "tokenizer_config.json").is_file() else None)
@@ -421,6 +488,11 @@ def _has_package_tower(model_cfg: Mapping[str, Any]) -> bool:
     """Whether an open_clip model config names its HF text tower or tokenizer as ``pypackage:MODULE``."""
     text_cfg = model_cfg.get("text_cfg", {}) or {}
     return any(str(text_cfg.get(k) or "").startswith(PYPACKAGE_PREFIX) for k in ("hf_model_name", "hf_tokenizer_name"))
+
+
+def _needs_own_builder(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether a config needs :func:`_build_open_clip` (a ``pypackage:`` text tower or a conv stem)."""
+    return _has_package_tower(model_cfg) or bool((model_cfg.get("vision_cfg") or {}).get(CONV_STEM_KEY))
 
 
 def _load_config_file(path: Path, pretrained: str | None) -> ClipBundle:
@@ -466,6 +538,8 @@ def _build_open_clip(spec: str, config: Mapping[str, Any], base_dir: Path, pretr
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
     if missing:
         raise ValueError(f"open_clip model config of {spec} lacks {missing}; needs embed_dim, vision_cfg, text_cfg")
+    vision_cfg = dict(model_cfg["vision_cfg"])
+    stem = vision_cfg.pop(CONV_STEM_KEY, None)  # open_clip's CLIPVisionCfg does not know this key
     text_cfg = model_cfg["text_cfg"]
     for key in ("hf_model_name", "hf_tokenizer_name"):  # relative local towers: relative to the config
         if text_cfg.get(key) and not str(text_cfg[key]).startswith(PYPACKAGE_PREFIX):
@@ -478,10 +552,12 @@ def _build_open_clip(spec: str, config: Mapping[str, Any], base_dir: Path, pretr
         resolved["hf_model_pretrained"] = pretrained is None
     custom = bool(model_cfg.pop("custom_text", False)) or hf_text
     try:
-        model = (CustomTextCLIP if custom else CLIP)(**{**model_cfg, "text_cfg": resolved})
+        model = (CustomTextCLIP if custom else CLIP)(**{**model_cfg, "vision_cfg": vision_cfg, "text_cfg": resolved})
     except OSError as exc:
         raise ValueError(f"could not build the HF text tower {text_cfg.get('hf_model_name')!r} of {spec}: {exc}; "
                          "point text_cfg.hf_model_name at a local transformers folder or 'pypackage:MODULE'") from exc
+    if stem:
+        apply_conv_stem(model.visual, int(stem))
     if pretrained is not None:
         open_clip.load_checkpoint(model, pretrained, strict=True)
     preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), dict(config.get("preprocess_cfg") or {}))

@@ -80,6 +80,7 @@ def vision_config(visual: nn.Module) -> dict[str, Any]:
         ValueError: ``visual`` is not an open_clip ViT (e.g. a timm or ModifiedResNet tower).
     """
     from open_clip.transformer import LayerScale, QuickGELU, VisionTransformer
+    from training.clip.loading import CONV_STEM_KEY, ConvStem
 
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"DWARF needs an open_clip VisionTransformer image tower, got {type(visual).__name__}; "
@@ -104,15 +105,20 @@ def vision_config(visual: nn.Module) -> dict[str, Any]:
             "no_ln_pre": isinstance(visual.ln_pre, nn.Identity),
             "pool_type": visual.pool_type,
             "final_ln_after_pool": bool(visual.final_ln_after_pool),
+            **({CONV_STEM_KEY: int(visual.conv1.channels)} if isinstance(visual.conv1, ConvStem) else {}),
         },
     }
 
 
 def build_vision_tower(config: dict[str, Any]) -> nn.Module:
-    """Rebuild an (untrained) open_clip ViT tower from :func:`vision_config` output."""
+    """Rebuild an (untrained) open_clip ViT tower from :func:`vision_config` output (conv stem included)."""
     from open_clip.model import _build_vision_tower
+    from training.clip.loading import CONV_STEM_KEY, apply_conv_stem
 
-    return _build_vision_tower(config["embed_dim"], dict(config["vision_cfg"]), quick_gelu=config["quick_gelu"])
+    vision_cfg = dict(config["vision_cfg"])
+    stem = vision_cfg.pop(CONV_STEM_KEY, None)
+    visual = _build_vision_tower(config["embed_dim"], vision_cfg, quick_gelu=config["quick_gelu"])
+    return apply_conv_stem(visual, int(stem)) if stem else visual
 
 
 class ViTPatchEncoder(nn.Module):
