@@ -564,6 +564,7 @@ def flat_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
         m[f"{key}_mean"] = _nanmean(r.get(key) for r in dis)
     imp = summary.get("importance", {})
     m["concept_coverage"] = imp.get("concept_coverage")
+    m["concept_vlm_auroc_mean"] = summary.get("concepts", {}).get("vlm_check", {}).get("auroc_mean")
     for layer, info in summary.get("concepts", {}).get("layers", {}).items():
         m[f"annotated_fraction.{layer}"] = info.get("annotated_fraction")
     for key, value in summary.get("evaluation", {}).items():
@@ -1005,6 +1006,30 @@ def _mine_concepts(reports: Sequence[str], max_concepts: int) -> list[str]:
     return [str(c) for c in mine_concepts(reports, max_concepts=max_concepts)["concept"]]
 
 
+CONCEPT_TEMPLATE = "A chest x-ray image of a {}"  # how concepts are put to the VLM (MAMMI's base template)
+VLM_CHANCE_MARGIN = 0.55  # below this mean zero-shot AUROC the report calls the VLM's annotations unsupported
+
+
+def vlm_validity(vlm, image_emb, probe: Probe) -> dict:
+    """Can the VLM see the findings it is asked to name? Zero-shot AUROC per class on the probing set.
+
+    Each probing image is scored by ``cos(image, text(CONCEPT_TEMPLATE with the class name))``, the same
+    similarity the annotation methods use for a concept, and ranked against the image labels. A VLM at
+    chance here (0.5) gives unit annotations that carry no evidence, whatever the method reports.
+
+    Returns:
+        ``{"prompt", "per_class": {class: auroc}, "auroc_mean", "n_classes"}`` (classes with positives and
+        negatives only; ``auroc_mean`` None when there are none).
+    """
+    from training.clip.train import per_class_auroc, prompt_name
+
+    txt = vlm.encode_texts([CONCEPT_TEMPLATE.format(prompt_name(c)) for c in probe.classes])  # (C, d)
+    scores = (image_emb.float() @ txt.float().T).numpy()  # (N, C)
+    aucs = {c: a for c, a in per_class_auroc(probe.labels, scores, probe.classes).items() if np.isfinite(a)}
+    return {"prompt": CONCEPT_TEMPLATE, "per_class": aucs, "n_classes": len(aucs),
+            "auroc_mean": float(np.mean(list(aucs.values()))) if aucs else None}
+
+
 def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, sections: _Sections) -> ConceptResult:
     """Annotate feature-layer and penultimate-block units (and, as a check, the final-layer class units)."""
     import pandas as pd
@@ -1030,8 +1055,12 @@ def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, s
     bundle, clip_desc = resolve_clip(cfg.clip)
     vlm = VLMAdapter(bundle, batch_size=cfg.batch_size)
     img = vlm.encode_images(probe.images)  # (N, d)
-    txt = vlm.encode_texts([f"A chest x-ray image of a {c}" for c in concepts])  # (M, d)
-    tem = vlm.encode_texts(["A chest x-ray image of a"])[0]  # (d,)
+    txt = vlm.encode_texts([CONCEPT_TEMPLATE.format(c) for c in concepts])  # (M, d)
+    tem = vlm.encode_texts([CONCEPT_TEMPLATE.format("").rstrip()])[0]  # (d,)
+    vlm_check = vlm_validity(vlm, img, probe)
+    if vlm_check["auroc_mean"] is None or vlm_check["auroc_mean"] < VLM_CHANCE_MARGIN:
+        log.warning("the VLM (%s) does not tell the findings apart on this probing set (mean zero-shot AUROC %s): "
+                    "its concept annotations are not supported by evidence", cfg.clip, vlm_check["auroc_mean"])
     from torch.utils.data import DataLoader
 
     pen = collect_activations(model, DataLoader(probe.images, batch_size=cfg.batch_size), penult, progress=False)
@@ -1063,7 +1092,7 @@ def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, s
     table = pd.concat(tables, ignore_index=True)
     sections.ok("concepts")
     summary = {"method": cfg.method, "n_concepts": len(concepts), "source": source, "clip": clip_desc,
-               "layers": layer_info, "params": {"beta": cfg.beta, **params}}
+               "layers": layer_info, "params": {"beta": cfg.beta, **params}, "vlm_check": vlm_check}
     return ConceptResult(summary, evaluation, table, annotations)
 
 

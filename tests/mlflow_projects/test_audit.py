@@ -124,6 +124,8 @@ def test_audit_logs_every_artifact_and_tag_then_resume_after_outage(tmp_path, ti
         assert "pointing_chance_mean" in summary["metrics"]
         html = (tmp_path / "a1" / "audit" / "report.html").read_text()
         assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+        # an untrained VLM is checked on the probing set, and the report says whether it sees the findings
+        assert summary["concepts"]["vlm_check"]["n_classes"] > 0 and "VLM check" in html
 
         # outage: everything is computed, logging fails, the folder stays; resume logs the same results
         folder = audit.compute_audit(audit.parse_args(argv + ["--out", str(tmp_path / "a2")])[0])
@@ -142,3 +144,34 @@ def test_audit_logs_every_artifact_and_tag_then_resume_after_outage(tmp_path, ti
         assert logged == json.loads((folder / "audit" / "summary.json").read_text())
         assert logged["metrics"] == summary["metrics"]  # same model, same data: same figures
         assert audit.main(["--resume", str(folder)]) == 0  # idempotent
+
+
+class _PlantedTexts:
+    """Text side of a VLM whose class prompts are known unit vectors (image side given directly)."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor]):
+        self.vectors = vectors
+
+    def encode_texts(self, texts):
+        return torch.stack([self.vectors[t] for t in texts])
+
+
+def test_vlm_validity_separates_a_seeing_vlm_from_a_blind_one():
+    from training.clip.train import prompt_name
+
+    rng = np.random.default_rng(0)
+    classes = ["Effusion", "Pleural_Thickening", "Hernia"]
+    labels = (rng.random((60, 3)) < 0.3).astype(np.float32)
+    labels[:, 2] = 0                                             # no positive: left out of the mean
+    probe = audit.Probe(images=torch.zeros(60, 1, 8, 8), labels=labels, boxes=[], box_labels=[],
+                        image_ids=[str(i) for i in range(60)], reports=[""] * 60, classes=classes)
+    basis = torch.eye(4)
+    vlm = _PlantedTexts({audit.CONCEPT_TEMPLATE.format(prompt_name(c)): basis[i] for i, c in enumerate(classes)})
+    seeing = torch.nn.functional.normalize(torch.from_numpy(labels) @ basis[:3] + 0.1 * basis[3], dim=-1)
+    check = audit.vlm_validity(vlm, seeing, probe)
+    assert check["per_class"] == {"Effusion": 1.0, "Pleural_Thickening": 1.0} and check["auroc_mean"] == 1.0
+    assert "pleural thickening" in audit.CONCEPT_TEMPLATE.format(prompt_name("Pleural_Thickening"))
+    blind = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(60, 4))).float(), dim=-1)
+    assert abs(audit.vlm_validity(vlm, blind, probe)["auroc_mean"] - 0.5) < 0.15
+    m = audit.flat_metrics({"concepts": {"vlm_check": check}})
+    assert m["concept_vlm_auroc_mean"] == 1.0
