@@ -32,7 +32,7 @@ def test_parse_args_validates_and_lists_valid_values(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["cxr-tiny-vit", "cxr-minilm-vit"])
+@pytest.mark.parametrize("model_name", ["cxr-tiny-vit", "cxr-minilm-vit", "cxr-minilm-convvit"])
 def test_pyfunc_round_trip_and_load_registered_clip(tmp_path, monkeypatch, model_name):
     import mlflow
 

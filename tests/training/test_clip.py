@@ -201,6 +201,37 @@ def test_cxr_minilm_vit_resolves_the_packaged_text_tower_offline(tmp_path, monke
     assert grid == (4, 4) and tokens.shape == (1, 16, 128)
 
 
+def test_cxr_minilm_convvit_conv_stem_loads_offline_and_round_trips(tmp_path, monkeypatch):
+    """The conv-stem ViT config: a ConvStem in place of the patchify conv, same token grid, exact save/load."""
+    from training.clip.loading import ConvStem
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "cxr-minilm-convvit" in list_configs()
+    torch.manual_seed(0)
+    a = load_clip("cxr-minilm-convvit", image_size=32)
+    stem = a.model.visual.conv1
+    assert isinstance(stem, ConvStem) and stem.out_channels == 128 and stem.channels == 32
+    assert a.config["model_cfg"]["vision_cfg"]["conv_stem"] == 32
+    tokens, grid = encode_image_tokens(a.model, torch.rand(2, 1, 32, 32), a.preprocess)  # DWARF's route
+    assert grid == (4, 4) and tokens.shape == (2, 16, 128)
+    b = load_clip(f"local-dir:{save_clip(a, tmp_path / 'saved')}")
+    assert isinstance(b.model.visual.conv1, ConvStem)
+    x = _pixels(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model.encode_image(x), a.model.encode_image(x), rtol=0, atol=0)
+
+
+def test_conv_stem_validates_its_arguments():
+    from training.clip.loading import ConvStem, apply_conv_stem
+
+    with pytest.raises(ValueError, match="power of two"):
+        ConvStem(width=16, patch_size=6)
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        apply_conv_stem(torch.nn.Conv2d(3, 8, 2), channels=4)
+    stem = ConvStem(width=16, patch_size=4, channels=4)
+    assert stem(torch.rand(2, 3, 16, 16)).shape == (2, 16, 4, 4)
+
+
 def test_resolve_text_tower_names_what_is_wrong(tmp_path):
     from training.clip.loading import resolve_text_tower
 
@@ -402,6 +433,27 @@ def test_train_clip_locked_minilm_cached_path_runs_seeded(tiny_phantom):
     with torch.no_grad():
         t = r1.bundle.tokenizer(["A chest x-ray image of a nodule"])
         torch.testing.assert_close(r1.bundle.model.encode_text(t), r2.bundle.model.encode_text(t), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_clip_locked_text_projection_and_alignment_term(tiny_phantom):
+    """lock_text_proj keeps the text space fixed (projection unchanged); align_weight adds a cosine term."""
+    from training.clip.loading import load_clip as _load
+    from training.clip.train import ClipTrainConfig, train_clip
+
+    with pytest.raises(ValueError, match="align_weight"):
+        train_clip(tiny_phantom, ClipTrainConfig(model="cxr-minilm-convvit", align_weight=-1.0))
+    with pytest.raises(ValueError, match="lock_text_proj needs a locked HF text tower"):
+        train_clip(tiny_phantom, ClipTrainConfig(model="cxr-tiny-vit", image_size=32, lock_text_proj=True))
+    cfg = ClipTrainConfig(model="cxr-minilm-convvit", epochs=1, batch_size=8, image_size=32, seed=0, warmup_steps=2,
+                          lock_text_proj=True, align_weight=0.5)
+    torch.manual_seed(cfg.seed)
+    init = _load("cxr-minilm-convvit", image_size=32).model.text.proj.weight.detach().clone()
+    r = train_clip(tiny_phantom, cfg)
+    proj = r.bundle.model.text.proj
+    assert not any(p.requires_grad for p in proj.parameters())
+    torch.testing.assert_close(proj.weight, init, rtol=0, atol=0)  # same seed, same init, never updated
+    assert np.isfinite(r.history[-1]["loss"])
 
 
 @pytest.mark.slow

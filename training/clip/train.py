@@ -77,6 +77,8 @@ class ClipTrainConfig:
     classes: list[str] | None = None  # default: the dataset's classes (PHANTOM_CLASSES on the phantom)
     lock_text: bool | None = None  # freeze the text encoder (not its projection); None: lock pretrained HF towers
     whiten_text_init: bool = True  # data-dependent init of a locked HF tower's linear projection (PCA whitening)
+    lock_text_proj: bool = False  # also freeze the text projection: the text space stays the pretrained tower's
+    align_weight: float = 0.0  # + weight * mean(1 - cos(image, its text)): regression onto the text embedding
     sentence_prob: float = 0.0  # probability that a pair's text is one random sentence of its report
     augment: bool = False  # random affine (+-7 deg, +-10 % scale, +-6 % shift) and contrast/brightness jitter
 
@@ -437,6 +439,8 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
         raise ValueError(f"batch_size must be >= 2 for a contrastive loss, got {cfg.batch_size}")
     if cfg.zero_shot not in ZERO_SHOT_MODES:
         raise ValueError(f"unknown zero-shot mode {cfg.zero_shot!r}; valid: {', '.join(ZERO_SHOT_MODES)}")
+    if not float(cfg.align_weight) >= 0.0:
+        raise ValueError(f"align_weight must be >= 0, got {cfg.align_weight!r}")
     if not 0.0 <= float(cfg.sentence_prob) <= 1.0:
         raise ValueError(f"sentence_prob must be in [0, 1], got {cfg.sentence_prob!r}")
 
@@ -478,10 +482,16 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
     lock = cfg.lock_text if cfg.lock_text is not None else hf_tower is not None
     if lock:
         model.lock_text_tower(0, True)
+    if cfg.lock_text_proj:
+        if hf_tower is None or not lock:
+            raise ValueError("lock_text_proj needs a locked HF text tower (lock_text true or None with e.g. "
+                             f"cxr-minilm-convvit); got model {cfg.model!r}, lock_text={cfg.lock_text!r}")
+        for p in hf_tower.proj.parameters():
+            p.requires_grad_(False)
     cached = hf_tower is not None and not any(p.requires_grad for p in hf_tower.transformer.parameters())
     if cached:  # the encoder is frozen: its pooled features once per distinct text, only the projection trains
         features = pooled_text_features(bundle, texts)  # (T, W)
-        if cfg.whiten_text_init and cfg.pretrained is None and isinstance(hf_tower.proj, torch.nn.Linear) \
+        if cfg.whiten_text_init and not cfg.lock_text_proj and cfg.pretrained is None and isinstance(hf_tower.proj, torch.nn.Linear) \
                 and hf_tower.proj.bias is None:
             whiten_projection_(hf_tower.proj, features[report_ids])
         tokens = None
@@ -524,6 +534,8 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
             else:
                 txt = F.normalize(model.encode_text(_select(tokens, keys, device)), dim=-1)  # (B, d)
             loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), keys.to(device))
+            if cfg.align_weight > 0:  # pull each image onto its own text embedding (cosine regression)
+                loss = loss + cfg.align_weight * (1 - (img * txt).sum(-1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
