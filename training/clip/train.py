@@ -19,7 +19,14 @@ that (measured figures, and what is still missing for held-out signal, in the RE
   repeated sentences ("No pneumothorax.") do not make the contrastive target contradictory;
 * ``sentence_prob``: with that probability a pair's text is one random sentence of its report instead
   of the whole report (short finding sentences are what zero-shot prompts look like);
-* ``augment``: small random affine and contrast jitter of the grey images.
+* ``augment``: small random affine and contrast jitter of the grey images;
+* ``lock_text_proj``: freeze the text projection too, so the text space stays the pretrained tower's
+  (where class-name prompts work: an oracle that embeds each image as its own report scores val
+  zero-shot AUROC ~0.8 on the phantom);
+* ``align_weight``: add ``weight * mean(1 - cos(image, its text))``, a regression of each image onto
+  its text embedding, to the contrastive loss.
+
+The image tower may carry a convolutional stem (``cxr-minilm-convvit``, :class:`training.clip.loading.ConvStem`).
 
 Evaluation on the ``val`` split:
 
