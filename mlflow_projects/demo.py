@@ -163,7 +163,8 @@ def where_to_look(result: DemoResult, port: int) -> str:
         f"  mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000   # then open http://127.0.0.1:5000",
         "Audit report (self-contained HTML):",
         f"  {report}",
-        "Explanation service (serves the @champion):",
+        "Explanation service (serves @champion):" if result.promoted else
+        "Explanation service (no @champion yet: serves @candidate, every response carries a warning):",
     ]
     if result.service_pid:
         lines.append(f"  started in the background (pid {result.service_pid}, log {result.audit_folder.parent / 'service.log'}): "

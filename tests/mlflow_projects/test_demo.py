@@ -15,6 +15,11 @@ def test_where_to_look_names_ui_report_and_service(tmp_path):
     assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in text
     assert str(tmp_path / "audit" / "audit" / "report.html") in text
     assert f"bentoml serve {demo.SERVICE_TARGET} --port 3000" in text and "promoted to @champion" in text
+    assert "serves @champion" in text
+    refused = demo.DemoResult("sqlite:////x/mlflow.db", tmp_path / "m.parquet", "3", "2", tmp_path / "audit",
+                              "failed", False, {"total": 42.0})
+    text = demo.where_to_look(refused, 3000)
+    assert "NOT promoted" in text and "serves @candidate" in text and "serves @champion" not in text
 
 
 def test_bad_arguments_exit():
