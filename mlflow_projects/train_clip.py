@@ -1,13 +1,14 @@
 """MLflow entry point ``train_clip``: train a small CLIP on image-report pairs, evaluate, register ``cxr-clip``.
 
 Steps: (1) data: the manifest (default: the phantom, generated when missing); (2) training of an open_clip
-model (default ``cxr-tiny-vit``, from scratch) with ``ClipLoss`` on the ``train`` split
+model (default ``cxr-minilm-rn``: a small ResNet image tower from scratch against the locked offline MiniLM
+text tower; see :mod:`training.clip.train`) with a contrastive loss on the ``train`` split
 (:func:`training.clip.train.train_clip`), logging per epoch ``loss``, ``lr``, ``logit_scale`` and on
 ``val`` the retrieval recall@1/5 both ways and the zero-shot AUROC per finding; (3) the same metrics on
 ``test`` (prefixed ``test.``); (4) the pyfunc of :mod:`mlflow_projects.pyfunc_clip` registered as
 ``cxr-clip`` with alias ``candidate`` and tags ``classes``, ``input``, ``open_clip_config``, ``kind``.
 
-    python -m mlflow_projects.train_clip --data outputs/phantom/manifest.parquet --epochs 5
+    python -m mlflow_projects.train_clip --data outputs/phantom/manifest.parquet --epochs 30
 
 Load a registered version back as a bundle with :func:`load_registered_clip`.
 """
@@ -35,13 +36,13 @@ EXPERIMENT = "cxr-clip"
 @dataclass
 class ClipRunConfig:
     data: str = DEFAULT_DATA
-    model: str = "cxr-tiny-vit"
-    epochs: int = 5
+    model: str = "cxr-minilm-rn"
+    epochs: int = 30
     image_size: int = 64
     seed: int = 0
     registered_name: str = "cxr-clip"
-    batch_size: int = 32
-    lr: float = 5e-4
+    batch_size: int = 64
+    lr: float = 1e-3
     pretrained: str | None = None
     zero_shot: str = "contrast"
     phantom_n: int = 480  # images of the phantom generated when the default data is missing
@@ -77,13 +78,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="manifest with reports (default: the phantom, generated if missing)")
-    p.add_argument("--model", type=clip_model_spec, default="cxr-tiny-vit")
-    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--model", type=clip_model_spec, default="cxr-minilm-rn")
+    p.add_argument("--epochs", type=positive_int, default=30)
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--registered-name", default="cxr-clip")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--pretrained", default="", help="local checkpoint file to start from (default: from scratch)")
     p.add_argument("--zero-shot", type=choice_of(ZERO_SHOT_MODES, "zero-shot mode"), default="contrast")
     p.add_argument("--phantom-n", type=positive_int, default=480)

@@ -68,10 +68,13 @@ def ensure_data(data: str, image_size: int, seed: int, n: int) -> Path:
 def resolve_clip(spec: str, image_size: int | None = None) -> tuple[Any, str]:
     """Load the CLIP bundle named by ``spec``; returns ``(bundle, resolved description)``.
 
-    ``scratch`` (and the fallback when a ``models:/`` URI cannot be loaded) is an untrained
-    ``cxr-tiny-vit`` built for ``image_size`` (its own 64 px when None): an untrained tower gains nothing
-    from a larger input than the data.
+    ``scratch`` (and the fallback when a ``models:/`` URI cannot be loaded, or holds a CLIP without a ViT
+    image tower, such as the default ``cxr-minilm-rn`` concept VLM: DWARF cross-attends to patch tokens) is
+    an untrained ``cxr-tiny-vit`` built for ``image_size`` (its own 64 px when None): an untrained tower
+    gains nothing from a larger input than the data. An explicit non-ViT spec is refused by the model.
     """
+    from open_clip.transformer import VisionTransformer
+
     from training.clip import load_clip
 
     if spec.startswith("models:/"):
@@ -80,10 +83,18 @@ def resolve_clip(spec: str, image_size: int | None = None) -> tuple[Any, str]:
         try:
             from mlflow_projects.pyfunc_clip import load_registered_clip
 
-            return load_registered_clip(spec), spec
+            bundle = load_registered_clip(spec)
         except (MlflowException, OSError, ValueError, KeyError) as exc:
             log.warning("could not load CLIP %s (%s); falling back to an untrained %s", spec, exc, FALLBACK_CLIP)
             return load_clip(FALLBACK_CLIP, image_size=image_size), f"scratch:{FALLBACK_CLIP}"
+        visual = getattr(bundle.model, "visual", None)
+        if not isinstance(visual, VisionTransformer):
+            log.warning("CLIP %s has a %s image tower, DWARF needs a ViT (patch tokens); falling back to an untrained "
+                        "%s (pass --clip with a ViT CLIP, e.g. one trained with train_clip --model cxr-minilm-vit)",
+                        spec, type(visual).__name__, FALLBACK_CLIP)
+            return (load_clip(FALLBACK_CLIP, image_size=image_size),
+                    f"scratch:{FALLBACK_CLIP} ({spec} has no ViT image tower)")
+        return bundle, spec
     if spec == "scratch":
         return load_clip(FALLBACK_CLIP, image_size=image_size), f"scratch:{FALLBACK_CLIP}"
     return load_clip(spec), spec

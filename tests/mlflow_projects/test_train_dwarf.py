@@ -132,3 +132,29 @@ def test_mlflow_run_train_dwarf_registers_candidate(tmp_path, monkeypatch):
     model = mlflow.pyfunc.load_model("models:/cxr-dwarf@candidate")
     out = model.predict(np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32))
     assert out["probabilities"].shape == (2, len(classes)) and out["maps"].shape == (2, len(classes), 32, 32)
+
+
+def test_registered_clip_without_a_vit_tower_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The default concept VLM (a ResNet image tower) cannot give DWARF patch tokens: the registered URI falls
+    back to the untrained ViT, says so, and records it; a registered ViT CLIP is used as is."""
+    from open_clip.transformer import VisionTransformer
+
+    from mlflow_projects import pyfunc_clip, train_dwarf
+    from training.clip import load_clip
+
+    tiny_text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    rn = tmp_path / "rn.json"
+    rn.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8,
+                                                              "head_width": 16}, "text_cfg": tiny_text}))
+    vit = tmp_path / "vit.json"
+    vit.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+                                                               "head_width": 16, "patch_size": 8},
+                               "text_cfg": tiny_text}))
+    monkeypatch.setattr(pyfunc_clip, "load_registered_clip", lambda uri: load_clip(str(rn)))
+    bundle, used = train_dwarf.resolve_clip("models:/cxr-clip@candidate", 32)
+    assert isinstance(bundle.model.visual, VisionTransformer)
+    assert used.startswith(f"scratch:{train_dwarf.FALLBACK_CLIP}") and "no ViT image tower" in used
+    assert "DWARF needs a ViT" in caplog.text
+    monkeypatch.setattr(pyfunc_clip, "load_registered_clip", lambda uri: load_clip(str(vit)))
+    bundle, used = train_dwarf.resolve_clip("models:/cxr-clip@candidate", 32)
+    assert used == "models:/cxr-clip@candidate" and bundle.model.visual.grid_size == (4, 4)
