@@ -8,7 +8,7 @@ text tower; see :mod:`training.clip.train`) with a contrastive loss on the ``tra
 ``test`` (prefixed ``test.``); (4) the pyfunc of :mod:`mlflow_projects.pyfunc_clip` registered as
 ``cxr-clip`` with alias ``candidate`` and tags ``classes``, ``input``, ``open_clip_config``, ``kind``.
 
-    python -m mlflow_projects.train_clip --data outputs/phantom/manifest.parquet --epochs 30
+    python -m mlflow_projects.train_clip --data outputs/phantom/manifest.parquet --epochs 60
 
 Load a registered version back as a bundle with :func:`load_registered_clip`.
 """
@@ -37,7 +37,7 @@ EXPERIMENT = "cxr-clip"
 class ClipRunConfig:
     data: str = DEFAULT_DATA
     model: str = "cxr-minilm-rn"
-    epochs: int = 30
+    epochs: int = 60
     image_size: int = 64
     seed: int = 0
     registered_name: str = "cxr-clip"
@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="manifest with reports (default: the phantom, generated if missing)")
     p.add_argument("--model", type=clip_model_spec, default="cxr-minilm-rn")
-    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--epochs", type=positive_int, default=60)
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--registered-name", default="cxr-clip")

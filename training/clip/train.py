@@ -66,11 +66,11 @@ class ClipTrainConfig:
     """Small-CLIP training configuration (logged as is by the MLflow glue)."""
 
     # Defaults: the recipe measured to learn on the phantom (README "CLIP on the phantom"): a small ResNet image
-    # tower from scratch against the fixed text space of the offline MiniLM, 30 epochs of batch 64 with augmentation
+    # tower from scratch against the fixed text space of the offline MiniLM, 60 epochs of batch 64 with augmentation
     # and the cosine-alignment term.
     model: str = "cxr-minilm-rn"  # load_clip spec (e.g. cxr-tiny-vit); open_clip names are built for image_size
     pretrained: str | None = None  # local checkpoint file to start from (None: from scratch)
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 64  # pairs per contrastive batch (negatives = batch_size - 1)
     lr: float = 1e-3
     weight_decay: float = 0.1  # on matrices only; biases, norms, embeddings, logit_scale are exempt
