@@ -22,7 +22,7 @@ def test_parse_args_validates_and_lists_valid_values(capsys):
     from mlflow_projects.train_clip import parse_args
 
     cfg = parse_args(["--data", "m.parquet", "--epochs", "2", "--image-size", "32", "--seed", "3"])
-    assert (cfg.model, cfg.epochs, cfg.image_size, cfg.seed, cfg.registered_name) == ("cxr-tiny-vit", 2, 32, 3, "cxr-clip")
+    assert (cfg.model, cfg.epochs, cfg.image_size, cfg.seed, cfg.registered_name) == ("cxr-minilm-rn", 2, 32, 3, "cxr-clip")
     for bad, needle in ((["--epochs", "0"], "positive integer"), (["--model", "nope"], "cxr-tiny-vit"),
                         (["--zero-shot", "magic"], "contrast, similarity"), (["--batch-size", "1"], ">= 2 pairs"),
                         (["--pretrained", "/no/such.pt"], "file not found"), (["--image-size", "4"], ">= 8")):
@@ -32,7 +32,7 @@ def test_parse_args_validates_and_lists_valid_values(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["cxr-tiny-vit", "cxr-minilm-vit", "cxr-minilm-convvit"])
+@pytest.mark.parametrize("model_name", ["cxr-tiny-vit", "cxr-minilm-vit", "cxr-minilm-convvit", "cxr-minilm-rn"])
 def test_pyfunc_round_trip_and_load_registered_clip(tmp_path, monkeypatch, model_name):
     import mlflow
 
@@ -93,7 +93,7 @@ def test_mlflow_run_train_clip_registers_candidate(tmp_path, tiny_phantom, monke
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     mv = client.get_model_version_by_alias("cxr-clip", "candidate")
-    assert mv.tags["kind"] == "clip" and mv.tags["open_clip_config"] == "cxr-tiny-vit"
+    assert mv.tags["kind"] == "clip" and mv.tags["open_clip_config"] == "cxr-minilm-rn"
     assert json.loads(mv.tags["classes"]) == list(PHANTOM_CLASSES)
     spec = json.loads(mv.tags["input"])
     assert spec["size"] == 64 and spec["channels"] == 1 and len(spec["mean"]) == 3
@@ -103,7 +103,7 @@ def test_mlflow_run_train_clip_registers_candidate(tmp_path, tiny_phantom, monke
             "test.i2t_recall_at_5"} <= set(metrics)
     assert any(k.startswith("val.zs_auroc.") for k in metrics)
     assert 0.0 <= metrics["val.i2t_recall_at_5"] <= 1.0 and np.isfinite(metrics["loss"])
-    assert run.data.params["model"] == "cxr-tiny-vit" and run.data.params["epochs"] == "1"
+    assert run.data.params["model"] == "cxr-minilm-rn" and run.data.params["epochs"] == "1"
     assert run.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())
 
     bundle = load_registered_clip("models:/cxr-clip@candidate")
