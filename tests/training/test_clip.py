@@ -419,11 +419,12 @@ def test_train_clip_runs_seeded_and_reports(tiny_phantom, tmp_path):
 
 @pytest.mark.slow
 def test_train_clip_locked_minilm_cached_path_runs_seeded(tiny_phantom):
-    """cxr-minilm-vit: locked text tower (cached features), sentence sampling, augmentation; seeded."""
+    """cxr-minilm-vit: locked text tower (cached features) with a trainable projection (lock_text_proj=False; the
+    default locks it too), sentence sampling, augmentation; seeded."""
     from training.clip.train import ClipTrainConfig, train_clip
 
     cfg = ClipTrainConfig(model="cxr-minilm-vit", epochs=2, batch_size=8, image_size=32, seed=0, warmup_steps=2,
-                          sentence_prob=0.5, augment=True)
+                          sentence_prob=0.5, augment=True, lock_text_proj=False)
     r1 = train_clip(tiny_phantom, cfg)
     text = r1.bundle.model.text
     assert not any(p.requires_grad for p in text.transformer.parameters())  # locked
@@ -457,22 +458,25 @@ def test_train_clip_locked_text_projection_and_alignment_term(tiny_phantom):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not met yet (measured, README 'CLIP on the phantom'): an oracle image encoder "
-                   "(the locked MiniLM embedding of the image's own report) scores val zero-shot AUROC 0.76 (contrast) / "
-                   "0.80 (similarity), so the prompts are not the bottleneck; but no trained image tower generalises: "
-                   "on a 2400-image phantom (1680 / 360 pairs, 64 px, 8 epochs) cxr-minilm-convvit (conv stem, locked "
-                   "text space, align_weight=1) reaches val recall@5 0.058 / 0.044 (chance 0.014) and AUROC 0.53; "
-                   "cxr-minilm-vit and cxr-tiny-vit stay at chance")
-def test_small_clip_learns_on_the_phantom(tmp_path):
-    """A few epochs on a few hundred phantom pairs: retrieval and zero-shot AUROC above chance."""
-    from training.clip.train import ClipTrainConfig, train_clip
+@pytest.mark.parametrize("seed", [0, 1])
+def test_small_clip_learns_on_the_phantom(tmp_path, seed):
+    """The default recipe (cxr-minilm-rn, 60 epochs) on a 1000-image phantom at 64 px (700 train / 150 val pairs):
+    held-out retrieval and zero-shot AUROC above chance.
+
+    Measured with this test (one run per seed, idle machine, about 95 s each): seed 0 recall@5 0.14 / 0.18, AUROC
+    over the classes with >= 5 val positives 0.639 (all classes 0.568: Hernia, one positive, 0.007); seed 1
+    0.173 / 0.12, 0.669 (all classes 0.654). Chance: recall@5 5/150 = 0.033, AUROC 0.5."""
+    from training.clip.train import ClipTrainConfig, load_pairs, train_clip
     from training.data.phantom import generate_phantom
 
-    manifest = generate_phantom(tmp_path / "ph", n=320, size=64, seed=0)
-    r = train_clip(manifest, ClipTrainConfig(model="cxr-minilm-vit", epochs=8, batch_size=32, lr=1e-3, warmup_steps=5,
-                                             seed=0))
-    n_val = r.n_val
-    chance5 = 5 / n_val
-    assert r.history[-1]["loss"] < r.history[0]["loss"]
-    assert r.metrics["i2t_recall_at_5"] > 1.5 * chance5 and r.metrics["t2i_recall_at_5"] > 1.5 * chance5
-    assert r.metrics["zs_auroc_mean"] > 0.55
+    manifest = generate_phantom(tmp_path / "ph", n=1000, size=64, seed=seed)
+    r = train_clip(manifest, ClipTrainConfig(seed=seed, eval_every_epoch=False))
+    chance5 = 5 / r.n_val
+    positives = load_pairs(manifest, "val", 64, r.classes).labels.sum(0)
+    scored = [c for c, n in zip(r.classes, positives) if n >= 5]  # AUROC on 1-4 positives is noise
+    auroc = float(np.mean([r.metrics[f"zs_auroc.{c}"] for c in scored]))
+    print({k: round(v, 3) for k, v in r.metrics.items()}, "chance@5", round(chance5, 3), "auroc>=5", round(auroc, 3))
+    assert not any(p.requires_grad for p in r.bundle.model.text.parameters())  # default: the MiniLM space is fixed
+    assert r.history[-1]["loss"] < r.history[0]["loss"] - 0.3
+    assert r.metrics["i2t_recall_at_5"] > 2 * chance5 and r.metrics["t2i_recall_at_5"] > 2 * chance5
+    assert len(scored) >= 5 and auroc > 0.58
