@@ -417,6 +417,27 @@ def test_train_clip_runs_seeded_and_reports(tiny_phantom, tmp_path):
         train_clip(tiny_phantom, ClipTrainConfig(model=str(cfg_path), batch_size=1))
 
 
+def test_trained_clip_resamples_inputs_like_its_training_pixels(tiny_phantom, tmp_path):
+    """Train/serve skew: the data loader resizes bilinearly, so the trained bundle must too (it was bicubic).
+
+    Images handed over at the phantom's 64 px and resized inside the adapter must embed exactly as the
+    loader's 32 px training pixels do, also after a save / load round trip (the choice is in the config)."""
+    from interpret.vlm import VLMAdapter
+    from training.clip.train import ClipTrainConfig, load_pairs, train_clip
+
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps({**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "context_length": 64}}))
+    assert load_clip(str(cfg_path)).preprocess.interpolation == "bicubic"  # open_clip's default
+    r = train_clip(tiny_phantom, ClipTrainConfig(model=str(cfg_path), epochs=1, batch_size=8, image_size=32,
+                                                 seed=0, warmup_steps=1, eval_every_epoch=False))
+    save_clip(r.bundle, tmp_path / "saved")
+    loaded = load_clip(f"local-dir:{tmp_path / 'saved'}")
+    assert r.bundle.preprocess.interpolation == loaded.preprocess.interpolation == "bilinear"
+    small, large = load_pairs(tiny_phantom, "val", 32).images, load_pairs(tiny_phantom, "val", 64).images
+    vlm = VLMAdapter(loaded, progress=False)
+    torch.testing.assert_close(vlm.encode_images(large), vlm.encode_images(small), rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_train_clip_locked_minilm_cached_path_runs_seeded(tiny_phantom):
     """cxr-minilm-vit: locked text tower (cached features) with a trainable projection (lock_text_proj=False; the
