@@ -23,7 +23,8 @@ def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93) -> torch.T
 
     Args:
         acts: (N, U) pooled activations.
-        alpha: in (0, 1]; larger selects more images (0.93 in the paper).
+        alpha: in (0, 1]; larger puts tau nearer the maximum, so fewer images are selected (0.93 in the
+            paper: the top 7 % of the activation range).
 
     Returns:
         (U, N) boolean selection.
