@@ -19,7 +19,7 @@ def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93) -> torch.T
 
     ``tau_i = max(A_i) - (1 - alpha) (max(A_i) - min(A_i))``, selection ``A_ik > tau_i``. The images at
     the maximum are always selected (they can fail the strict ``>`` only when ``max == min`` or
-    ``alpha == 0``), so the set is never empty.
+    ``alpha == 1``), so the set is never empty.
 
     Args:
         acts: (N, U) pooled activations.
