@@ -131,7 +131,7 @@ class CXRClassifier(nn.Module):
             raise ValueError(f"images must be (B, 1, S, S) float in [0, 1], got shape {tuple(x.shape)}")
         if not self._input_checked and x.numel():
             self._input_checked = True
-            lo, hi = float(x.min()), float(x.max())
+            lo, hi = float(x.detach().min()), float(x.detach().max())
             if lo < -1e-3 or hi > 1 + 1e-3:
                 warnings.warn(f"{self.arch}: input range [{lo:.3g}, {hi:.3g}] is outside [0, 1]; the model "
                               "normalises internally and expects images scaled to [0, 1]", stacklevel=3)
