@@ -1,0 +1,149 @@
+"""concept_benchmark: a planted known answer through ``run_benchmark``, and the entry point end to end on a real
+MLflow store (artifacts, tags, one row per study / method)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.mlflow_projects.audit_fixtures import register_tiny_classifier, tracking
+
+DIM = 256
+
+
+def _vec(text: str) -> torch.Tensor:
+    """A fixed random unit vector per string (nearly orthogonal to every other string's in 256 dims)."""
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    v = torch.randn(DIM, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+class OracleVLM:
+    """A VLM that sees the findings: an image embeds as the sum of the vectors of its findings' concepts (plus
+    a little image-specific noise); a prompt embeds as the vector of the concept it names."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, concept_of_class: list[str], prefix: str):
+        self.images, self.prefix = images, prefix
+        rows = []
+        for i, y in enumerate(labels):
+            v = 0.3 * _vec(f"image {i}") + sum((_vec(concept_of_class[c]) for c in np.flatnonzero(y)),
+                                               torch.zeros(DIM))
+            rows.append(v / v.norm())
+        self.image_emb = torch.stack(rows)
+
+    def encode_images(self, images):
+        assert images is self.images  # the benchmark embeds the probing images, in order
+        return self.image_emb
+
+    def encode_texts(self, texts):
+        out = []
+        for t in texts:
+            concept = t[len(self.prefix):].strip() if t.startswith(self.prefix) else t
+            out.append(_vec(concept))
+        return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A 300-image phantom probe restricted to the classes with >= 8 positives whose name (or synonym) is a
+    mined report noun, with units planted on them: unit c's logit is the label of class c, and its class
+    activation map is the class's box mask."""
+    from interpret.concepts import BASE_TEMPLATE, mine_concepts
+    from interpret.evaluation import matches
+    from mlflow_projects.audit import load_probe
+    from training.data.phantom import generate_phantom
+    from training.data.schema import PHANTOM_CLASSES
+
+    manifest = generate_phantom(tmp_path_factory.mktemp("ph"), n=300, size=64, seed=3)
+    probe = load_probe(manifest, list(PHANTOM_CLASSES), 64, "all", 300)
+    nouns = mine_concepts([r for r in probe.reports if r.strip()])
+    keep, concept_of_class = [], []
+    for c, name in enumerate(probe.classes):
+        hits = nouns[[matches(n, name) for n in nouns["concept"]]]
+        if probe.labels[:, c].sum() >= 8 and len(hits):
+            keep.append(c)
+            concept_of_class.append(str(hits.sort_values("count", ascending=False)["concept"].iloc[0]))
+    assert len(keep) >= 5, (probe.classes, probe.labels.sum(0))
+    classes = [probe.classes[c] for c in keep]
+    remap = {old: new for new, old in enumerate(keep)}
+    box_labels = [np.array([remap[int(b)] for b in bl if int(b) in remap], dtype=np.int64) for bl in probe.box_labels]
+    boxes = [np.asarray(bx)[[int(b) in remap for b in bl]].reshape(-1, 4) for bx, bl in zip(probe.boxes,
+                                                                                            probe.box_labels)]
+    probe = replace(probe, classes=classes, labels=probe.labels[:, keep], boxes=boxes, box_labels=box_labels)
+    vlm = OracleVLM(probe.images, probe.labels, concept_of_class, prefix=BASE_TEMPLATE)
+    return probe, vlm, concept_of_class
+
+
+def _planted_final_layer(probe):
+    def final_layer(model, images, batch_size):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.as_tensor(probe.labels, dtype=torch.float32) + 0.01 * torch.rand(probe.labels.shape, generator=g)
+        cams = torch.zeros(len(probe.labels), len(probe.classes), probe.size, probe.size)
+        for i, (bx, bl) in enumerate(zip(probe.boxes, probe.box_labels)):
+            for (x0, y0, x1, y1), c in zip(bx, bl):
+                cams[i, int(c), int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 1.0
+        return logits, cams + 0.01 * torch.rand(cams.shape, generator=g)
+    return final_layer
+
+
+def test_planted_units_are_named_by_every_method_that_can_see_them(planted, monkeypatch):
+    from mlflow_projects import concept_benchmark as cb
+
+    probe, vlm, concept_of_class = planted
+    monkeypatch.setattr(cb, "final_layer", _planted_final_layer(probe))
+    generic = ["house", "river", "music", "table", "window", "garden", "letter", "engine"]
+    table = cb.run_benchmark(cb.BenchConfig(), model=None, probe=probe, vlm=vlm, generic=generic)
+
+    rows = {(r.study, r.concept_set, r.method, r.setting): r for r in table.itertuples()}
+    assert set(table["study"]) == {"concept_set", "selection", "methods"}
+    assert set(table.loc[table.study == "methods", "method"]) == {"mammi", "www", "clip_dissect", "falcon", "tsi"}
+    assert (table["n_units"] == len(probe.classes)).all()
+    mammi = rows[("concept_set", "report_nouns", "mammi", "alpha=0.93")]
+    assert mammi.hit_rate == 1.0 and mammi.f1 > 0.5, mammi.predicted  # every planted unit named
+    assert rows[("concept_set", "generic", "mammi", "alpha=0.93")].hit_rate == 0.0  # no finding among the words
+    assert rows[("methods", "report_nouns", "clip_dissect", "soft-WPMI defaults")].hit_rate == 1.0
+    assert rows[("selection", "report_nouns", "www", "fixed top_k=10")].hit_rate == 1.0
+    # TSI (network dissection, threshold at the top q of all pixels, IoU > 0.04): a planted map equal to the box
+    # mask has IoU = (box share of all pixels) / q when that share is below q, so only classes whose boxes cover
+    # more than 0.04 * q of the probing pixels can be named, and those must be named right.
+    _, cams = cb.final_layer(None, probe.images, 32)
+    share = (cams > 0.5).float().mean(dim=(0, 2, 3)).numpy()  # (C,)
+    q = cb.BenchConfig().dissection_q
+    nameable = {probe.classes[c] for c in np.flatnonzero(share / q > 0.04 * 1.1)}
+    assert nameable, share
+    tsi = table[table.method == "tsi"].iloc[0]
+    named = {cls for cls, pred in json.loads(tsi.predicted).items() if pred}
+    assert named >= nameable and tsi.hit_rate * tsi.n_units == pytest.approx(tsi.n_annotated)  # all named right
+
+
+@pytest.mark.slow
+def test_entry_point_logs_the_table_with_every_study(tmp_path, tiny_phantom):
+    from mlflow_projects import concept_benchmark
+
+    with tracking(tmp_path):
+        version = register_tiny_classifier(tmp_path)
+        run_id = concept_benchmark.main(["--data", str(tiny_phantom), "--model-uri", f"models:/cxr-classifier/{version}",
+                                         "--clip", "scratch", "--max-images", "48", "--batch-size", "16"])
+        run = mlflow.get_run(run_id)
+        assert run.data.tags["model_uri"].endswith(f"cxr-classifier/{version}")
+        assert run.data.tags["clip"].startswith("scratch:") and run.data.tags["manifest"] == str(tiny_phantom)
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="concept_benchmark",
+                                                     dst_path=str(tmp_path / "dl"))
+        table = pd.read_parquet(f"{folder}/table.parquet")
+        assert pd.read_csv(f"{folder}/table.csv").shape == table.shape
+        assert {"concept_set", "selection", "methods"} == set(table["study"])
+        assert {"mammi", "www", "clip_dissect", "falcon"} <= set(table["method"])
+        assert table["hit_rate"].between(0, 1).all() and (table["n_units"] == 9).all()
+        logged = run.data.metrics
+        assert {"concept_set.generic.mammi.hit_rate", "concept_set.report_nouns.mammi.hit_rate",
+                "selection.report_nouns.www.k10.hit_rate", "methods.report_nouns.clip_dissect.f1"} <= set(logged)
+        row = table[(table.study == "methods") & (table.method == "clip_dissect")].iloc[0]
+        assert logged["methods.report_nouns.clip_dissect.f1"] == pytest.approx(row.f1)
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        concept_benchmark.main(["--data", str(tmp_path / "nope.parquet")])
