@@ -26,20 +26,21 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=DEFAULT_DATA, help="manifest with masks or boxes (a phantom is generated when the default is missing)")
     p.add_argument("--epochs", type=positive_int, default=4, help="DWARF cycles (one epoch per disease each)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--clip", default="models:/cxr-clip@candidate")
-    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the phantom and of the training")
+    p.add_argument("--clip", default="models:/cxr-clip@candidate",
+                   help="VLM with a ViT image tower: models:/ URI, open_clip spec, local-dir:PATH or scratch")
+    p.add_argument("--image-size", type=positive_int, default=64, help="input side (px)")
     p.add_argument("--diseases", default="4,7", help="comma-separated disease counts")
-    p.add_argument("--vlm-epochs", type=nonneg_int, default=6)
-    p.add_argument("--lam", type=unit_float, default=0.5)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--vlm-epochs", type=nonneg_int, default=6, help="epochs of the shared classification-trained VLM stage")
+    p.add_argument("--lam", type=unit_float, default=0.5, help="lambda of L = lambda L_seg + (1 - lambda) L_cls")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the image encoder gets lr * --encoder-lr-scale)")
     p.add_argument("--encoder-lr-scale", type=float, default=0.1,
                    help="image-tower lr = lr * this (1.0 when the CLIP is untrained; 0 freezes it)")
-    p.add_argument("--phantom-n", type=positive_int, default=240)
-    p.add_argument("--device", default="")
+    p.add_argument("--phantom-n", type=positive_int, default=240, help="images of the generated phantom")
+    p.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda when available)")
     return p.parse_args(argv)
 
 
