@@ -1006,28 +1006,31 @@ def _mine_concepts(reports: Sequence[str], max_concepts: int) -> list[str]:
     return [str(c) for c in mine_concepts(reports, max_concepts=max_concepts)["concept"]]
 
 
-CONCEPT_TEMPLATE = "A chest x-ray image of a {}"  # how concepts are put to the VLM (MAMMI's base template)
-VLM_CHANCE_MARGIN = 0.55  # below this mean zero-shot AUROC the report calls the VLM's annotations unsupported
+VLM_CHANCE_MARGIN = 0.55  # below this mean zero-shot AUROC the VLM's annotations are called unsupported
 
 
 def vlm_validity(vlm, image_emb, probe: Probe) -> dict:
     """Can the VLM see the findings it is asked to name? Zero-shot AUROC per class on the probing set.
 
-    Each probing image is scored by ``cos(image, text(CONCEPT_TEMPLATE with the class name))``, the same
-    similarity the annotation methods use for a concept, and ranked against the image labels. A VLM at
-    chance here (0.5) gives unit annotations that carry no evidence, whatever the method reports.
+    Each probing image is scored by ``cos(image, text(prompt))`` with the prompt the annotation methods
+    put a concept in (:func:`interpret.concepts.concept_prompts`, here with the class name), and ranked
+    against the image labels. A VLM at chance here (0.5) gives unit annotations that carry no evidence,
+    whatever the method reports.
 
     Returns:
-        ``{"prompt", "per_class": {class: auroc}, "auroc_mean", "n_classes"}`` (classes with positives and
-        negatives only; ``auroc_mean`` None when there are none).
+        ``{"prompt", "per_class": {class: auroc}, "auroc_mean", "n_classes", "supported"}`` (classes with
+        positives and negatives only; ``auroc_mean`` None when there are none; ``supported``: the mean
+        reaches :data:`VLM_CHANCE_MARGIN`).
     """
+    from interpret.concepts import TEMPLATE, concept_prompts
     from training.clip.train import per_class_auroc, prompt_name
 
-    txt = vlm.encode_texts([CONCEPT_TEMPLATE.format(prompt_name(c)) for c in probe.classes])  # (C, d)
+    txt = vlm.encode_texts(concept_prompts([prompt_name(c) for c in probe.classes]))  # (C, d)
     scores = (image_emb.float() @ txt.float().T).numpy()  # (N, C)
     aucs = {c: a for c, a in per_class_auroc(probe.labels, scores, probe.classes).items() if np.isfinite(a)}
-    return {"prompt": CONCEPT_TEMPLATE, "per_class": aucs, "n_classes": len(aucs),
-            "auroc_mean": float(np.mean(list(aucs.values()))) if aucs else None}
+    mean = float(np.mean(list(aucs.values()))) if aucs else None
+    return {"prompt": TEMPLATE, "per_class": aucs, "n_classes": len(aucs), "auroc_mean": mean,
+            "supported": mean is not None and mean >= VLM_CHANCE_MARGIN}
 
 
 def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, sections: _Sections) -> ConceptResult:
@@ -1039,6 +1042,7 @@ def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, s
     try:
         from interpret import concept_scores, select_concepts
         from interpret.activations import collect_activations
+        from interpret.concepts import BASE_TEMPLATE, concept_prompts
         from interpret.vlm import VLMAdapter
     except ImportError as exc:
         sections.skip("concepts", f"concept annotation unavailable in this installation ({exc})")
@@ -1055,10 +1059,10 @@ def concept_section(cfg: AuditConfig, model, probe: Probe, feats, penult: str, s
     bundle, clip_desc = resolve_clip(cfg.clip)
     vlm = VLMAdapter(bundle, batch_size=cfg.batch_size)
     img = vlm.encode_images(probe.images)  # (N, d)
-    txt = vlm.encode_texts([CONCEPT_TEMPLATE.format(c) for c in concepts])  # (M, d)
-    tem = vlm.encode_texts([CONCEPT_TEMPLATE.format("").rstrip()])[0]  # (d,)
+    txt = vlm.encode_texts(concept_prompts(concepts))  # (M, d)
+    tem = vlm.encode_texts([BASE_TEMPLATE])[0]  # (d,)
     vlm_check = vlm_validity(vlm, img, probe)
-    if vlm_check["auroc_mean"] is None or vlm_check["auroc_mean"] < VLM_CHANCE_MARGIN:
+    if not vlm_check["supported"]:
         log.warning("the VLM (%s) does not tell the findings apart on this probing set (mean zero-shot AUROC %s): "
                     "its concept annotations are not supported by evidence", cfg.clip, vlm_check["auroc_mean"])
     from torch.utils.data import DataLoader

@@ -256,11 +256,12 @@ def _concepts(s: Mapping[str, Any], folder: Path, top: int = 12) -> str:
     check = c.get("vlm_check") or {}
     if check:
         mean = check.get("auroc_mean")
-        verdict = ("" if mean is not None and mean >= 0.55 else
+        verdict = ("" if check.get("supported", True) else
                    " <b>The VLM does not tell these findings apart (0.5 = chance): the concept names below are not "
                    "supported by evidence.</b>")
+        prompt = str(check.get("prompt", "")).replace("{concept}", "<class>").replace("{}", "<class>")
         out.append(f"<p>VLM check ({_e(c.get('clip', ''))}): zero-shot AUROC of the image-text similarity with "
-                   f"&ldquo;{_e(check.get('prompt', '').format('<class>'))}&rdquo; on the probing set, mean "
+                   f"&ldquo;{_e(prompt)}&rdquo; on the probing set, mean "
                    f"{_e('n/a' if mean is None else f'{mean:.3f}')}.{verdict}</p>")
         out.append(_table([{"class": k, "zero-shot AUROC": v} for k, v in check.get("per_class", {}).items()]))
     layers = c.get("layers", {})

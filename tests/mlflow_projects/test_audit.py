@@ -157,6 +157,7 @@ class _PlantedTexts:
 
 
 def test_vlm_validity_separates_a_seeing_vlm_from_a_blind_one():
+    from interpret.concepts import concept_prompts
     from training.clip.train import prompt_name
 
     rng = np.random.default_rng(0)
@@ -166,12 +167,15 @@ def test_vlm_validity_separates_a_seeing_vlm_from_a_blind_one():
     probe = audit.Probe(images=torch.zeros(60, 1, 8, 8), labels=labels, boxes=[], box_labels=[],
                         image_ids=[str(i) for i in range(60)], reports=[""] * 60, classes=classes)
     basis = torch.eye(4)
-    vlm = _PlantedTexts({audit.CONCEPT_TEMPLATE.format(prompt_name(c)): basis[i] for i, c in enumerate(classes)})
+    prompts = concept_prompts([prompt_name(c) for c in classes])
+    vlm = _PlantedTexts({p: basis[i] for i, p in enumerate(prompts)})
     seeing = torch.nn.functional.normalize(torch.from_numpy(labels) @ basis[:3] + 0.1 * basis[3], dim=-1)
     check = audit.vlm_validity(vlm, seeing, probe)
     assert check["per_class"] == {"Effusion": 1.0, "Pleural_Thickening": 1.0} and check["auroc_mean"] == 1.0
-    assert "pleural thickening" in audit.CONCEPT_TEMPLATE.format(prompt_name("Pleural_Thickening"))
+    assert "pleural thickening" in concept_prompts([prompt_name("Pleural_Thickening")])[0]
     blind = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(60, 4))).float(), dim=-1)
-    assert abs(audit.vlm_validity(vlm, blind, probe)["auroc_mean"] - 0.5) < 0.15
+    blind_check = audit.vlm_validity(vlm, blind, probe)
+    assert abs(blind_check["auroc_mean"] - 0.5) < 0.15
+    assert check["supported"] and not blind_check["supported"]
     m = audit.flat_metrics({"concepts": {"vlm_check": check}})
     assert m["concept_vlm_auroc_mean"] == 1.0
