@@ -128,7 +128,8 @@ def unit_contributions(model: nn.Module, images: torch.Tensor, targets: Any = No
             pooled = feats.mean(dim=tuple(range(2, feats.ndim)))  # (B, K)
             w = model.head.weight  # (C, K)
             t = _targets(targets, images.shape[0], logits.shape[1], logits.device)
-            contrib = pooled[:, None, :] * w[t]  # (B, T, K)
+            rows = torch.arange(images.shape[0], device=t.device)[:, None]
+            contrib = linear_contributions(pooled, w)[rows, t]  # (B, T, K)
             bias = model.head.bias.detach().clone() if model.head.bias is not None else None
         return Contributions(contrib, t, logits, bias, "linear", getattr(model, "feature_layer", ""))
     return _taylor(model, images, targets, layer or getattr(model, "feature_layer", None))

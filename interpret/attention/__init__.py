@@ -19,16 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from interpret.attention.base import (AttentionMethod, GradientLayerMethod, PixelMethod,
-                                      format_targets, minmax_normalize, upsample)
-from interpret.attention.cam import CAM
+from interpret.attention.base import (SERVED_RELU, AttentionMethod, GradientLayerMethod, PixelMethod,
+                                      finalize_maps, format_targets, minmax_normalize, upsample)
+from interpret.attention.cam import CAM, cam_from_features
 from interpret.attention.captum_methods import IntegratedGradientsMethod, SmoothGradMethod
 from interpret.attention.gradcam import GradCAM
 from interpret.attention.gradcampp import GradCAMPlusPlus
 
 __all__ = ["attention_maps", "get_method", "list_methods", "AttentionMethod", "GradientLayerMethod",
            "PixelMethod", "CAM", "GradCAM", "GradCAMPlusPlus", "IntegratedGradientsMethod",
-           "SmoothGradMethod", "format_targets", "minmax_normalize", "upsample"]
+           "SmoothGradMethod", "format_targets", "minmax_normalize", "upsample", "finalize_maps",
+           "cam_from_features", "SERVED_RELU"]
 
 _METHODS: dict[str, type[AttentionMethod]] = {
     "cam": CAM,

@@ -25,7 +25,42 @@ from interpret.hooks import capture, resolve_layer
 logger = logging.getLogger(__name__)
 
 __all__ = ["AttentionMethod", "GradientLayerMethod", "PixelMethod", "format_targets",
-           "minmax_normalize", "upsample", "model_state"]
+           "minmax_normalize", "upsample", "model_state", "finalize_maps", "SERVED_RELU"]
+
+#: The one choice of post-processing for every map this project shows or scores (the service's
+#: ``/explain``, the audit's localisation, shortcut and gallery sections, the imbalance study):
+#: raw map -> ReLU -> bilinear upsampling -> per-map min-max to [0, 1].
+#:
+#: Why ReLU by default: Grad-CAM (Selvaraju et al. 2017, eq. 2) and CAM as used by Zhou et al. keep
+#: only the evidence *for* the class; the negative part is evidence for other classes and, left in,
+#: it moves the min-max floor so that the least negative region reads as "attended". Captum chooses
+#: the opposite default ("we choose not to apply ReLU") for a general-purpose library; here one map is
+#: both shown to clinicians and audited, so they must be the same map, and it is the papers' map.
+#: Pass ``relu=False`` only for an analysis that says it departs from this (and why).
+SERVED_RELU = True
+
+
+def finalize_maps(raw: torch.Tensor, size: tuple[int, int], relu: bool = SERVED_RELU) -> torch.Tensor:
+    """Raw low-resolution maps to displayable maps: ReLU (optional) -> bilinear upsampling -> min-max.
+
+    This is the only place that turns raw maps into [0, 1] maps; :class:`AttentionMethod`, the serving
+    fast path (CAM from ONNX features) and the audit all call it, so what is audited is what is served.
+
+    Args:
+        raw: (B, T, h, w) raw maps (any float dtype).
+        size: (H, W) output size.
+        relu: keep only positive evidence before normalising (see :data:`SERVED_RELU`).
+
+    Returns:
+        (B, T, H, W) float32 maps, each min-max normalised to [0, 1] (a constant map becomes zeros).
+
+    Raises:
+        ValueError: ``raw`` is not 4-D.
+    """
+    if raw.dim() != 4:
+        raise ValueError(f"raw maps must be (B, T, h, w), got shape {tuple(raw.shape)}")
+    maps = F.relu(raw) if relu else raw
+    return minmax_normalize(upsample(maps.float(), tuple(size)))
 
 
 def format_targets(targets: Any, batch: int, num_classes: int | None = None) -> torch.Tensor:
@@ -133,7 +168,7 @@ class AttentionMethod:
 
     name: str = "base"
     uses_layer: bool = True
-    relu: bool = True
+    relu: bool = SERVED_RELU
 
     def __init__(self, model: nn.Module, layer: str | None = None, relu: bool | None = None):
         if not isinstance(model, nn.Module):
@@ -181,8 +216,7 @@ class AttentionMethod:
         """
         images = _check_images(images)
         raw = self.raw(images, targets).detach()
-        maps = F.relu(raw) if self.relu else raw
-        maps = minmax_normalize(upsample(maps.float(), tuple(images.shape[-2:])))
+        maps = finalize_maps(raw, tuple(images.shape[-2:]), relu=self.relu)
         return (maps, raw) if return_raw else maps
 
     def _targets(self, targets: Any, batch: int, logits: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,31 @@ from torch import nn
 from interpret.attention.base import AttentionMethod, _check_images, model_state
 from interpret.hooks import capture, resolve_layer
 
-__all__ = ["CAM"]
+__all__ = ["CAM", "cam_from_features"]
+
+
+def cam_from_features(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CAM (Zhou et al. 2016, eq. 2) from feature maps and head weights: ``M_c = sum_k w_ck f_k``.
+
+    The one implementation of the product: :class:`CAM` (torch model) and the service's ONNX fast
+    path (features from ONNX Runtime) both call it.
+
+    Args:
+        features: (B, K, h, w) feature-layer activations.
+        weight: (C, K) weight of the linear head after global average pooling.
+        targets: (B, T) class indices.
+
+    Returns:
+        (B, T, h, w) raw maps (bias left out; no ReLU: :func:`finalize_maps` applies it).
+
+    Raises:
+        ValueError: ``features`` and ``weight`` disagree in K.
+    """
+    if features.dim() != 4 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(f"cam: features (B, K, h, w) and head weight (C, K) must agree in K; got "
+                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
+    w = weight.to(features.dtype)[targets]                                  # (B, T, K)
+    return torch.einsum("btk,bkhw->bthw", w, features)                      # (B, T, h, w)
 
 
 class CAM(AttentionMethod):
@@ -64,5 +88,4 @@ class CAM(AttentionMethod):
         if feats.dim() != 4 or feats.shape[1] != self.head.in_features:
             raise ValueError(f"cam: layer {self.layer!r} gives {tuple(feats.shape)} but the head "
                              f"expects {self.head.in_features} channels after pooling")
-        w = self.head.weight.detach()[tgt]                                  # (B, T, K)
-        return torch.einsum("btk,bkhw->bthw", w.to(feats.dtype), feats)     # (B, T, h, w)
+        return cam_from_features(feats, self.head.weight.detach(), tgt)     # (B, T, h, w)

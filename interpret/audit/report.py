@@ -323,7 +323,7 @@ def _comparison(s: Mapping[str, Any]) -> str:
     cmp = s.get("comparison")
     if not cmp:
         return ""
-    from mlflow_projects.compare import comparison_html
+    from interpret.audit.diff import comparison_html
 
     return comparison_html(cmp)
 

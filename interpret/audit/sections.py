@@ -1,0 +1,244 @@
+"""Audit sections on a probing set: performance, attention maps and localisation, the gallery,
+dissection and class-wise unit importance. Each returns plain rows / dicts for ``summary.json``."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from interpret.audit._util import _finite
+from interpret.audit.probe import Probe
+from interpret.audit.shortcuts import attention_shares, chest_field, marker_mask
+
+RELATED_TERMS: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("atelecta", "collapse", "volume loss", "band", "plate"),
+    "Cardiomegaly": ("cardiomegal", "heart", "cardiac", "silhouette", "enlarge"),
+    "Effusion": ("effusion", "fluid", "costophrenic", "meniscus", "pleural"),
+    "Infiltration": ("infiltrat", "haz", "interstitial", "reticul", "ground-glass", "ground glass", "opacit"),
+    "Mass": ("mass", "lesion", "tumo", "opacit"),
+    "Nodule": ("nodul", "opacit", "lesion"),
+    "Pneumonia": ("pneumonia", "consolidat", "airspace", "opacit"),
+    "Pneumothorax": ("pneumothora", "pleural line", "lucen", "apex", "apical"),
+    "Consolidation": ("consolidat", "airspace", "bronchogram", "opacit"),
+    "Edema": ("edema", "oedema", "vascular", "congest", "kerley"),
+    "Emphysema": ("emphysema", "hyperinflat", "bulla", "hyperlucen"),
+    "Fibrosis": ("fibros", "scar", "reticul", "interstitial"),
+    "Pleural_Thickening": ("pleural", "thicken"),
+    "Hernia": ("hernia", "hiatal", "retrocardiac", "bubble"),
+}
+
+
+def related(concept: str, cls: str) -> bool:
+    """Whether ``concept`` names ``cls`` or a sign of it (:data:`RELATED_TERMS`, else the class name)."""
+    text = concept.lower()
+    terms = RELATED_TERMS.get(cls, (cls.lower().replace("_", " "),))
+    return any(t in text for t in terms)
+
+
+def infer(model, images, batch_size: int, task: str = "multilabel"):
+    """Probabilities (N, C) and feature maps (N, K, h, w) in batches."""
+    import torch
+    from tqdm.auto import tqdm
+
+    probs, feats = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), batch_size), desc="audit: inference", leave=False):
+            logits, f = model.forward_all(images[start:start + batch_size])
+            probs.append((logits.softmax(-1) if task == "multiclass" else logits.sigmoid()).numpy())
+            feats.append(f.float())
+    return np.concatenate(probs), torch.cat(feats)
+
+
+def performance_section(probe: Probe, probs: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
+    """Per-class AUROC / AP / F1 / MCC at the stored thresholds (``training.metrics``)."""
+    from training.metrics import classification_metrics
+
+    table = classification_metrics(probe.labels, probs, thresholds, probe.classes)
+    rows = []
+    for cls, r in table.iterrows():
+        rows.append({"class": str(cls), "n_pos": int(r["n_pos"]), "n_neg": int(r["n_neg"]),
+                     "auroc": _finite(r["auroc"]), "ap": _finite(r["ap"]), "f1": _finite(r["f1"]),
+                     "mcc": _finite(r["mcc"]), "threshold": float(r["threshold"])})
+    return rows
+
+
+@dataclass
+class AttentionPass:
+    """What one pass of attention maps over the probing set yields."""
+
+    localization: Any  # DataFrame: one row per (image, class with a box)
+    outside: np.ndarray  # (N, C) attention share outside the lung-field estimate
+    on_marker: np.ndarray  # (N, C) attention share on marker pixels
+    markers: np.ndarray  # (N, S, S) bool marker estimate
+
+
+def attention_pass(model, probe: Probe, method: str, batch_size: int, pointing_tolerance: float = 0.0
+                   ) -> AttentionPass:
+    """Maps for every class on every probing image (batched); localisation rows (pointing game within
+    ``pointing_tolerance`` pixels) and shortcut shares."""
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from interpret import attention_maps
+    from interpret.localization import localization_table, masks_from_boxes
+
+    n, c, s = probe.n, len(probe.classes), probe.size
+    field_mask = chest_field(s)
+    markers = probe.artefacts if probe.artefacts is not None else marker_mask(probe.images[:, 0].numpy())
+    outside, on_marker = np.full((n, c), np.nan), np.full((n, c), np.nan)
+    tables = []
+    for start in tqdm(range(0, n, batch_size), desc=f"audit: {method} maps", leave=False):
+        sl = slice(start, min(start + batch_size, n))
+        x = probe.images[sl]
+        targets = torch.arange(c).expand(len(x), c)
+        maps = attention_maps(model, x, targets, method=method).float().numpy()  # (B, C, S, S)
+        outside[sl], on_marker[sl] = attention_shares(maps, field_mask, markers[sl])
+        boxed = [i for i in range(len(x)) if len(probe.boxes[start + i])]
+        if boxed:
+            idx = [start + i for i in boxed]
+            masks = masks_from_boxes([probe.boxes[i] for i in idx], [probe.box_labels[i] for i in idx],
+                                     targets[boxed], s)
+            t = localization_table(maps[boxed], masks, targets[boxed], probe.classes,
+                                   [probe.image_ids[i] for i in idx], pointing_tolerance=pointing_tolerance)
+            tables.append(t[t["has_mask"]].drop(columns="has_mask"))
+    loc = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return AttentionPass(loc, outside, on_marker, markers)
+
+
+def localization_summary(loc, classes: Sequence[str]) -> list[dict]:
+    rows = []
+    for cls in classes:
+        part = loc[loc["class"] == cls] if len(loc) else loc
+        if len(part) == 0:
+            continue
+        rows.append({"class": cls, "n_images": int(part["image_id"].nunique()),
+                     "iobb": _finite(part["iobb"].mean()), "ior": _finite(part["ior"].mean()),
+                     "pointing": _finite(part["pointing"].mean()),
+                     "pointing_chance": _finite(part["pointing_chance"].mean())
+                     if "pointing_chance" in part else None})
+    return rows
+
+
+def save_gallery(model, probe: Probe, loc, method: str, out: Path, n: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """``out/<class>_best.png`` and ``<class>_worst.png``: image, map overlay and boxes of the ``n``
+    highest and lowest soft-IoBB cases of each class.
+
+    Returns:
+        ``(file names, cases)``: the PNGs written and the ``(image_id, class)`` pairs they show.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from interpret import attention_maps
+
+    out.mkdir(parents=True, exist_ok=True)
+    index = {iid: i for i, iid in enumerate(probe.image_ids)}
+    written: list[str] = []
+    cases: list[tuple[str, str]] = []
+    if n <= 0 or len(loc) == 0:
+        return written, cases
+    for cls, part in loc.groupby("class", sort=False):
+        c = probe.classes.index(cls)
+        part = part.sort_values("iobb", ascending=False)
+        picks = {"best": part.head(n), "worst": part.tail(n).iloc[::-1]}
+        for kind, rows in picks.items():
+            ids = [index[i] for i in rows["image_id"]]
+            cases += [(str(i), str(cls)) for i in rows["image_id"] if (str(i), str(cls)) not in cases]
+            maps = attention_maps(model, probe.images[ids], c, method=method)[:, 0].numpy()
+            fig, axes = plt.subplots(1, len(ids), figsize=(2.6 * len(ids), 2.9), dpi=90, squeeze=False)
+            try:
+                for ax, i, m, (_, r) in zip(axes[0], ids, maps, rows.iterrows()):
+                    ax.imshow(probe.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    ax.imshow(m, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+                    for b in probe.boxes[i][probe.box_labels[i] == c]:
+                        ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
+                                               edgecolor="lime", linewidth=1.2))
+                    ax.set_title(f"{probe.image_ids[i]}\nIoBB {r['iobb']:.2f}  IoR {r['ior']:.2f}", fontsize=7)
+                    ax.axis("off")
+                fig.suptitle(f"{cls}: {kind} {len(ids)} ({method})", fontsize=9)
+                fig.tight_layout()
+                name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cls)}_{kind}.png"
+                fig.savefig(out / name)
+                written.append(name)
+            finally:
+                plt.close(fig)
+    return written, cases
+
+
+def dissection_section(feats, probe: Probe, quantile: float) -> dict:
+    """Disjoint / Unique counts per class on the feature layer (:func:`interpret.dissection.dissect_activations`).
+
+    Returns:
+        ``dissection.json`` content: ``quantile``, ``per_class`` rows (class, n_images, disjoint, unique,
+        ...), ``overall``, per-unit TSI concepts (``detail``); or a ``reason`` when nothing has boxes.
+    """
+    from interpret.dissection import dissect_activations
+
+    if not any(len(b) for b in probe.boxes):
+        return {"quantile": quantile, "per_class": [], "reason": "no probing image has boxes"}
+    res = dissect_activations(feats, probe.boxes, probe.box_labels, probe.classes, probe.size, q=quantile,
+                              image_ids=probe.image_ids)
+    full = res.to_json()
+    rows = []
+    for r in full["per_class"]:
+        if int(r.get("n_images", 0)) > 0:
+            rows.append({"class": r["class"], **{k: (_finite(v) if isinstance(v, float) else v)
+                                                for k, v in r.items() if k != "class"}})
+    return {"quantile": quantile, "per_class": rows, "overall": full["overall"],
+            "detail": {"units": full["units"], "params": full["params"],
+                       "threshold_error_max": full["threshold_error_max"]}}
+
+
+def importance_section(model, probe: Probe, feats, annotations: dict[int, list[str]], top_units: int):
+    """Class-wise unit importance of the GAP + linear head: the mean exact contribution ``a_u W_cu`` over the
+    class's positive images (:func:`interpret.importance.linear_contributions` and
+    :func:`~interpret.importance.class_importance`; all images for a class without positives), top units
+    per class with their concepts.
+
+    Args:
+        model: classifier with an ``nn.Linear`` ``head`` after global average pooling.
+        probe: the probing set; feats: (N, K, h, w) feature-layer activations.
+        annotations: ``unit -> concepts`` of the feature layer (empty when not annotated).
+        top_units: units per class in the summary.
+
+    Returns:
+        ``(table, summary)``: DataFrame ``class, unit, importance, rank, concepts, related`` (every class x
+        unit) and ``{"per_class": {class: [top units]}, "concept_coverage": float | None}``.
+    """
+    import pandas as pd
+    import torch
+
+    from interpret.importance import class_importance, linear_contributions
+
+    pooled = feats.float().mean(dim=(2, 3))  # (N, K)
+    contrib_all = linear_contributions(pooled, model.head.weight.detach().float())  # (N, C, K)
+    per_cls = class_importance(contrib_all, probe.labels)  # (C, K), NaN rows for classes without positives
+    fallback = contrib_all.mean(0)  # (C, K) over all images
+    per_cls = torch.where(torch.isnan(per_cls), fallback, per_cls).numpy()
+    ann = annotations
+    rows, per_class, covered, eligible = [], {}, 0, 0
+    for c, cls in enumerate(probe.classes):
+        contrib = per_cls[c]  # (K,)
+        order = np.argsort(-contrib, kind="stable")
+        ranks = np.empty_like(order)
+        ranks[order] = np.arange(len(order))
+        for u in range(len(contrib)):
+            names = ann.get(u, [])
+            rows.append({"class": cls, "unit": u, "importance": float(contrib[u]), "rank": int(ranks[u]) + 1,
+                         "concepts": list(names), "related": any(related(n, cls) for n in names)})
+        top = [{"unit": int(u), "score": float(contrib[u]), "concepts": list(ann.get(int(u), [])),
+                "related": any(related(n, cls) for n in ann.get(int(u), []))} for u in order[:top_units]]
+        per_class[cls] = top
+        if (probe.labels[:, c] > 0).any():
+            eligible += 1
+            covered += any(t["related"] for t in top)
+    coverage = covered / eligible if (ann and eligible) else None
+    return pd.DataFrame(rows), {"per_class": per_class, "concept_coverage": coverage,
+                                "basis": "positive images of the class (all images when it has none)"}
