@@ -139,3 +139,46 @@ def test_register_version_tags_and_alias(store, tmp_path):
                                  {"classes": ["Effusion"], "kind": "dwarf"}, description="tiny")
     assert str(mv.version) == "1" and mv.tags["kind"] == "dwarf" and json.loads(mv.tags["classes"]) == ["Effusion"]
     assert resolve_model_uri("models:/cxr-dwarf@candidate").version == "1"
+
+
+def _tiny_clip_configs(tmp_path):
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    rn = tmp_path / "rn.json"
+    rn.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8,
+                                                              "head_width": 16}, "text_cfg": text}))
+    vit = tmp_path / "vit.json"
+    vit.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+                                                               "head_width": 16, "patch_size": 8}, "text_cfg": text}))
+    return rn, vit
+
+
+def test_resolve_clip_one_rule(store, tmp_path, monkeypatch):
+    """Untrained only when asked by name; a models:/ URI that cannot be loaded and an unknown spec are errors;
+    DWARF's ViT requirement is checked, not papered over."""
+    from open_clip.transformer import VisionTransformer
+
+    from mlflow_projects import pyfunc_clip
+    from training.clip import load_clip
+
+    bundle, described = common.resolve_clip("scratch", image_size=32, require_vit=True)
+    assert described == "scratch:cxr-tiny-vit (untrained)" and isinstance(bundle.model.visual, VisionTransformer)
+    assert common.resolve_clip("scratch:cxr-tiny-vit", 32)[1] == "scratch:cxr-tiny-vit (untrained)"
+    with pytest.raises(ValueError, match=r"bad CLIP 'scratch:cxr-tiny-vt'.*cxr-tiny-vit"):
+        common.resolve_clip("scratch:cxr-tiny-vt")
+    with pytest.raises(ValueError, match=r"cannot load CLIP 'scrach'.*valid forms: models:/NAME/VERSION.*scratch"):
+        common.resolve_clip("scrach")
+    with pytest.raises(RegistryError, match=r"cxr-clip has no alias 'candidate'; aliases: none"):
+        common.resolve_clip("models:/cxr-clip@candidate")
+    # cxr-clip version 1 exists but its source holds no CLIP: an error, not an untrained fallback
+    with pytest.raises(RegistryError, match=r"cannot load the CLIP models:/cxr-clip/1"):
+        common.resolve_clip("models:/cxr-clip/1")
+    rn, vit = _tiny_clip_configs(tmp_path)
+    with pytest.raises(ValueError, match=r"ModifiedResNet image tower; DWARF needs a ViT.*'scratch'"):
+        common.resolve_clip(str(rn), require_vit=True)
+    assert common.resolve_clip(str(rn))[1] == str(rn)
+    client, _ = store
+    client.set_registered_model_alias("cxr-clip", "candidate", "1")
+    monkeypatch.setattr(pyfunc_clip, "load_registered_clip", lambda uri: load_clip(str(vit)))
+    bundle, described = common.resolve_clip("models:/cxr-clip@candidate", require_vit=True)
+    assert described == "models:/cxr-clip@candidate (version 1)" and bundle.spec == "models:/cxr-clip@candidate"
+    assert common.resolve_clip("models:/cxr-clip/1")[1] == "models:/cxr-clip/1"
