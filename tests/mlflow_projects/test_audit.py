@@ -1,89 +1,19 @@
-"""Audit entry point: shortcut estimates (analytic), summary figures, a full audit of a tiny registered
-model in a temporary MLflow store (every artifact and tag), and resume after a tracking outage."""
+"""Audit entry point (glue): a full audit of a tiny registered model in a temporary MLflow store (every
+artifact and tag), resume after a tracking outage, the README's command in a subprocess, and bad input
+refused with one line before anything is downloaded or written. The sections themselves are tested in
+tests/interpret/audit."""
 from __future__ import annotations
 
 import json
 import socket
 
-import numpy as np
 import pytest
-import torch
 
 from mlflow_projects import audit
 from tests.mlflow_projects.audit_fixtures import register_tiny_classifier, tracking, write_gates
 
 ARTIFACTS = ["summary.json", "concepts.parquet", "neuron_importance.parquet", "localization.parquet",
-             "dissection.json", "report.html"]
-
-
-def test_chest_field_and_shares_are_exact():
-    field = audit.chest_field(64)
-    assert field[32, 32] and not field[0, 0] and not field[2, 61]
-    maps = np.zeros((1, 2, 64, 64))
-    maps[0, 0, 30:34, 30:34] = 1.0  # all inside the lung field
-    maps[0, 1, 0:4, 60:64] = 1.0  # all in the top-right corner
-    markers = np.zeros((1, 64, 64), bool)
-    markers[0, 0:4, 60:64] = True
-    outside, on_marker = audit.attention_shares(maps, field, markers)
-    np.testing.assert_allclose(outside[0], [0.0, 1.0])
-    np.testing.assert_allclose(on_marker[0], [0.0, 1.0])
-
-
-def test_marker_mask_finds_saturated_border_text_only():
-    img = np.full((2, 64, 64), 0.4, np.float32)
-    img[0, 2:8, 2:6] = 1.0  # a burned-in letter in the corner
-    img[1, 30:34, 30:34] = 1.0  # saturated but central: not a marker
-    m = audit.marker_mask(img, grow=0)
-    assert m[0, 2:8, 2:6].all() and m[0].sum() == 24
-    assert not m[1].any()
-
-
-def _probe(n=6, s=32, c=2):
-    labels = np.zeros((n, c), np.float32)
-    labels[:3, 0] = 1
-    labels[3:, 1] = 1
-    return audit.Probe(images=torch.rand(n, 1, s, s), labels=labels, boxes=[np.zeros((0, 4))] * n,
-                       box_labels=[np.zeros(0, int)] * n, image_ids=[str(i) for i in range(n)],
-                       reports=[""] * n, classes=["Effusion", "Nodule"])
-
-
-def test_shortcut_section_flags_class_attending_markers():
-    probe = _probe()
-    n, s = probe.n, probe.size
-    markers = np.zeros((n, s, s), bool)
-    markers[:, 0:4, 0:4] = True
-    outside = np.zeros((n, 2))
-    on_marker = np.zeros((n, 2))
-    outside[:, 0], on_marker[:, 0] = 0.9, 0.8  # Effusion looks at the marker
-    outside[:, 1], on_marker[:, 1] = 0.1, 0.0
-    ap = audit.AttentionPass(None, outside, on_marker, markers)
-    feats = torch.zeros(n, 3, 4, 4)
-    feats[:, 0, 0, 0] = 5.0  # unit 0 fires in the marker corner only
-    feats[:, 1, 1:3, 1:3] = 1.0  # unit 1 fires centrally
-    units = {"Effusion": [{"unit": 0}], "Nodule": [{"unit": 1}]}
-    res = audit.shortcut_section(probe, np.zeros((n, 2)), ap, feats, units, 0.5, 0.2)
-    flagged = {(w["kind"], w["target"].split()[0]) for w in res["warnings"]}
-    assert ("class", "Effusion") in flagged and ("class", "Nodule") not in flagged
-    assert ("unit", "0") in flagged and ("unit", "1") not in flagged
-    assert res["class_fraction"] == pytest.approx(0.5)
-
-
-def test_flat_metrics_and_related_terms():
-    summary = {"performance": [{"class": "A", "auroc": 0.8, "ap": 0.5, "f1": None, "mcc": 0.1},
-                               {"class": "B", "auroc": None, "ap": 0.3, "f1": 0.2, "mcc": 0.3}],
-               "localization": {"per_class": [
-                   {"class": "A", "iobb": 0.4, "ior": 0.2, "pointing": 1.0, "pointing_chance": 0.25},
-                   {"class": "B", "iobb": 0.6, "ior": 0.1, "pointing": 0.0, "pointing_chance": 0.15},
-                   {"class": "C", "iobb": None, "ior": None, "pointing": None, "pointing_chance": 0.1}]},
-               "importance": {"concept_coverage": 0.5}, "shortcuts": {"per_class": [], "warnings": [],
-                                                                      "class_fraction": 0.0}}
-    m = audit.flat_metrics(summary)
-    assert m["auroc_mean"] == pytest.approx(0.8) and m["ap_mean"] == pytest.approx(0.4)
-    assert m["iobb_mean"] == pytest.approx(0.5) and m["concept_coverage"] == 0.5
-    # pointing lift: per class hit rate minus chance, then the mean (classes without a score left out)
-    assert m["pointing_mean"] == pytest.approx(0.5) and m["pointing_lift_mean"] == pytest.approx((0.75 - 0.15) / 2)
-    assert "auroc.B" not in m and m["shortcut_class_fraction"] == 0.0
-    assert audit.related("pleural effusion", "Effusion") and not audit.related("rib", "Effusion")
+             "explanations.parquet", "dissection.json", "report.html"]
 
 
 def _closed_port() -> int:
@@ -146,36 +76,66 @@ def test_audit_logs_every_artifact_and_tag_then_resume_after_outage(tmp_path, ti
         assert audit.main(["--resume", str(folder)]) == 0  # idempotent
 
 
-class _PlantedTexts:
-    """Text side of a VLM whose class prompts are known unit vectors (image side given directly)."""
-
-    def __init__(self, vectors: dict[str, torch.Tensor]):
-        self.vectors = vectors
-
-    def encode_texts(self, texts):
-        return torch.stack([self.vectors[t] for t in texts])
 
 
-def test_vlm_validity_separates_a_seeing_vlm_from_a_blind_one():
-    from interpret.concepts import concept_prompts
-    from training.clip.train import prompt_name
+def _env(uri):
+    import os
+    import sys
+    from pathlib import Path
 
-    rng = np.random.default_rng(0)
-    classes = ["Effusion", "Pleural_Thickening", "Hernia"]
-    labels = (rng.random((60, 3)) < 0.3).astype(np.float32)
-    labels[:, 2] = 0                                             # no positive: left out of the mean
-    probe = audit.Probe(images=torch.zeros(60, 1, 8, 8), labels=labels, boxes=[], box_labels=[],
-                        image_ids=[str(i) for i in range(60)], reports=[""] * 60, classes=classes)
-    basis = torch.eye(4)
-    prompts = concept_prompts([prompt_name(c) for c in classes])
-    vlm = _PlantedTexts({p: basis[i] for i, p in enumerate(prompts)})
-    seeing = torch.nn.functional.normalize(torch.from_numpy(labels) @ basis[:3] + 0.1 * basis[3], dim=-1)
-    check = audit.vlm_validity(vlm, seeing, probe)
-    assert check["per_class"] == {"Effusion": 1.0, "Pleural_Thickening": 1.0} and check["auroc_mean"] == 1.0
-    assert "pleural thickening" in concept_prompts([prompt_name("Pleural_Thickening")])[0]
-    blind = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(60, 4))).float(), dim=-1)
-    blind_check = audit.vlm_validity(vlm, blind, probe)
-    assert abs(blind_check["auroc_mean"] - 0.5) < 0.15
-    assert check["supported"] and not blind_check["supported"]
-    m = audit.flat_metrics({"concepts": {"vlm_check": check}})
-    assert m["concept_vlm_auroc_mean"] == 1.0
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.mark.slow
+def test_audit_as_the_readme_runs_it(tmp_path, tiny_phantom):
+    """`mlflow run . -e audit --env-manager local -P model_uri=... -P data=...` in a subprocess (the
+    command once crashed with a NameError while every in-process test passed): the version gets its audit
+    tags and the run holds the artifacts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    gates = write_gates(tmp_path / "gates.yaml", auroc_mean=0.0)
+    with tracking(tmp_path) as uri:
+        version = register_tiny_classifier(tmp_path)
+    root = Path(__file__).resolve().parents[2]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "audit", "--env-manager", "local",
+           "-P", "model_uri=models:/cxr-classifier@candidate", "-P", f"data={tiny_phantom}", "-P", "clip=scratch",
+           "-P", f"gates={gates}", "-P", "max_images=16", "-P", f"out={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=root, env=_env(uri), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with tracking(tmp_path, uri):
+        mv = MlflowClient().get_model_version("cxr-classifier", version)
+        assert mv.tags["audit.status"] == "passed"
+        logged = {f.path for f in MlflowClient().list_artifacts(mv.tags["audit.run_id"], "audit")}
+    assert {f"audit/{a}" for a in ARTIFACTS} <= logged
+
+
+@pytest.mark.slow
+def test_audit_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_phantom):
+    """Unknown model name, version, a missing manifest (checked before any download), a missing gates file
+    and an unresolvable CLIP: exit 2, one line naming the problem, no traceback, no audit folder."""
+    import subprocess
+    import sys
+
+    gates = write_gates(tmp_path / "gates.yaml", auroc_mean=0.0)
+    with tracking(tmp_path) as uri:
+        version = register_tiny_classifier(tmp_path)
+    base = ["--data", str(tiny_phantom), "--clip", "scratch", "--gates", str(gates)]
+    cases = [
+        (["--model-uri", "models:/nope@candidate"], "cxr-classifier"),                  # lists registered names
+        (["--model-uri", "models:/cxr-classifier/9"], version),                         # lists the versions
+        (["--model-uri", "models:/cxr-classifier/1", "--data", str(tmp_path / "missing.parquet")], "missing.parquet"),
+        (["--model-uri", "models:/cxr-classifier/1", "--gates", str(tmp_path / "nogates.yaml")], "nogates.yaml"),
+        (["--model-uri", "models:/cxr-classifier/1", "--clip", "models:/cxr-clip@candidate"], "cxr-clip"),
+    ]
+    for i, (args, expect) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        argv = [sys.executable, "-m", "mlflow_projects.audit", *base, *args, "--out", str(out)]
+        done = subprocess.run(argv, env=_env(uri), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and expect in done.stderr, (args, done.stderr[-2000:])
+        assert not out.exists()

@@ -2,37 +2,11 @@
 failed gates listed, exit 1) and accepts a passing one (alias moved, description = audit summary)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from mlflow_projects import promote
 from tests.mlflow_projects.audit_fixtures import register_tiny_classifier, tracking, write_gates
-
-
-def test_parse_and_evaluate_gates():
-    gates = promote.parse_gates({"gates": [{"name": "auc", "metric": "auroc_mean", "min": 0.7},
-                                           {"metric": "shortcut_class_fraction", "max": 0.2},
-                                           {"metric": "pointing_mean", "min": 0.5, "optional": True}]})
-    res = promote.evaluate_gates({"auroc_mean": 0.8, "shortcut_class_fraction": 0.5}, gates)
-    assert [r.status for r in res] == ["passed", "failed", "skipped"]
-    assert not promote.gates_passed(res)
-    assert promote.gates_passed(promote.evaluate_gates({"auroc_mean": 0.7, "shortcut_class_fraction": 0.2}, gates))
-    assert promote.evaluate_gates({"auroc_mean": float("nan")}, gates[:1])[0].status == "failed"
-
-
-@pytest.mark.parametrize("bad, match", [({"gates": [{"metric": "x"}]}, "needs 'min' or 'max'"),
-                                        ({"gates": [{"metric": "x", "min": 1, "mni": 2}]}, "unknown keys"),
-                                        ({"gates": [{"metric": "x", "min": "high"}]}, "must be a number"),
-                                        ({"gate": []}, "list under 'gates'")])
-def test_bad_gates_are_named(bad, match):
-    with pytest.raises(ValueError, match=match):
-        promote.parse_gates(bad)
-
-
-def test_default_gates_file_is_valid():
-    names = [g.metric for g in promote.load_gates()]
-    assert {"auroc_mean", "iobb_mean", "concept_coverage"} <= set(names)
 
 
 def _fake_audit(version: str, tmp_path, auroc: float) -> str:
@@ -72,3 +46,38 @@ def test_promote_refuses_failing_and_accepts_passing(tmp_path, caplog):
         assert str(client.get_model_version_by_alias("cxr-classifier", "champion").version) == v2
         desc = client.get_model_version("cxr-classifier", v2).description
         assert desc.startswith("Audit passed") and run_id in desc and "AUROC 0.810" in desc
+
+
+@pytest.mark.slow
+def test_promote_as_the_readme_runs_it_and_bad_input_is_one_line(tmp_path):
+    """`mlflow run . -e promote` promotes an audited version; unknown names/versions and `--version abc`
+    exit 2 with one line listing the valid values (no traceback)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    gates = write_gates(tmp_path / "gates.yaml", auroc_mean=0.7)
+    with tracking(tmp_path) as uri:
+        v1 = register_tiny_classifier(tmp_path, seed=0)
+        _fake_audit(v1, tmp_path, auroc=0.9)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def run(*args, mlflow_run=False):
+        cmd = ([str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "promote", "--env-manager", "local",
+                *args] if mlflow_run else [sys.executable, "-m", "mlflow_projects.promote", *args])
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    done = run("-P", "name=cxr-classifier", "-P", f"version={v1}", "-P", f"gates={gates}", mlflow_run=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with tracking(tmp_path, uri):
+        assert str(MlflowClient().get_model_version_by_alias("cxr-classifier", "champion").version) == v1
+    for args, expect in ((["--name", "nope"], "cxr-classifier"), (["--version", "7"], v1),
+                         (["--version", "abc!"], "positive integer")):
+        bad = run(*args, "--gates", str(gates))
+        assert bad.returncode == 2, (args, bad.stderr)
+        assert "Traceback" not in bad.stderr and expect in bad.stderr, bad.stderr
