@@ -115,6 +115,9 @@ def resolve_inputs(cfg: AuditConfig) -> Resolved:
     if cfg.reports and not Path(cfg.reports).is_file():
         raise FileNotFoundError(f"reports file not found: {Path(cfg.reports).resolve()}")
     ident = resolve_model_uri(cfg.model_uri)
+    import torch
+
+    torch.manual_seed(cfg.seed)  # an untrained CLIP ('scratch') is initialised the same way on every run
     clip = resolve_clip(cfg.clip)
     baseline, note = champion_baseline(ident)
     return Resolved(gates, manifest, ident, clip, baseline, note)
