@@ -32,11 +32,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Serve the registry's champion (falls back to candidate) on http://127.0.0.1:3000
+# Serve the registry's champion (falls back to candidate) on http://127.0.0.1:3000; HOST=0.0.0.0 also needs
+# CXR_API_KEYS (or CXR_ALLOW_ANONYMOUS=1), else the service refuses to start
 serve: $(STAMP)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	CXR_MODEL_URI=$${CXR_MODEL_URI:-models:/cxr-classifier@champion} \
-	$(VENV)/bin/bentoml serve service:CXRExplainer --port $${PORT:-3000}
+	$(VENV)/bin/bentoml serve service:CXRExplainer --host $${HOST:-127.0.0.1} --port $${PORT:-3000}
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

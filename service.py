@@ -1,44 +1,30 @@
 """BentoML service of cxr-interpret: predictions, heatmaps and concept explanations of the registered
-chest X-ray model. Thin: every decision lives in :mod:`mlflow_projects.serving`.
+chest X-ray model. Routes only: every decision lives in :mod:`mlflow_projects.serving`.
 
-    bentoml serve service:CXRExplainer --port 3000
+    bentoml serve service:CXRExplainer --port 3000        # binds 127.0.0.1 unless --host / BENTOML_HOST
 
 Settings come from the environment (``CXR_MODEL_URI``, ``MLFLOW_TRACKING_URI``, ``CXR_API_KEYS``,
-``CXR_MAX_PIXELS``, ``CXR_MAX_BODY_BYTES``, ``CXR_WORKERS``, ``CXR_CACHE_SIZE``, ``CXR_FEEDBACK_DIR``; see
-:class:`mlflow_projects.serving.ServeConfig`). In a Bento, ``CXR_BENTO_MODEL`` names the BentoML model
-(imported by ``mlflow_projects/build_bento.py``, labelled with its MLflow name/version/alias) served instead
-of the registry's. Routes: ``POST /predict``, ``POST /explain``,
-``GET|POST /concepts``, ``POST /feedback`` and BentoML's ``/livez``, ``/readyz`` (503 until the model
-is loaded), ``/metrics``.
+``CXR_ALLOW_ANONYMOUS``, ``CXR_MAX_PIXELS``, ``CXR_MAX_BODY_BYTES``, ``CXR_WORKERS``, ``CXR_CACHE_SIZE``,
+``CXR_FEEDBACK_DIR``; see :class:`mlflow_projects.serving.settings.ServeConfig`). Importing this module
+refuses a non-loopback bind without API keys (:func:`mlflow_projects.serving.settings.check_bind_address`)
+and, inside a Bento, finds the model packaged with it (:mod:`mlflow_projects.serving.startup`).
 
-Adaptive batching is done by the service core's micro-batcher, not by ``batchable=True`` (see
-:class:`mlflow_projects.serving.MicroBatcher` for why).
+Routes: ``POST /predict``, ``POST /explain``, ``GET|POST /concepts``, ``POST /feedback`` and BentoML's
+``/livez``, ``/readyz`` (503 until the model is loaded), ``/metrics``. Middlewares:
+:func:`mlflow_projects.serving.middleware.middleware_stack`.
 """
-import logging
-import os
 import typing as t
 from pathlib import Path
 
 import bentoml
+from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
-from mlflow_projects.serving import ExplanationService, GuardMiddleware, ServeConfig, ServingError
+from mlflow_projects.serving import (DEFAULT_HOST, ExplanationService, ServingError, middleware_stack,
+                                     startup_config)
 
-log = logging.getLogger("cxr.service")
-
-CONFIG = ServeConfig.from_env()
-# In a Bento (mlflow_projects/build_bento.py) the model comes from the BentoML model store, not the registry.
-BENTO_MODEL = os.environ.get("CXR_BENTO_MODEL")
-if BENTO_MODEL:
-    _bento_model = bentoml.models.get(BENTO_MODEL)
-    CONFIG.local_model_dir = _bento_model.path
-    CONFIG.local_identity = {k: _bento_model.info.labels.get(f"mlflow.{k}") for k in ("name", "version", "alias")}
-    CONFIG.local_identity["audit_run_id"] = _bento_model.info.labels.get("audit.run_id")
-_CORE: dict[str, ExplanationService] = {}
-
-
-def _core() -> ExplanationService | None:
-    return _CORE.get("core")
+CONFIG = startup_config(Path(__file__).resolve().parent)
+get_routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # GET routes (bentoml.api is POST only)
 
 
 def _error(exc: ServingError, core: ExplanationService) -> JSONResponse:
@@ -53,18 +39,25 @@ def _ok(body: dict) -> JSONResponse:
     return JSONResponse(body)
 
 
+def _concepts(core: ExplanationService) -> JSONResponse:
+    try:
+        return _ok(core.concepts())
+    except ServingError as exc:
+        return _error(exc, core)
+
+
 def _read(path: Path | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
 
 @bentoml.service(name="cxr-explainer", workers=CONFIG.workers, traffic={"timeout": 300},
-                 http={"port": 3000})
+                 http={"host": DEFAULT_HOST, "port": 3000})
+@bentoml.asgi_app(get_routes, path="/")
 class CXRExplainer:
     """Chest X-ray findings with attention maps and unit concepts of the registered model."""
 
     def __init__(self) -> None:
         self.core = ExplanationService(CONFIG)
-        _CORE["core"] = self.core
         self.core.start()  # loads in the background; /readyz answers 503 until done
 
     def __is_ready__(self) -> bool:
@@ -97,11 +90,13 @@ class CXRExplainer:
 
     @bentoml.api(route="/concepts")
     def concepts(self) -> dict:
-        """The unit-to-concept table of the served version (also served as ``GET /concepts``)."""
-        try:
-            return _ok(self.core.concepts())  # type: ignore[return-value]
-        except ServingError as exc:
-            return _error(exc, self.core)  # type: ignore[return-value]
+        """The unit-to-concept table of the served version (``POST``; ``GET /concepts`` answers the same)."""
+        return _concepts(self.core)  # type: ignore[return-value]
+
+    @get_routes.get("/concepts")
+    def get_concepts(self) -> JSONResponse:
+        """``GET /concepts``: the unit-to-concept table of the served version."""
+        return _concepts(self.core)
 
     @bentoml.api(route="/feedback")
     def feedback(self, finding: t.Any = None, image: Path = None, image_sha256: t.Any = None,
@@ -115,5 +110,5 @@ class CXRExplainer:
             return _error(exc, self.core)  # type: ignore[return-value]
 
 
-CXRExplainer.add_asgi_middleware(GuardMiddleware, api_keys=CONFIG.api_keys, max_body_bytes=CONFIG.max_body_bytes,
-                                 core=_core)
+for _cls, _options in middleware_stack(CONFIG.api_keys, CONFIG.max_body_bytes):
+    CXRExplainer.add_asgi_middleware(_cls, **_options)

@@ -169,8 +169,10 @@ def main(argv=None) -> int:
         served = httpx.post(f"{base}/predict", files={"image": ("x.png", images[0])}, timeout=60).json()["model"]
 
         # in-process ONNX Runtime on the very model the server loaded
-        from mlflow_projects.serving import ServeConfig, decode_upload, load_model, preprocess, resolve_model_uri
         import mlflow
+
+        from mlflow_projects.common import resolve_model_uri
+        from mlflow_projects.serving import ServeConfig, decode_upload, load_model, preprocess
 
         mlflow.set_tracking_uri(env.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI"))
         cfg = ServeConfig(threads=args.threads, cache_dir=str(tmp / "cache-local"))

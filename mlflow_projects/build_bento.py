@@ -34,13 +34,13 @@ def import_model(model_uri: str):
         The BentoML ``Model`` (its tag is ``<registered name>:<generated version>``).
 
     Raises:
-        mlflow_projects.serving.ServingError: the URI does not resolve.
+        mlflow_projects.common.RegistryError: the URI does not resolve (the message lists the valid names,
+            versions or aliases).
     """
     import bentoml
     import mlflow
 
-    from mlflow_projects.common import DEFAULT_TRACKING_URI
-    from mlflow_projects.serving import find_passing_audit, resolve_model_uri
+    from mlflow_projects.common import DEFAULT_TRACKING_URI, find_passing_audit, resolve_model_uri
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     ident = resolve_model_uri(model_uri)
@@ -96,12 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", default=None, help="Bento version (default: generated)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from mlflow_projects.serving import ServingError
+    from mlflow_projects.common import RegistryError
 
     try:
         model = import_model(args.model_uri)
-    except ServingError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"model: {model.tag}")
     if not args.no_build:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_projects.feedback import FeedbackError, FeedbackStore, validate_boxes
-from mlflow_projects.serving import (CLASSIFIER_METHODS, GuardMiddleware, LRUCache, MicroBatcher, ServingError,
-                                     decode_upload, grey_png, overlay_png)
+from mlflow_projects.serving import (CLASSIFIER_METHODS, LRUCache, MicroBatcher, ServingError, decode_upload,
+                                     grey_png, middleware_stack, overlay_png)
+from mlflow_projects.serving.feedback import FeedbackError, FeedbackStore, validate_boxes
+from mlflow_projects.serving.middleware import wrap
 from tests.service.helpers import CLASSES, jpeg_bytes, mask_png_bytes, png_bytes
 
 
@@ -132,13 +133,13 @@ def _asgi_call(app, path="/predict", method="POST", headers=(), body=b""):
     return status, body
 
 
-def test_guard_auth_limits_and_access_log(caplog):
+def test_middlewares_auth_limits_and_access_log(caplog):
     async def inner(scope, receive, send):
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    app = GuardMiddleware(inner, api_keys=["k1", "k2"], max_body_bytes=100)
+    app = wrap(inner, middleware_stack(api_keys=["k1", "k2"], max_body_bytes=100))
     mp = (b"content-type", b"multipart/form-data; boundary=x")
     assert _asgi_call(app, "/livez", "GET")[0] == 200  # probes need no key
     assert _asgi_call(app, "/readyz", "GET")[0] == 200
@@ -156,33 +157,123 @@ def test_guard_auth_limits_and_access_log(caplog):
     rec = json.loads(caplog.records[-1].getMessage())
     assert rec["status"] == 400 and rec["path"] == "/predict" and "authorization" not in caplog.text.lower()
     assert "k2" not in caplog.text
+    assert rec["auth"] == "ok"  # the auth middleware's outcome reaches the access log
 
 
-def test_cam_fast_path_matches_interpret(tmp_path):
-    """ONNX features x head weights == interpret's CAM on the torch model."""
-    from interpret import attention_maps
-    from mlflow_projects.serving import ExplanationService, LoadedModel, ModelIdentity, ServeConfig
+def test_middlewares_streamed_body_limit_and_form_fields(caplog):
+    """Without Content-Length the limit applies while reading (413); unknown form fields get 400."""
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = wrap(inner, middleware_stack(max_body_bytes=100))
+    ctype = (b"content-type", b"multipart/form-data; boundary=x")
+
+    def call(chunks, path="/predict"):
+        sent, queue = [], list(chunks)
+
+        async def receive():
+            body = queue.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {"type": "http", "path": path, "method": "POST", "client": ("127.0.0.1", 1),
+                 "headers": [ctype, (b"transfer-encoding", b"chunked")]}
+        asyncio.run(app(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return next(m["status"] for m in sent if m["type"] == "http.response.start"), body
+
+    status, body = call([b"x" * 60, b"x" * 60])
+    assert status == 413 and b"CXR_MAX_BODY_BYTES" in body and not seen
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nabc\r\n--x--\r\n'
+    assert call([part[:20], part[20:]]) == (200, b"ok") and seen == [part]  # replayed whole to the app
+    status, body = call([part.replace(b'name="image"', b'name="other"')])
+    assert status == 400 and json.loads(body)["valid"] == ["image"]
+    status, body = call([b'--x\r\nContent-Disposition: form-data; name="image"\r\n\r\nhttp://x/\r\n--x--\r\n'])
+    assert status == 400 and b"must be a file upload" in body
+
+
+def _tiny_loaded_model(tmp_path):
+    from mlflow_projects.common import ModelIdentity
+    from mlflow_projects.serving import LoadedModel
     from training.export import export_onnx, onnx_session
     from training.models import create_model
 
     torch.manual_seed(0)
     net = create_model("test_resnet", classes=CLASSES, image_size=32).eval()
     sess = onnx_session(export_onnx(net, tmp_path / "m.onnx", image_size=32))
-    ident = ModelIdentity("m", "1", None, "x", "x")
-    lm = LoadedModel(ident, "classifier", CLASSES, [0.5] * 4, 32, {}, CLASSIFIER_METHODS, torch_model=net,
-                     session=sess, head_weight=net.head.weight.detach().numpy(),
+    lm = LoadedModel(ModelIdentity("m", "1", None, "x", "x"), "classifier", CLASSES, [0.5] * 4, 32, {},
+                     CLASSIFIER_METHODS, torch_model=net, session=sess, head_weight=net.head.weight.detach().numpy(),
                      head_bias=net.head.bias.detach().numpy(), feature_layer=net.feature_layer)
-    svc = ExplanationService(ServeConfig(feedback_dir=str(tmp_path / "fb")))
-    svc.model = lm
+    return net, lm
+
+
+def test_explanation_maps_are_interpret_maps(tmp_path):
+    """CAM from ONNX features x head weights, and Grad-CAM on the torch model, == interpret's maps."""
+    from interpret import attention_maps
+    from mlflow_projects.serving import explanation_maps
+
+    net, lm = _tiny_loaded_model(tmp_path)
     x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     out = lm.run_batch(x.numpy())[0]
-    maps, raw = svc._maps(lm, x[0].numpy(), out, "cam", [0, 2])
-    ref_maps, ref_raw = attention_maps(net, x, [[0, 2]], method="cam", return_raw=True)
-    torch.testing.assert_close(torch.from_numpy(raw), ref_raw[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(maps), ref_maps[0], atol=1e-4, rtol=1e-4)
+    for method in ("cam", "gradcam"):
+        maps, raw = explanation_maps(lm, x.numpy(), [0, 2], method)
+        assert maps.shape == (2, 32, 32) and raw.shape[0] == 2
+        ref_maps, ref_raw = attention_maps(net, x, [[0, 2]], method=method, return_raw=True)
+        torch.testing.assert_close(torch.from_numpy(raw), ref_raw[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(maps), ref_maps[0], atol=1e-4, rtol=1e-4)
+    again, _ = explanation_maps(lm, x.numpy(), [0, 2], "cam", out=out)  # the forward pass handed in
+    torch.testing.assert_close(torch.from_numpy(again), torch.from_numpy(explanation_maps(lm, x.numpy(), [0, 2])[0]))
     with torch.no_grad():
         probs = net(x).sigmoid()[0].numpy()
     np.testing.assert_allclose(out["probabilities"], probs, atol=1e-5)
+    with pytest.raises(ValueError, match="1, 1, S, S"):
+        explanation_maps(lm, x[0].numpy(), [0])
+    with pytest.raises(ServingError) as err:
+        explanation_maps(lm, x.numpy(), [0], "lime")
+    assert err.value.status == 400 and err.value.valid == list(CLASSIFIER_METHODS)
+
+
+def test_top_units_are_linear_contributions(tmp_path):
+    from mlflow_projects.serving import top_units
+
+    _, lm = _tiny_loaded_model(tmp_path)
+    lm.unit_concepts = {3: {"concepts": ["opacity"], "scores": [0.9], "method": "mammi"}}
+    pooled = np.random.default_rng(0).random(lm.head_weight.shape[1], dtype=np.float32)  # (K,)
+    units = top_units(lm, pooled, [1, 2], 4)
+    for c, rows in zip([1, 2], units):
+        by_hand = pooled * lm.head_weight[c]  # a_k * w_ck
+        assert [u["unit"] for u in rows] == np.argsort(-by_hand, kind="stable")[:4].tolist()
+        np.testing.assert_allclose([u["contribution"] for u in rows], np.sort(by_hand)[::-1][:4], rtol=1e-6)
+        for u in rows:
+            assert u["concepts"] == (["opacity"] if u["unit"] == 3 else [])
+    assert top_units(lm, pooled, [1], 0) == [[]]
+
+
+def test_maps_model_maps_are_normalised_upsampled_pyfunc_maps():
+    """A maps pyfunc (DWARF): its [0, 1] maps, bilinearly upsampled and min-max normalised, as before."""
+    from interpret.attention.base import minmax_normalize, upsample
+    from mlflow_projects.common import ModelIdentity
+    from mlflow_projects.serving import LoadedModel, explanation_maps
+
+    rng = np.random.default_rng(0)
+    maps_out = rng.random((1, 3, 8, 8)).astype(np.float32)
+
+    class Pyfunc:
+        def predict(self, x):
+            return {"probabilities": np.full((len(x), 3), 0.5, np.float32), "maps": maps_out}
+
+    lm = LoadedModel(ModelIdentity("d", "1", None, "x", "x"), "maps", ["A", "B", "C"], [0.5] * 3, 16, {},
+                     ("dwarf",), pyfunc=Pyfunc())
+    maps, raw = explanation_maps(lm, np.zeros((1, 1, 16, 16), np.float32), [2, 0])
+    np.testing.assert_array_equal(raw, maps_out[0, [2, 0]])
+    ref = minmax_normalize(upsample(torch.from_numpy(maps_out[:, [2, 0]]), (16, 16)))[0]
+    torch.testing.assert_close(torch.from_numpy(maps), ref)
 
 
 # ---- with a registered model (slow: a real MLflow store) -------------------------------------------

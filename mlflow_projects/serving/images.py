@@ -1,0 +1,157 @@
+"""Images in and out of the service: upload decoding (PNG, JPEG, DICOM with 4xx on bad input),
+preprocessing to the model's input, and the PNGs of ``/explain`` (overlay and raw map).
+
+Decoding goes through :func:`training.data.imageio.read_image`, whose messages never contain DICOM
+header values, so nothing here can echo PHI.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlflow_projects.serving.errors import ServingError
+
+__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "grey_png"]
+
+
+@dataclass
+class DecodedImage:
+    """An uploaded image: pixels (H, W) float32 [0, 1], its size and the SHA-256 of the bytes."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    sha256: str
+    format: str
+
+
+def decode_upload(data: bytes | None, max_pixels: int) -> DecodedImage:
+    """Decode an uploaded PNG, JPEG or DICOM file.
+
+    Args:
+        data: the file's bytes (None when the field was not sent).
+        max_pixels: the pixel limit (``CXR_MAX_PIXELS``), checked from the header before decoding.
+
+    Returns:
+        The decoded image.
+
+    Raises:
+        ServingError: 400 empty / corrupt / truncated, 415 unsupported type, 413 over ``max_pixels``.
+    """
+    from training.data.imageio import ImageReadError, detect_format, image_size, read_image
+
+    if data is None:
+        raise ServingError(400, "empty body: send the image as multipart/form-data field 'image' "
+                                "(PNG, JPEG or DICOM)")
+    if len(data) == 0:
+        raise ServingError(400, "the 'image' file is empty (0 bytes)")
+    fmt = detect_format(data[:132])
+    if fmt is None:
+        raise ServingError(415, "unsupported image type: send PNG, JPEG or DICOM (detected from the content, "
+                                "not the file name)", valid=["png", "jpeg", "dicom"])
+    try:
+        w, h = image_size(data)
+    except ImageReadError as exc:
+        if "bomb" in exc.reason:
+            raise ServingError(413, f"image too large: {exc.reason}") from None
+        raise ServingError(400, f"cannot read the image: {exc.reason}") from None
+    if w * h > max_pixels:
+        raise ServingError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels "
+                                "(CXR_MAX_PIXELS)")
+    try:
+        pixels = read_image(data, max_pixels=max_pixels)
+    except ImageReadError as exc:
+        status = 413 if ("exceeds max_pixels" in exc.reason or "bomb" in exc.reason) else 400
+        raise ServingError(status, f"cannot read the image: {exc.reason}") from None
+    return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]), hashlib.sha256(data).hexdigest(), fmt)
+
+
+def preprocess(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize an image to the model input as the training data was (bilinear, antialiased when shrinking).
+
+    Args:
+        pixels: (H, W) in [0, 1].
+        size: the model's input side S.
+
+    Returns:
+        (1, S, S) float32 in [0, 1].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]  # (1, 1, H, W)
+    h, w = pixels.shape
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=(h > size or w > size))
+    return x[0].clamp_(0, 1).numpy()
+
+
+_JET: np.ndarray | None = None
+
+
+def _jet() -> np.ndarray:
+    global _JET
+    if _JET is None:
+        from matplotlib import colormaps
+
+        _JET = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
+    return _JET
+
+
+def png_b64(arr: np.ndarray) -> str:
+    """An 8-bit (H, W) or (H, W, 3) array as base64 PNG text (fast compression)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: float = 0.45) -> tuple[str, list[int]]:
+    """Colour the normalised map over the image, at the image size bounded by ``max_side``.
+
+    Args:
+        pixels: the image (H, W) in [0, 1].
+        heat: the map (S, S) in [0, 1].
+        max_side: bound of the longer side (``CXR_OVERLAY_MAX_SIDE``); the aspect ratio is kept.
+        alpha: colour opacity where the map is 1 (scaled by the map: stronger where attention is high).
+
+    Returns:
+        ``(base64 PNG, [width, height])``.
+    """
+    from PIL import Image
+
+    h, w = pixels.shape
+    scale = min(1.0, max_side / max(h, w))
+    ow, oh = max(1, round(w * scale)), max(1, round(h * scale))
+    grey = Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if (ow, oh) != (w, h):
+        grey = grey.resize((ow, oh), Image.BILINEAR)
+    hm = Image.fromarray(np.clip(heat, 0, 1).astype(np.float32)).resize((ow, oh), Image.BILINEAR)
+    idx = (np.clip(np.asarray(hm), 0, 1) * 255 + 0.5).astype(np.uint8)  # (oh, ow)
+    colour = _jet()[idx].astype(np.float32)  # (oh, ow, 3)
+    base = np.asarray(grey, dtype=np.float32)[..., None]
+    a = alpha * np.asarray(hm, dtype=np.float32)[..., None]  # (oh, ow, 1)
+    out = (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
+    return png_b64(out), [ow, oh]
+
+
+def grey_png(raw: np.ndarray) -> tuple[str, list[int], list[float]]:
+    """A raw map as an 8-bit grey PNG linearly spanning its value range.
+
+    Args:
+        raw: (h, w) map in any range.
+
+    Returns:
+        ``(base64 PNG, [width, height], [min, max])``: pixel ``p`` means ``min + p / 255 * (max - min)``.
+    """
+    raw = np.asarray(raw, dtype=np.float32)
+    lo, hi = float(raw.min()), float(raw.max())
+    span = hi - lo
+    q = np.zeros(raw.shape, np.uint8) if span <= 0 else ((raw - lo) / span * 255 + 0.5).astype(np.uint8)
+    return png_b64(q), [int(raw.shape[1]), int(raw.shape[0])], [lo, hi]

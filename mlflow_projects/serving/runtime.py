@@ -1,0 +1,193 @@
+"""Model runtimes of the service: a registered classifier on ONNX Runtime (plus its torch model for
+gradient methods) or a maps-returning pyfunc (a registered ``cxr-dwarf``), wrapped in :class:`LoadedModel`.
+
+- **Classifier** (docs/ARCHITECTURE.md "Registered classifier": ``artifacts/checkpoint.pt``,
+  ``artifacts/model.onnx``, ``artifacts/meta.json``): an ONNX Runtime session
+  (``intra_op_num_threads = cores / workers``, full graph optimisation; one run gives ``logits`` and
+  ``features``) and the torch model for the gradient methods. A model without ``model.onnx`` gets one
+  exported at load time (with a warning).
+- **Maps model**: a pyfunc whose ``predict`` returns ``{"probabilities", "maps"}`` (``meta.json``
+  ``outputs`` lists ``maps``, or ``kind`` is ``dwarf``), served generically with ``method=dwarf``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlflow_projects.common import ModelIdentity
+from mlflow_projects.serving.errors import ServingError
+from mlflow_projects.serving.settings import ServeConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedModel", "load_model", "list_methods", "unit_concepts", "CLASSIFIER_METHODS", "MAPS_METHODS"]
+
+CLASSIFIER_METHODS = ("cam", "gradcam", "gradcampp", "integrated_gradients", "smoothgrad")
+MAPS_METHODS = ("dwarf",)
+
+
+def list_methods(kind: str) -> tuple[str, ...]:
+    """Explanation methods of a model kind (``classifier`` or ``maps``); the first is the default."""
+    return CLASSIFIER_METHODS if kind == "classifier" else MAPS_METHODS
+
+
+@dataclass
+class LoadedModel:
+    """Everything needed to answer requests for one model version."""
+
+    identity: ModelIdentity
+    kind: str  # "classifier" | "maps" (a pyfunc returning probabilities and maps, e.g. cxr-dwarf)
+    classes: list[str]
+    thresholds: list[float]
+    image_size: int
+    meta: dict[str, Any]
+    methods: tuple[str, ...]
+    torch_model: Any = None
+    session: Any = None
+    head_weight: np.ndarray | None = None  # (C, K)
+    head_bias: np.ndarray | None = None  # (C,)
+    feature_layer: str | None = None
+    pyfunc: Any = None
+    concepts: Any = None  # DataFrame or None
+    audit_run_id: str | None = None
+    unit_concepts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # gradient methods put hooks on the shared torch model: one at a time
+    torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def run_batch(self, x: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """One forward pass over a batch.
+
+        Args:
+            x: (N, 1, S, S) float32 in [0, 1].
+
+        Returns:
+            Per image ``{"probabilities": (C,), "pooled": (K,), "features": (K, h, w)}`` (classifier, one
+            ONNX run; ``pooled`` is the global average of ``features``) or ``{"probabilities", "maps":
+            (C, S, S)}`` (maps pyfunc).
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.kind == "maps":
+            out = self.pyfunc.predict(x)
+            probs, maps = np.asarray(out["probabilities"]), np.asarray(out["maps"])
+            return [{"probabilities": probs[i], "maps": maps[i]} for i in range(len(x))]
+        if self.session is not None:
+            logits, feats = self.session.run(["logits", "features"], {"images": x})
+        else:
+            import torch
+
+            with torch.no_grad():
+                lg, ft = self.torch_model.forward_all(torch.from_numpy(x))
+            logits, feats = lg.numpy(), ft.numpy()
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        pooled = feats.mean(axis=(2, 3))  # (N, K): GAP
+        return [{"probabilities": probs[i].astype(np.float32), "pooled": pooled[i], "features": feats[i]}
+                for i in range(len(x))]
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    for path in (folder / "artifacts" / "meta.json", *sorted(folder.rglob("meta.json"))):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.PathLike | None = None) -> LoadedModel:
+    """Build the :class:`LoadedModel` of ``identity.uri`` (downloaded) or of the local folder ``source``.
+
+    Args:
+        identity: the resolved model (its ``uri`` is downloaded when ``source`` is None).
+        config: threads and the download cache folder (``CXR_SERVE_CACHE``).
+        source: a local MLflow model folder; then nothing is downloaded and the tracking store is never
+            contacted.
+
+    Raises:
+        ServingError: (503) the folder holds neither a classifier checkpoint nor a maps pyfunc, or its
+            ONNX graph lacks ``logits`` / ``features``.
+    """
+    import mlflow
+
+    src = Path(source) if source else Path(identity.uri)
+    where = str(source) if source else mlflow.get_tracking_uri()
+    key = hashlib.sha256(f"{where}|{identity.uri}".encode()).hexdigest()[:16]
+    dst = Path(config.cache_dir or tempfile.gettempdir()) / "cxr-serve" / key
+    if not src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        src = Path(mlflow.artifacts.download_artifacts(artifact_uri=identity.uri, dst_path=str(dst)))
+    meta = _read_meta(src)
+    threads = config.intra_op_threads
+    outputs = meta.get("outputs") or []
+    if meta.get("kind") == "dwarf" or "maps" in outputs:
+        model = mlflow.pyfunc.load_model(str(src))
+        classes = [str(c) for c in meta.get("classes", [])]
+        if not classes:
+            raise ServingError(503, f"{identity.uri}: meta.json lists no classes")
+        return LoadedModel(identity, "maps", classes, [float(t) for t in meta.get("thresholds", [0.5] * len(classes))],
+                           int(meta.get("input", {}).get("size", 224)), meta, MAPS_METHODS, pyfunc=model)
+    ckpt = src / "artifacts" / "checkpoint.pt"
+    if not ckpt.is_file():
+        found = sorted(src.rglob("checkpoint.pt"))
+        if not found:
+            raise ServingError(503, f"{identity.uri} holds neither artifacts/checkpoint.pt nor a maps-returning "
+                                    "pyfunc (meta.json outputs); cannot serve it")
+        ckpt = found[0]
+    import torch
+
+    from training.models import load_checkpoint
+
+    torch.set_num_threads(threads)
+    net = load_checkpoint(ckpt).eval()
+    classes = [str(c) for c in (meta.get("classes") or net.class_names)]
+    thresholds = [float(t) for t in (meta.get("thresholds") or net.thresholds)]
+    size = int((meta.get("input") or {}).get("size") or net.input_spec["size"])
+    onnx_path = ckpt.parent / "model.onnx"
+    if not onnx_path.is_file():
+        from training.export import export_onnx
+
+        dst.mkdir(parents=True, exist_ok=True)
+        onnx_path = dst / "model.onnx"
+        log.warning("%s has no artifacts/model.onnx; exporting one to %s", identity.uri, onnx_path)
+        export_onnx(net, onnx_path, image_size=size)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    names = {o.name for o in session.get_outputs()}
+    if not {"logits", "features"} <= names:
+        raise ServingError(503, f"{onnx_path.name} outputs {sorted(names)}; expected logits and features")
+    return LoadedModel(identity, "classifier", classes, thresholds, size, meta, CLASSIFIER_METHODS, torch_model=net,
+                       session=session, head_weight=net.head.weight.detach().numpy().astype(np.float32),
+                       head_bias=net.head.bias.detach().numpy().astype(np.float32),
+                       feature_layer=meta.get("feature_layer") or net.feature_layer)
+
+
+def unit_concepts(table, layer: str | None) -> dict[int, dict[str, Any]]:
+    """``{unit: {concepts, scores, method}}`` of ``layer`` from an audit concept table (first method wins).
+
+    Args:
+        table: the audit's ``concepts.parquet`` (layer, unit, method, concepts, scores) or None.
+        layer: the served feature layer.
+    """
+    if table is None or not len(table) or layer is None:
+        return {}
+    rows = table[table["layer"] == layer]
+    out: dict[int, dict[str, Any]] = {}
+    for rec in rows.to_dict("records"):
+        unit = int(rec["unit"])
+        if unit not in out:
+            out[unit] = {"concepts": [str(c) for c in list(rec.get("concepts") if rec.get("concepts") is not None else [])],
+                         "scores": [float(s) for s in list(rec.get("scores") if rec.get("scores") is not None else [])],
+                         "method": str(rec.get("method"))}
+    return out
