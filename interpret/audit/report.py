@@ -198,7 +198,8 @@ def _tol(loc: Mapping[str, Any]) -> str:
 def _localization(s: Mapping[str, Any], folder: Path) -> str:
     loc = s.get("localization", {})
     out = ["<h2>Localisation: does the model look at the finding?</h2>",
-           f"<p>Attention maps ({_e(loc.get('method', 'cam'))}, min-max normalised) against the annotated boxes. "
+           f"<p>Attention maps ({_e(loc.get('method', 'cam'))}; ReLU, then min-max normalised: the maps /explain serves) "
+           "against the annotated boxes. "
            "Soft IoBB = share of the box covered by attention (sum(A&middot;M)/sum(M)); soft IoR = share of the "
            "attention inside the box (sum(A&middot;M)/sum(A)); pointing game = the map's maximum falls in a "
            f"box or within {_e(_tol(loc))} px of it (Zhang et al.: 15 px at 224 px, scaled; a maximum "
