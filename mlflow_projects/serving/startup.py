@@ -4,13 +4,15 @@ may start where it is asked to bind.
 **The model packaged in a Bento.** ``python -m mlflow_projects.build_bento`` packs one BentoML model
 (name = the registered name; labels ``mlflow.name``, ``mlflow.version``, ``mlflow.alias``,
 ``audit.run_id``; folder ``mlflow_model/`` and maybe ``audit/concepts.parquet``). A built Bento is laid
-out as ``<bento>/bento.yaml``, ``<bento>/src/service.py``, ``<bento>/models/<name>/<version>/model.yaml``.
-``bentoml serve <bento tag>`` on a workstation does *not* apply the Bento's ``envs`` (only the
-container entrypoint does), so the service cannot rely on ``CXR_BENTO_MODEL`` being set: it looks for
-``bento.yaml`` next to its own source folder and serves the model listed there, from that folder,
-with the identity read from the model's labels. No registry and no tracking store are touched (so no
-``mlflow.db`` appears inside the Bento). ``CXR_BENTO_MODEL=<tag>`` still chooses a model explicitly
-(inside a Bento, or from the local BentoML store during development).
+out as ``<bento>/bento.yaml`` (its ``models`` list names the model's tag) and ``<bento>/src/service.py``;
+the model itself is under ``<bento>/models/<name>/<version>/`` once the Bento is exported or
+containerised, and in the BentoML model store (``$BENTOML_HOME/models``) for a Bento in the local store.
+``bentoml serve <bento tag>`` on a workstation does *not* apply the Bento's ``envs`` (only the container
+entrypoint does), so the service cannot rely on ``CXR_BENTO_MODEL`` being set: it reads ``bento.yaml``
+next to its own source folder and serves the model listed there (from ``<bento>/models``, else from the
+store), with the identity read from the model's labels. No registry and no tracking store are touched
+(so no ``mlflow.db`` appears inside the Bento). ``CXR_BENTO_MODEL=<tag>`` still chooses a model
+explicitly (inside a Bento, or from the local BentoML store during development).
 
 **Where it binds**: :func:`mlflow_projects.serving.settings.check_bind_address`.
 """

@@ -1,36 +1,60 @@
 """build_bento: the registered model lands in a temporary BentoML store with its MLflow labels, a Bento is
-built offline, and the service core serves the store copy with the registry's identity."""
+built offline, the service core serves the store copy with the registry's identity, and a real
+``bentoml serve <bento>`` (no registry, no envs applied) serves the packaged model over HTTP without
+creating an ``mlflow.db``."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import png_bytes
+from tests.service.helpers import CLASSES, png_bytes
+from tests.service.test_http import _free_port
 
 pytestmark = pytest.mark.slow
 
 
-def test_import_build_and_serve_from_store(registry, tmp_path, monkeypatch):
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
-    import bentoml
+@pytest.fixture(scope="module")
+def built(registry, tmp_path_factory):
+    """(model, bento, BENTOML_HOME) of a Bento built from the registry's @candidate in a temporary store."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BENTOML_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    BentoMLContainer.bentoml_home.set(str(tmp_path / "bentoml"))
-    from mlflow_projects.build_bento import build_bento, import_model
+    old_home = BentoMLContainer.bentoml_home.get()
+    BentoMLContainer.bentoml_home.set(str(home))
+    try:
+        from mlflow_projects.build_bento import build_bento, import_model
+
+        model = import_model("models:/cxr-classifier@champion")  # falls back to @candidate
+        bento = build_bento(str(model.tag))
+        yield model, bento, home
+    finally:
+        BentoMLContainer.bentoml_home.set(old_home)
+        mp.undo()
+
+
+def test_import_build_and_serve_from_store(built, registry, tmp_path):
+    import bentoml
+
     from mlflow_projects.serving import ExplanationService, ServeConfig
 
-    model = import_model("models:/cxr-classifier@champion")  # falls back to @candidate
+    model, bento, home = built
     labels = bentoml.models.get(model.tag).info.labels
     assert labels["mlflow.name"] == "cxr-classifier" and labels["mlflow.version"] == registry.version
     assert labels["mlflow.alias"] == "candidate" and labels["audit.run_id"] == registry.audit_run_id
-    assert str(model.path).startswith(str(tmp_path)) and (tmp_path / 'bentoml' / 'models').is_dir()
-
-    bento = build_bento(str(model.tag))
+    assert str(model.path).startswith(str(home)) and (home / "models").is_dir()
     assert str(model.tag) in {str(m.tag) for m in bento.info.models}
     envs = [e if isinstance(e, dict) else {"name": e.name, "value": e.value} for e in bento.info.envs]
-    assert {"name": "CXR_BENTO_MODEL", "value": str(model.tag)} in envs
+    assert {"name": "CXR_BENTO_MODEL", "value": str(model.tag)} in envs  # for containers, which apply envs
+    assert (Path(bento.path) / "src" / "mlflow_projects" / "serving" / "explain.py").is_file()
 
     cfg = ServeConfig(local_model_dir=model.path, threads=1, feedback_dir=str(tmp_path / "fb"),
                       cache_dir=str(tmp_path / "cache"),
@@ -42,3 +66,55 @@ def test_import_build_and_serve_from_store(registry, tmp_path, monkeypatch):
     assert r["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
                           "uri": f"models:/cxr-classifier/{registry.version}"}
     assert svc.concepts()["n_units"] == 32
+
+
+def test_bentoml_serve_the_bento_without_registry(built, registry, tmp_path):
+    """``bentoml serve cxr-explainer:<version>`` as the README runs it: the Bento's envs are not applied and
+    no tracking URI is set, yet the packaged model is served (200, not 503) and no mlflow.db appears."""
+    import httpx
+
+    model, bento, home = built
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CXR_", "MLFLOW_")) and k not in ("PYTHONPATH", "BENTOML_HOST")}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", CXR_THREADS="1",
+               CXR_FEEDBACK_DIR=str(tmp_path / "feedback"), CXR_SERVE_CACHE=str(tmp_path / "cache"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", str(bento.tag),
+                                 "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # no --host: the service's default, 127.0.0.1
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"Bento not ready in 240 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        r = httpx.post(f"{base}/predict", files={"image": ("x.png", png_bytes(48, 40), "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
+                                     "uri": f"models:/cxr-classifier/{registry.version}"}
+        assert [f["name"] for f in r.json()["findings"]] == CLASSES
+        c = httpx.get(f"{base}/concepts", timeout=30)
+        assert c.status_code == 200 and c.json()["audit_run_id"] == registry.audit_run_id
+        assert c.json()["n_units"] == 32
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    assert not list(home.rglob("mlflow.db")) and not list(cwd.rglob("mlflow.db"))
+    assert not list(Path(bento.path).rglob("*.db"))

@@ -199,3 +199,22 @@ def test_dicom_over_http_without_header_leaks(server, real_fixtures):
     time.sleep(0.5)
     for s in secrets:
         assert s not in log_path.read_text(errors="replace")
+
+
+def test_refuses_to_expose_an_anonymous_service(tmp_path):
+    """``--host 0.0.0.0`` without CXR_API_KEYS: bentoml serve stops at start-up naming the settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_") and k != "BENTOML_HOST"}
+    env.update(BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
+    bentoml = Path(sys.executable).with_name("bentoml")
+    proc = subprocess.Popen([str(bentoml), "serve", "service:CXRExplainer", "--host", "0.0.0.0", "--port",
+                             str(_free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    text = out.decode(errors="replace")
+    assert proc.returncode != 0, text[-2000:]
+    assert "refusing to serve on 0.0.0.0" in text and "CXR_API_KEYS" in text and "CXR_ALLOW_ANONYMOUS=1" in text
