@@ -36,53 +36,155 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 DEFAULT_DATA = "outputs/phantom/manifest.parquet"  # the entry points' default manifest (the phantom)
 DEFAULT_GATES = Path(__file__).resolve().parent / "gates.yaml"  # the promotion policy
 SCRATCH_CLIP = "cxr-tiny-vit"  # the CLIP config `--clip scratch` builds, untrained
+DWARF_MIN_IMAGE_SIZE = 16  # DWARF's ViT has 8-px patches: at least a 2 x 2 grid of patch tokens
+
+
+#: Experiments of the entry points (``mlflow run . -e NAME --experiment-name EXPERIMENT``).
+EXPERIMENTS = {"train_classifier": "cxr-classifier", "imbalance_study": "cxr-classifier", "train_clip": "cxr-clip",
+               "train_dwarf": "cxr-dwarf", "dwarf_benchmark": "cxr-dwarf-benchmark", "audit": "cxr-audit",
+               "concept_benchmark": "concept_benchmark"}
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the SQLite store ``mlflow.db`` in the project folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_root() -> Path:
+    """Where runs of a local store keep their artifacts: ``CXR_ARTIFACT_ROOT``, else ``mlartifacts/``."""
+    return Path(os.environ.get("CXR_ARTIFACT_ROOT", DEFAULT_ARTIFACT_ROOT)).expanduser().resolve()
+
+
+def _local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create a missing SQLite store with ``artifact_root()`` as its default artifact root, so even the
+    ``Default`` experiment (where ``mlflow run`` puts runs without ``--experiment-name``) keeps its
+    artifacts there instead of ``./mlruns/0``."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if str(db) in ("", ":memory:") or db.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root = artifact_root()
+    root.mkdir(parents=True, exist_ok=True)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(uri, root.as_uri()).engine.dispose()
+
+
+def ensure_experiment(client, experiment: str) -> str:
+    """The id of ``experiment``, created when missing (artifacts under ``artifact_root()/experiment`` for a
+    local store)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _local_store(tracking_uri()):
+        root = artifact_root()
+        root.mkdir(parents=True, exist_ok=True)
+        location = (root / experiment).as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
 
 
 def setup_tracking(experiment: str) -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` (default: SQLite in the project folder) and select
-    ``experiment``, creating it with an explicit artifact location when the store is local.
+    """Point MLflow at :func:`tracking_uri` and select ``experiment``, creating it with an explicit artifact
+    location under :func:`artifact_root` when the store is local (a new SQLite store is created with that
+    root as its default, so runs never land in ``./mlruns``).
 
     Under ``mlflow run`` (``MLFLOW_RUN_ID`` set) the launcher has already created the run in the
     experiment it was given (``--experiment-name``); switching experiments would make
-    ``mlflow.start_run`` refuse that run, so the run's own experiment is kept.
+    ``mlflow.start_run`` refuse that run, so the run's own experiment is kept (with a warning when its
+    artifacts do not go under the artifact root: create the experiments first, see :func:`main`).
 
     Returns:
         The experiment id.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = tracking_uri()
+    if _local_store(uri):
+        _create_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched:
-        exp_id = client.get_run(launched).info.experiment_id
-        log.info("under `mlflow run`: keeping run %s in experiment %s (not %r)", launched, exp_id,
-                 experiment)
-        return exp_id
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-            root = Path(os.environ.get("CXR_ARTIFACT_ROOT", DEFAULT_ARTIFACT_ROOT)).resolve()
-            root.mkdir(parents=True, exist_ok=True)
-            location = (root / experiment).as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
+        run = client.get_run(launched)
+        log.info("under `mlflow run`: keeping run %s in experiment %s (not %r)", launched,
+                 run.info.experiment_id, experiment)
+        art = run.info.artifact_uri or ""
+        if _local_store(uri) and not art.startswith(artifact_root().as_uri()) and \
+                not art.startswith(str(artifact_root())):
+            log.warning("this run's artifacts go to %s, not under %s: run `python -m mlflow_projects.common "
+                        "setup` once before `mlflow run`, and pass --experiment-name %s", art, artifact_root(),
+                        experiment)
+        return run.info.experiment_id
+    exp_id = ensure_experiment(client, experiment)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def start_run(experiment: str, **kwargs):
+    """:func:`setup_tracking` then ``mlflow.start_run(**kwargs)`` (under ``mlflow run``: the launcher's run)."""
+    setup_tracking(experiment)
+    return mlflow.start_run(**kwargs)
+
+
+def check_manifest(data: str | Path, default: str = DEFAULT_DATA) -> str:
+    """Validate a ``--data`` value: an existing Parquet manifest file (or ``default``, generated later).
+
+    Returns:
+        The absolute path, or ``default`` itself when it does not exist yet.
+
+    Raises:
+        FileNotFoundError: the file does not exist (names the path).
+        ValueError: a folder (names the manifest inside when there is one) or not a Parquet file.
+    """
+    path = Path(data).expanduser()
+    if path.is_dir():
+        inside = path / "manifest.parquet"
+        hint = f"; did you mean {inside.resolve()}?" if inside.is_file() else \
+            " (give the manifest file, e.g. DIR/manifest.parquet)"
+        raise ValueError(f"manifest {path.resolve()} is a folder{hint}")
+    if not path.is_file():
+        if str(data) == default:
+            return default
+        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PAR1":
+        raise ValueError(f"manifest {path.resolve()} is not a Parquet file; convert annotations with "
+                         "`python -m training.data convert ...` or generate one with `python -m training.data phantom`")
+    return str(path.resolve())
+
+
+def manifest_arg(text: str) -> str:
+    """argparse type of ``--data``: :func:`check_manifest` with its message as the usage error."""
+    try:
+        return check_manifest(text)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def ensure_data(data: str, image_size: int, seed: int, n: int, masks: bool = False) -> Path:
     """The manifest path; generates an ``n``-image phantom when the default path is missing.
 
+    Args:
+        data: manifest path (validated with :func:`check_manifest`).
+        image_size: the phantom is drawn at ``max(64, image_size)`` px.
+        seed: phantom seed.
+        n: phantom images.
+        masks: also write the phantom's masks (DWARF's supervision).
+
     Raises:
         FileNotFoundError: a manifest other than the default does not exist (names the path).
+        ValueError: a folder or a file that is not Parquet.
     """
-    path = Path(data)
+    checked = check_manifest(data)
+    path = Path(checked)
     if path.is_file():
         return path.resolve()
-    if data != DEFAULT_DATA:
-        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
     from training.data.phantom import generate_phantom
 
     log.info("no manifest at %s: generating a %d-image phantom", path, n)
@@ -115,9 +217,34 @@ def nonneg_float(text: str) -> float:
         value = float(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0.0:  # also rejects NaN
+    if not 0.0 <= value < float("inf"):  # also rejects NaN
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0.0 < value < float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def int_at_least(minimum: int, what: str = "an integer"):
+    """argparse type accepting an integer >= ``minimum``; the error names the minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def unit_float(text: str) -> float:
@@ -172,15 +299,62 @@ def to_tag(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def log_config(config: Any) -> None:
-    """Log a resolved configuration (dataclass or mapping) as params and as ``config.json``."""
+def _param_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def log_config(config: Any, name: str = "config.json") -> None:
+    """Log a resolved configuration (dataclass or mapping) as params and as the artifact ``config.json``.
+
+    The one way every entry point logs its parameters. Under ``mlflow run`` the launcher has already
+    logged the MLproject parameters as given (``reports=''``, a relative ``data``); MLflow refuses to
+    change a param, so a value the launcher logged differently is logged as ``resolved.<key>`` and one it
+    logged identically is not logged again. The artifact always holds the whole resolved config.
+    """
     from dataclasses import asdict, is_dataclass
 
     data = asdict(config) if is_dataclass(config) else dict(config)
-    flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v, default=str))
-            for k, v in data.items()}
-    mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
-    mlflow.log_dict(json.loads(json.dumps(data, default=str)), "config.json")
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    params = {}
+    for key, value in data.items():
+        text = _param_text(value)
+        if key not in existing:
+            params[key] = text
+        elif existing[key] != text:
+            params[f"resolved.{key}"] = text
+    if params:
+        mlflow.log_params(params)
+    mlflow.log_dict(json.loads(json.dumps(data, default=str)), name)
+
+
+def finite_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Metric dict without NaN/inf or non-numbers (MLflow rejects them), names prefixed."""
+    import math
+
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not hasattr(value, "__float__"):
+            continue
+        value = float(value)
+        if math.isfinite(value):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def print_table(table, title: str = "", file=None) -> None:
+    """Write a results table (a DataFrame) to stdout: the final answer of a study, after the log lines
+    (which go to stderr)."""
+    import sys
+
+    out = file or sys.stdout
+    if title:
+        out.write(f"{title}\n")
+    out.write(("(no rows)" if table is None or len(table) == 0 else
+               table.to_string(index=False, float_format=lambda v: f"{v:.3f}")) + "\n")
+    out.flush()
 
 
 # ---- model references and the registry -------------------------------------------------------
@@ -539,3 +713,188 @@ def resolve_clip(spec: str, image_size: int | None = None, require_vit: bool = F
                              f"tokens): pass 'scratch' (an untrained {SCRATCH_CLIP}), 'scratch:<ViT config>' or a "
                              f"ViT CLIP, e.g. one registered by train_clip --model cxr-minilm-vit")
     return bundle, described
+
+
+# ---- classifier training, shared by train_classifier and imbalance_study ----------------------
+@dataclass
+class ClassifierRunConfig:
+    """The resolved configuration of one classifier training (logged as ``config.json``)."""
+
+    data: str = DEFAULT_DATA
+    arch: str = "resnet18"
+    loss: str = "bce"
+    epochs: int = 3
+    image_size: int = 128
+    batch_size: int = 32
+    seed: int = 0
+    task: str = "multilabel"  # "multilabel" | "binary"
+    pretrained: str | None = None  # local weights file (never downloaded)
+    registered_name: str = "cxr-classifier"
+    lr: float = 4e-4
+    weight_decay: float = 1e-6
+    warmup_epochs: float = 0.5
+    patience: int = 0  # early stopping on val mean AUROC; 0 = off
+    augment: bool = False
+    cache: bool = True  # decode images once (only without augmentation)
+    device: str | None = None
+    num_workers: int = 0
+    phantom_n: int = 400  # images of the phantom generated when the default data is missing
+    experiment: str = "cxr-classifier"
+
+
+#: argparse type of a classifier's ``--image-size`` (smaller inputs leave no feature map to explain).
+classifier_image_size = int_at_least(16, "an image size")
+
+
+def table_metrics(table, prefix: str) -> dict[str, float]:
+    """``{prefix}{metric}.{class}`` for the metric columns of a per-class table (finite only)."""
+    from training.metrics import METRIC_COLUMNS
+
+    return finite_metrics({f"{col}.{cls}": row[col] for cls, row in table.iterrows() for col in METRIC_COLUMNS},
+                          prefix)
+
+
+def plot_roc(y_true, y_prob, classes: Iterable[str], path: str | Path, title: str = "validation ROC") -> Path:
+    """One ROC curve per class with both labels present; writes a PNG.
+
+    Args:
+        y_true: (N, C) labels, NaN where unknown.
+        y_prob: (N, C) probabilities.
+        classes: the C class names.
+        path: PNG file to write.
+        title: plot title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    try:
+        for j, name in enumerate(classes):
+            known = ~np.isnan(y_true[:, j])
+            y, p = y_true[known, j], y_prob[known, j]
+            if 0 < y.sum() < len(y):
+                fpr, tpr, _ = roc_curve(y, p)
+                ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, p):.2f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def train_one(cfg: ClassifierRunConfig, train_ds, val_ds, test_ds, classes: Iterable[str], tmp: Path,
+              log_epochs: bool = True):
+    """Fit one classifier (:func:`training.train.fit`) inside the active run and log per-epoch metrics,
+    validation (and test) metrics per class as CSV/HTML and the validation ROC plot.
+
+    Returns:
+        ``(TrainResult, test_table | None, test_probs | None, test_targets | None)``.
+    """
+    from training.metrics import classification_metrics, summarize
+    from training.models import create_model
+    from training.train import TrainConfig, fit, predict, task_classes
+
+    out_classes = task_classes(list(classes), cfg.task)
+    model = create_model(cfg.arch, classes=out_classes, pretrained=cfg.pretrained, image_size=cfg.image_size)
+    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       warmup_epochs=cfg.warmup_epochs, loss=cfg.loss, task=cfg.task, seed=cfg.seed,
+                       device=cfg.device, patience=cfg.patience, num_workers=cfg.num_workers,
+                       checkpoint_dir=str(tmp / "ckpt"))
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if log_epochs:
+            mlflow.log_metrics(finite_metrics(metrics), step=epoch)
+
+    result = fit(model, train_ds, val_ds, tcfg, callback=on_epoch)
+    mlflow.log_metrics(finite_metrics(summarize(result.val_table), "val_"))
+    mlflow.log_metrics(table_metrics(result.val_table, "val_"))
+    mlflow.log_metrics({"best_epoch": result.best_epoch})
+    result.val_table.to_csv(tmp / "val_metrics.csv")
+    (tmp / "val_metrics.html").write_text(result.val_table.to_html(float_format="%.4f"))
+    mlflow.log_artifact(str(tmp / "val_metrics.csv"), "metrics")
+    mlflow.log_artifact(str(tmp / "val_metrics.html"), "metrics")
+    plot_roc(result.val_targets, result.val_probs, result.classes, tmp / "val_roc.png")
+    mlflow.log_artifact(str(tmp / "val_roc.png"), "plots")
+    test_table = test_probs = test_targets = None
+    if test_ds is not None:
+        test_probs, test_targets = predict(result.model, test_ds, 2 * cfg.batch_size, cfg.device, cfg.task)
+        test_table = classification_metrics(test_targets, test_probs, result.thresholds, result.classes)
+        mlflow.log_metrics(finite_metrics(summarize(test_table), "test_"))
+        mlflow.log_metrics(table_metrics(test_table, "test_"))
+        test_table.to_csv(tmp / "test_metrics.csv")
+        mlflow.log_artifact(str(tmp / "test_metrics.csv"), "metrics")
+    return result, test_table, test_probs, test_targets
+
+
+# ---- command line --------------------------------------------------------------------------------
+def quiet_console() -> None:
+    """Log lines to stderr at INFO (what every entry point prints), without third-party noise: tqdm bars
+    off when stderr is not a terminal, MLflow's progress bars off."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def show_progress() -> bool:
+    """Whether progress bars belong on the console: only when stderr is a terminal (in a log file or a
+    test's captured output a bar leaves lines of debris)."""
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def run_cli(main, prog: str, argv=None) -> int:
+    """Run an entry point's ``main(argv)`` for the command line: a bad input (``ValueError`` naming the
+    bad value, a missing file, an unknown registry reference) ends with one line ``prog: error: ...`` and
+    exit status 2 instead of a traceback (``CXR_TRACEBACK=1`` shows it). Returns the exit status."""
+    import sys
+
+    try:
+        status = main(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        if os.environ.get("CXR_TRACEBACK"):
+            raise
+        log.debug("%s failed", prog, exc_info=True)
+        sys.stderr.write(f"{prog}: error: {str(exc).strip()}\n")
+        return 2
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def main(argv=None) -> int:
+    """``python -m mlflow_projects.common setup``: create the tracking store and the entry points'
+    experiments with their artifacts under ``mlartifacts/`` (``CXR_ARTIFACT_ROOT``), so that
+    ``mlflow run . -e NAME --experiment-name EXPERIMENT`` keeps artifacts there. Returns 0."""
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m mlflow_projects.common",
+                                description="Set up MLflow tracking for the entry points: the store "
+                                            "(MLFLOW_TRACKING_URI, default sqlite mlflow.db) and one "
+                                            "experiment per entry point, artifacts under CXR_ARTIFACT_ROOT "
+                                            "(default mlartifacts/).")
+    p.add_argument("command", choices=["setup"], help="setup: create the store and the experiments")
+    p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    uri = tracking_uri()
+    if _local_store(uri):
+        _create_sqlite_store(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    sys.stdout.write(f"tracking store: {uri}\n")
+    for entry, name in sorted(EXPERIMENTS.items()):
+        exp = client.get_experiment(ensure_experiment(client, name))
+        sys.stdout.write(f"  mlflow run . -e {entry:<18} --experiment-name {name:<20} -> {exp.artifact_location}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

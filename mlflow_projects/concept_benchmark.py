@@ -28,11 +28,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlflow_projects.common import existing_file, log_config, positive_int, setup_tracking, unit_float
+from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ensure_data, existing_file, finite_metrics,
+                                    load_classifier, log_config, manifest_arg, nonneg_int, positive_int, print_table,
+                                    quiet_console, resolve_clip, resolve_model_uri, run_cli, start_run, unit_float)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = "outputs/phantom/manifest.parquet"
+PHANTOM_N = 400  # images of the phantom generated when the default data is missing
 
 
 @dataclass
@@ -51,16 +53,16 @@ class BenchConfig:
     beta: float = 0.95
     top_k: int = 40
     dissection_q: float = 0.04
-    experiment: str = "concept_benchmark"
+    experiment: str = EXPERIMENTS["concept_benchmark"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="concept_benchmark", description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=d.data, help="manifest of the probing set (a phantom is generated when the default is missing)")
+    p.add_argument("--data", type=manifest_arg, default=d.data, help="manifest of the probing set (a phantom is generated when the default is missing)")
     p.add_argument("--model-uri", default=d.model_uri, help="registered classifier whose final-layer units are annotated")
     p.add_argument("--clip", default=d.clip, help="VLM: models:/ URI, open_clip spec, local-dir:PATH or scratch")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the probing-image draw")
+    p.add_argument("--seed", type=nonneg_int, default=d.seed, help="seed of the probing-image draw")
     p.add_argument("--split", default=d.split, choices=["all", "train", "val", "test"],
                    help="manifest split the probing images come from")
     p.add_argument("--max-images", type=positive_int, default=d.max_images, help="probing images (drawn with --seed)")
@@ -78,18 +80,6 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--experiment", default=d.experiment, help="MLflow experiment name")
     a = p.parse_args(argv)
     return BenchConfig(**{k: getattr(a, k) for k in asdict(d)})
-
-
-def ensure_data(data: str, seed: int) -> Path:
-    path = Path(data)
-    if path.is_file():
-        return path.resolve()
-    if data != DEFAULT_DATA:
-        raise FileNotFoundError(f"manifest not found: {path.resolve()}")
-    from training.data.phantom import generate_phantom
-
-    log.info("no manifest at %s: generating a 400-image phantom", path)
-    return Path(generate_phantom(path.parent, n=400, size=128, seed=seed)).resolve()
 
 
 def final_layer(model, images, batch_size: int):
@@ -111,7 +101,7 @@ def run_benchmark(cfg: BenchConfig, model, probe, vlm, generic: Sequence[str]) -
 
     Args:
         cfg: the configuration; model: a GAP + linear classifier (eval mode); probe: the probing set
-            (:class:`mlflow_projects.audit.Probe`); vlm: :class:`interpret.vlm.VLMAdapter`;
+            (:class:`interpret.audit.probe.Probe`); vlm: :class:`interpret.vlm.VLMAdapter`;
             generic: the generic control concept set.
     """
     import pandas as pd
@@ -173,23 +163,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     import mlflow
     import torch
 
+    from interpret.audit.probe import load_probe
     from interpret.concepts import GENERIC_WORDS, load_word_list
     from interpret.vlm import VLMAdapter
-    from mlflow_projects.audit import load_model, load_probe, resolve_clip, resolve_model
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_console()
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
-    manifest = ensure_data(cfg.data, cfg.seed)
-    setup_tracking(cfg.experiment)
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    manifest = ensure_data(cfg.data, 128, cfg.seed, PHANTOM_N)
+    ident = resolve_model_uri(cfg.model_uri)  # unknown name / version / alias: an error before any download
+    bundle, clip_desc = resolve_clip(cfg.clip)
+    with start_run(cfg.experiment, run_name="concept_benchmark") as run, tempfile.TemporaryDirectory() as tmp:
         log_config(cfg)
-        ref = resolve_model(cfg.model_uri)
-        model, _meta = load_model(ref, Path(tmp))
+        model, _meta = load_classifier(ident.uri, Path(tmp))
         size = int(model.input_spec.get("size", 224)) if hasattr(model, "input_spec") else 224
         probe = load_probe(manifest, model.class_names, size, cfg.split, cfg.max_images, cfg.seed)
-        bundle, clip_desc = resolve_clip(cfg.clip)
-        mlflow.set_tags({"model_uri": ref.uri, "clip": clip_desc, "manifest": str(manifest)})
+        mlflow.set_tags({"model_uri": ident.uri, "clip": clip_desc, "manifest": str(manifest)})
         generic = load_word_list(cfg.generic_words) if cfg.generic_words else list(GENERIC_WORDS)
         table = run_benchmark(cfg, model, probe, VLMAdapter(bundle, batch_size=cfg.batch_size), generic)
         out = Path(tmp) / "concept_benchmark"
@@ -200,14 +189,14 @@ def main(argv: Sequence[str] | None = None) -> str:
         for _, r in table.iterrows():
             key = f"{r['study']}.{r['concept_set']}.{r['method']}" + (
                 f".k{r['setting'].split('=')[-1]}" if r["study"] == "selection" and r["method"] == "www" else "")
-            for m in ("hit_rate", "f1", "cos_clip", "cos_minilm", "cos_mpnet"):
-                if m in r and np.isfinite(r[m]):
-                    mlflow.log_metric(f"{key}.{m}", float(r[m]))
-        cols = [c for c in ("study", "concept_set", "method", "setting", "hit_rate", "f1", "cos_clip", "cos_minilm")
-                if c in table]
-        log.info("concept benchmark:\n%s", table[cols].to_string(index=False))
-        return run.info.run_id
+            mlflow.log_metrics(finite_metrics({f"{key}.{m}": r[m] for m in
+                                               ("hit_rate", "f1", "cos_clip", "cos_minilm", "cos_mpnet") if m in r}))
+    cols = [c for c in ("study", "concept_set", "method", "setting", "hit_rate", "f1", "cos_clip", "cos_minilm")
+            if c in table]
+    print_table(table[cols], f"concept benchmark: final-layer units of {ident.uri}, CLIP {clip_desc}, "
+                             f"{probe.n} probing images")
+    return run.info.run_id
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, "concept_benchmark"))

@@ -1,7 +1,8 @@
 """MLflow entry point ``demo`` (``make demo``): the whole system end to end on the phantom.
 
-phantom -> train classifier -> train CLIP -> audit -> promote, each step calling the other entry points'
-``main(argv)`` in this process, then prints where to look: the ``mlflow ui`` command, the audit report
+phantom -> train classifier -> train CLIP -> audit -> promote, each step running the other entry point as a
+user would (``python -m mlflow_projects.<name> ...`` in a subprocess, its log lines passed through; the
+versions it registered are read back from the registry), then prints where to look: the ``mlflow ui`` command, the audit report
 and how to start the service (``--serve`` starts it in the background). Default sizes keep the whole
 run near 11 minutes on a 2-core machine (642 s measured idle; the CLIP and the classifier take most).
 
@@ -22,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from mlflow_projects.common import run_cli
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class DemoResult:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from mlflow_projects.common import nonneg_int, positive_int
+    from mlflow_projects.common import DEFAULT_GATES, nonneg_int, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/demo", help="folder for the phantom, audit folder and logs")
@@ -55,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # 0.50) and the audit refuses promotion.
     p.add_argument("--n", type=positive_int, default=1000, help="phantom images")
     p.add_argument("--size", type=positive_int, default=128, help="phantom image side (px)")
-    p.add_argument("--arch", default="resnet18", help="classifier architecture")
+    p.add_argument("--arch", default="resnet18", help="classifier architecture (train_classifier --arch)")
     p.add_argument("--epochs", type=positive_int, default=10, help="classifier epochs")
     p.add_argument("--lr", default="1e-3", help="classifier learning rate")
     p.add_argument("--image-size", type=positive_int, default=128, help="classifier input side")
@@ -65,8 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-epochs", type=positive_int, default=60, help="CLIP epochs (train_clip's default recipe)")
     p.add_argument("--clip-image-size", type=positive_int, default=64, help="CLIP input side")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the phantom and of both trainings")
-    p.add_argument("--gates", default=str(Path(__file__).resolve().parent / "gates.yaml"),
-                   help="YAML of promotion thresholds")
+    p.add_argument("--gates", default=str(DEFAULT_GATES), help="YAML of promotion thresholds")
     p.add_argument("--serve", action="store_true", help="start the service in the background at the end")
     p.add_argument("--port", type=positive_int, default=3000, help="service port (with --serve)")
     return p.parse_args(argv)
@@ -86,13 +88,25 @@ def _step(name: str, timings: dict[str, float]):
     return _Timer()
 
 
-def _as_version(value, what: str) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        raise RuntimeError(f"{what} returned exit status {value}, not a model version")
-    text = str(getattr(value, "version", value))
-    if not text.isdigit():
-        raise RuntimeError(f"{what} returned {value!r}; expected a registered model version")
-    return text
+def run_step(module: str, args: Sequence[str]) -> int:
+    """``python -m mlflow_projects.<module> args...`` with this interpreter, in the project folder, with the
+    same environment (tracking store included); returns its exit status."""
+    from mlflow_projects.common import PROJECT_ROOT
+
+    cmd = [sys.executable, "-m", f"mlflow_projects.{module}", *map(str, args)]
+    log.info("demo: %s", " ".join(shlex.quote(c) for c in cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, env=dict(os.environ), check=False).returncode
+
+
+def _registered(name: str, module: str, status: int) -> str:
+    """The version ``module`` just registered (it holds alias ``candidate``)."""
+    from mlflow_projects.common import resolve_model_uri
+
+    if status != 0:
+        raise RuntimeError(f"{module} exited with status {status}; see its messages above")
+    return str(resolve_model_uri(f"models:/{name}@candidate").version)
 
 
 def start_service(port: int, log_path: Path) -> subprocess.Popen:
@@ -108,40 +122,38 @@ def start_service(port: int, log_path: Path) -> subprocess.Popen:
 
 def run_demo(args: argparse.Namespace) -> DemoResult:
     """Run every step; raises when one fails (the message names the step)."""
-    import mlflow
+    import json
 
-    from mlflow_projects import audit, promote, train_classifier, train_clip
-    from mlflow_projects.common import DEFAULT_TRACKING_URI
+    from mlflow_projects.common import SUMMARY_ARTIFACT, setup_tracking, tracking_uri
     from training.data.phantom import generate_phantom
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    uri = os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    mlflow.set_tracking_uri(uri)
+    uri = os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    setup_tracking("cxr-classifier")  # the store, with its artifacts under mlartifacts/
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _step("phantom", timings):
         manifest = Path(generate_phantom(out / "phantom", n=args.n, size=args.size, seed=args.seed, masks=True))
     with _step("train classifier", timings):
-        cls_version = _as_version(train_classifier.main(
-            ["--data", str(manifest), "--arch", args.arch, "--epochs", str(args.epochs), "--lr", args.lr,
-             "--image-size", str(args.image_size), "--seed", str(args.seed)]), "train_classifier")
+        status = run_step("train_classifier", ["--data", manifest, "--arch", args.arch, "--epochs", args.epochs,
+                                               "--lr", args.lr, "--image-size", args.image_size, "--seed", args.seed])
+        cls_version = _registered("cxr-classifier", "train_classifier", status)
     with _step("train CLIP", timings):
-        clip_version = _as_version(train_clip.main(
-            ["--data", str(manifest), "--epochs", str(args.clip_epochs), "--image-size", str(args.clip_image_size),
-             "--seed", str(args.seed)]), "train_clip")
+        status = run_step("train_clip", ["--data", manifest, "--epochs", args.clip_epochs,
+                                         "--image-size", args.clip_image_size, "--seed", args.seed])
+        clip_version = _registered("cxr-clip", "train_clip", status)
     audit_folder = out / "audit"
     with _step("audit", timings):
-        status = audit.main(["--model-uri", f"models:/cxr-classifier/{cls_version}", "--data", str(manifest),
-                             "--clip", f"models:/cxr-clip/{clip_version}", "--gates", args.gates,
-                             "--out", str(audit_folder), "--seed", str(args.seed)])
+        status = run_step("audit", ["--model-uri", f"models:/cxr-classifier/{cls_version}", "--data", manifest,
+                                    "--clip", f"models:/cxr-clip/{clip_version}", "--gates", args.gates,
+                                    "--out", audit_folder, "--seed", args.seed])
         if status != 0:
             raise RuntimeError(f"audit exited with status {status}; its files are in {audit_folder}")
-    import json
-
-    summary = json.loads((audit_folder / audit.ARTIFACT_DIR / "summary.json").read_text())
+    summary = json.loads((audit_folder / SUMMARY_ARTIFACT).read_text())
     with _step("promote", timings):
-        promoted = promote.main(["--name", "cxr-classifier", "--version", cls_version, "--gates", args.gates]) == 0
+        promoted = run_step("promote", ["--name", "cxr-classifier", "--version", cls_version,
+                                        "--gates", args.gates]) == 0
     timings["total"] = round(time.perf_counter() - t0, 1)
     result = DemoResult(uri, manifest, cls_version, clip_version, audit_folder, summary["status"], promoted, timings)
     if args.serve:
@@ -181,7 +193,9 @@ def where_to_look(result: DemoResult, port: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns 0 when every step ran (promotion refused still returns 0 and says so)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mlflow_projects.common import quiet_console
+
+    quiet_console()
     args = parse_args(argv)
     result = run_demo(args)
     sys.stdout.write(where_to_look(result, args.port) + "\n")
@@ -189,4 +203,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, "demo"))

@@ -38,10 +38,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mlflow_projects.common import choice_of, log_config, nonneg_int, positive_int
-from mlflow_projects.train_classifier import (DEFAULT_DATA, EXPERIMENT, ClassifierRunConfig, _image_size,
-                                              class_distribution, ensure_data, finite_metrics, load_splits,
-                                              log_resolved_config, start_run, train_one)
+from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ClassifierRunConfig, choice_of, classifier_image_size,
+                                    ensure_data, finite_metrics, log_config, manifest_arg, nonneg_int, positive_int,
+                                    print_table, quiet_console, run_cli, show_progress, start_run, train_one)
+# Library logic waiting for a home in `training` (split loading, class counts); until then the one import
+# of another entry point's module left here.
+from mlflow_projects.train_classifier import class_distribution, load_splits
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +79,25 @@ def parse_args(argv: Sequence[str] | None = None, return_all: bool = False):
     from training.train import TASKS
 
     p = argparse.ArgumentParser(prog="imbalance_study", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA,
+                   help="manifest (default: the phantom, generated if missing)")
     p.add_argument("--arch", type=choice_of(list_models(), "arch"), default="resnet18")
     p.add_argument("--epochs", type=positive_int, default=3)
-    p.add_argument("--image-size", type=_image_size, default=128)
+    p.add_argument("--image-size", type=classifier_image_size, default=128)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--task", type=choice_of(TASKS, "task"), default="multilabel")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of the losses")
-    p.add_argument("--experiment", default=EXPERIMENT)
+    p.add_argument("--experiment", default=EXPERIMENTS["imbalance_study"])
     p.add_argument("--dissection-q", type=_unit_fraction, default=None,
                    help="top fraction per unit for dissection (default 0.01 DenseNet family, 0.04 others)")
     p.add_argument("--no-interpret", action="store_true", help="skip the IoBB/IoR and dissection columns")
     a = p.parse_args(argv)
-    data = Path(a.data).expanduser()
-    if not data.is_file() and a.data != DEFAULT_DATA:
-        p.error(f"argument --data: manifest not found: {data.resolve()}")
     losses = [x.strip() for x in a.losses.split(",") if x.strip()]
     bad = [x for x in losses if x not in list_losses()]
     if bad or not losses:
         p.error(f"argument --losses: unknown loss {bad or a.losses!r}; valid: {', '.join(list_losses())}")
-    cfg = ClassifierRunConfig(data=str(data.resolve()) if data.is_file() else a.data, arch=a.arch, epochs=a.epochs,
+    cfg = ClassifierRunConfig(data=a.data, arch=a.arch, epochs=a.epochs,
                               image_size=a.image_size, seed=a.seed, batch_size=a.batch_size, task=a.task,
                               experiment=a.experiment)
     if return_all:
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     import mlflow
     import torch
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_console()
     cfg, losses, interp = parse_args(argv, return_all=True)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, False, True)
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     with start_run(cfg.experiment, run_name=f"imbalance_study-{cfg.arch}") as parent, \
             tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        log_resolved_config({**{k: v for k, v in vars(cfg).items() if k not in ("loss", "registered_name", "pretrained")},
+        log_config({**{k: v for k, v in vars(cfg).items() if k not in ("loss", "registered_name", "pretrained")},
                     "losses": losses, "compared_on": split, "interpret": do_interp,
                     "dissection_q": interp["q"], "n_boxed_images": len(probe_idx)})
         mlflow.set_tags({"manifest": str(manifest), "study": "imbalance", "classes": ",".join(classes)})
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                 result, test_table, _, _ = train_one(run_cfg, train_ds, val_ds, test_ds, classes, sub)
                 if do_interp:
                     it, ov = interpret_table(result.model.cpu().eval(), probe, probe_idx, interp["q"],
-                                             2 * cfg.batch_size)
+                                             2 * cfg.batch_size, progress=show_progress())
                     interp_tables[loss], overall[loss] = it, ov
                     mlflow.log_metrics(finite_metrics({f"interp_{col}.{cls}": row[col] for cls, row in it.iterrows()
                                                        for col in INTERPRET_COLUMNS[1:]}))
@@ -288,8 +288,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             + table.to_html(index=False, float_format="%.4f"))
         mlflow.log_artifact(str(tmp / "imbalance_comparison.csv"), "comparison")
         mlflow.log_artifact(str(tmp / "imbalance_comparison.html"), "comparison")
+    shown = [c for c in ("loss", "auroc", "ap", "mean_prob", "iobb", "ior", "disjoint", "unique") if c in table]
+    print_table(table[table["class"] == "mean"][shown],
+                f"imbalance study: {cfg.arch} on {manifest.name}, {split} split, seed {cfg.seed} (means over classes; "
+                f"per class in the run's comparison/imbalance_comparison.csv)")
     return table
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, "imbalance_study"))

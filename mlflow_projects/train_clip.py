@@ -10,7 +10,7 @@ text tower; see :mod:`training.clip.train`) with a contrastive loss on the ``tra
 
     python -m mlflow_projects.train_clip --data outputs/phantom/manifest.parquet --epochs 60
 
-Load a registered version back as a bundle with :func:`load_registered_clip`.
+Load a registered version back as a bundle with :func:`mlflow_projects.common.resolve_clip`.
 """
 from __future__ import annotations
 
@@ -18,19 +18,17 @@ import argparse
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mlflow_projects.common import DEFAULT_DATA, ensure_data
-from mlflow_projects.common import (DEFAULT_TRACKING_URI, choice_of, log_config, nonneg_int, positive_int, register_version,
-                                    setup_tracking)
-from mlflow_projects.pyfunc_clip import load_registered_clip  # noqa: F401  (re-exported for other entry points)
+from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, choice_of, ensure_data, finite_metrics, int_at_least,
+                                    log_config, manifest_arg, nonneg_int, positive_float, positive_int, print_table,
+                                    quiet_console, register_version, run_cli, start_run)
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "cxr-clip"
+EXPERIMENT = EXPERIMENTS["train_clip"]
 
 
 @dataclass
@@ -63,24 +61,14 @@ def clip_model_spec(text: str) -> str:
                                      "a model config .json or an HF CLIP folder")
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
     from training.clip.train import ZERO_SHOT_MODES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA, help="manifest with reports (default: the phantom, generated if missing)")
+    p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA, help="manifest with reports (default: the phantom, generated if missing)")
     p.add_argument("--model", type=clip_model_spec, default="cxr-minilm-rn")
     p.add_argument("--epochs", type=positive_int, default=60)
-    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--image-size", type=int_at_least(8, "an image size"), default=64)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--registered-name", default="cxr-clip")
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -90,8 +78,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
     p.add_argument("--phantom-n", type=positive_int, default=480)
     p.add_argument("--experiment", default=EXPERIMENT)
     a = p.parse_args(argv)
-    if a.image_size < 8:
-        p.error(f"argument --image-size: expected an integer >= 8, got {a.image_size}")
     if a.batch_size < 2:
         p.error(f"argument --batch-size: a contrastive batch needs >= 2 pairs, got {a.batch_size}")
     if a.pretrained and not Path(a.pretrained).is_file():
@@ -102,10 +88,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
                          experiment=a.experiment)
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-
-
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the entry point; returns the registered model version."""
     import mlflow
@@ -113,23 +95,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     from mlflow_projects.pyfunc_clip import clip_meta, log_clip_model
     from training.clip.train import ClipTrainConfig, evaluate_clip, load_pairs, train_clip
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_console()
     cfg = parse_args(argv)
-    if os.environ.get("MLFLOW_RUN_ID"):
-        # started by `mlflow run`: the run and its experiment exist already (pass --experiment-name to choose
-        # it); switching experiments here would make start_run refuse the run
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    else:
-        setup_tracking(cfg.experiment)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     tcfg = ClipTrainConfig(model=cfg.model, pretrained=cfg.pretrained, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, image_size=cfg.image_size, seed=cfg.seed, zero_shot=cfg.zero_shot)
-    with mlflow.start_run(run_name="train_clip") as run:
+    with start_run(cfg.experiment, run_name="train_clip") as run:
         log_config(cfg)
         mlflow.set_tags({"manifest": str(manifest), "open_clip_config": cfg.model})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            mlflow.log_metrics(_finite(metrics), step=epoch)
+            mlflow.log_metrics(finite_metrics(metrics), step=epoch)
 
         result = train_clip(manifest, tcfg, callback=on_epoch)
         bundle, classes = result.bundle, result.classes
@@ -141,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 zero_shot=cfg.zero_shot).items()})
         except ValueError as exc:
             log.warning("no test evaluation: %s", exc)
-        mlflow.log_metrics(_finite({**{f"final.{k}": v for k, v in final.items() if not k.startswith("test.")},
+        mlflow.log_metrics(finite_metrics({**{f"final.{k}": v for k, v in final.items() if not k.startswith("test.")},
                                     **{k: v for k, v in final.items() if k.startswith("test.")}}))
         mlflow.log_dict({"history": result.history, "final": final, "n_train": result.n_train,
                          "n_val": result.n_val}, "metrics.json")
@@ -156,8 +132,15 @@ def main(argv: Sequence[str] | None = None) -> str:
                               description=f"CLIP {cfg.model} trained {cfg.epochs} epochs on {result.n_train} "
                                           f"image-report pairs of {Path(manifest).name}")
     log.info("registered %s version %s: %s", cfg.registered_name, mv.version, json.dumps(final, default=str)[:500])
+    import pandas as pd
+
+    keys = ("i2t_recall_at_5", "t2i_recall_at_5", "zs_auroc_mean")
+    rows = [{"split": split, **{k: final.get(f"{prefix}{k}", float("nan")) for k in keys}}
+            for split, prefix in (("val", ""), ("test", "test.")) if any(f"{prefix}{k}" in final for k in keys)]
+    print_table(pd.DataFrame(rows), f"{cfg.registered_name} version {mv.version} (@candidate): retrieval recall@5 "
+                                    f"and zero-shot AUROC")
     return str(mv.version)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, "train_clip"))

@@ -1,9 +1,11 @@
 """MLflow entry point ``train_dwarf``: train DWARF on a manifest, log metrics and galleries, register.
 
-Steps: (1) data: the manifest (default: the phantom, generated with masks when missing); (2) CLIP: a
-``models:/`` URI of a registered ``cxr-clip`` (falls back, with a warning, to an untrained
-``cxr-tiny-vit`` when nothing is registered), an open_clip spec for :func:`training.clip.load_clip`, or
-``scratch``; (3) the VLM stage (classification only) and cyclic DWARF fine-tuning, ``--epochs`` cycles of
+Steps: (1) data: the manifest (default: the phantom, generated with masks when missing), plus clinician
+feedback records (``--feedback``, the folder the service's ``/feedback`` writes) added to the training
+split; (2) CLIP (:func:`mlflow_projects.common.resolve_clip`; DWARF needs a ViT image tower): ``scratch``
+(the default: an untrained ``cxr-tiny-vit``), a ``models:/`` URI of a registered ViT ``cxr-clip`` (e.g.
+trained with ``train_clip --model cxr-minilm-vit``), or an open_clip spec; anything that cannot be
+loaded is refused, never replaced by an untrained model; (3) the VLM stage (classification only) and cyclic DWARF fine-tuning, ``--epochs`` cycles of
 one epoch per disease; (4) thresholds chosen on ``val``, AUC / F1 / MCC / Max Dice on ``test`` per
 disease and their means (the VLM stage is logged too, prefixed ``vlm.``); (5) galleries
 ``gallery/<disease>.png`` (image, raw map, refined map, ground truth); (6) the pyfunc of
@@ -20,17 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
-from mlflow_projects.common import DEFAULT_DATA, ensure_data as common_ensure_data
-from mlflow_projects.common import (log_config, nonneg_int, positive_int, register_version, setup_tracking,
-                                    unit_float)
+from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics,
+                                    int_at_least, log_config, manifest_arg, nonneg_int, positive_float,
+                                    positive_int, print_table, quiet_console, register_version, resolve_clip,
+                                    run_cli, start_run, unit_float)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "models:/cxr-clip@candidate"
-FALLBACK_CLIP = "cxr-tiny-vit"
-EXPERIMENT = "cxr-dwarf"
+DEFAULT_CLIP = "scratch"
+EXPERIMENT = EXPERIMENTS["train_dwarf"]
+MIN_IMAGE_SIZE = DWARF_MIN_IMAGE_SIZE
 
 
 @dataclass
@@ -59,45 +61,27 @@ class DwarfRunConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- data and CLIP ---------------------------------------------------------------------------
-def ensure_data(data: str, image_size: int, seed: int, n: int) -> Path:
-    """:func:`mlflow_projects.common.ensure_data` with phantom masks (DWARF's supervision)."""
-    return common_ensure_data(data, image_size, seed, n, masks=True)
+# ---- data ----------------------------------------------------------------------------------
+def manifest_classes(manifest: Path) -> list[str]:
+    """The finding classes a manifest names (labels and box labels), sorted."""
+    from training.data.schema import read_manifest
+
+    frame = read_manifest(manifest)
+    names = {str(c) for labels in frame["labels"] for c in (labels if labels is not None else [])}
+    if "boxes" in frame:
+        names |= {str(b["label"]) for boxes in frame["boxes"] if boxes is not None for b in boxes}
+    return sorted(names)
 
 
-def resolve_clip(spec: str, image_size: int | None = None) -> tuple[Any, str]:
-    """Load the CLIP bundle named by ``spec``; returns ``(bundle, resolved description)``.
-
-    ``scratch`` (and the fallback when a ``models:/`` URI cannot be loaded, or holds a CLIP without a ViT
-    image tower, such as the default ``cxr-minilm-rn`` concept VLM: DWARF cross-attends to patch tokens) is
-    an untrained ``cxr-tiny-vit`` built for ``image_size`` (its own 64 px when None): an untrained tower
-    gains nothing from a larger input than the data. An explicit non-ViT spec is refused by the model.
-    """
-    from open_clip.transformer import VisionTransformer
-
-    from training.clip import load_clip
-
-    if spec.startswith("models:/"):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            from mlflow_projects.pyfunc_clip import load_registered_clip
-
-            bundle = load_registered_clip(spec)
-        except (MlflowException, OSError, ValueError, KeyError) as exc:
-            log.warning("could not load CLIP %s (%s); falling back to an untrained %s", spec, exc, FALLBACK_CLIP)
-            return load_clip(FALLBACK_CLIP, image_size=image_size), f"scratch:{FALLBACK_CLIP}"
-        visual = getattr(bundle.model, "visual", None)
-        if not isinstance(visual, VisionTransformer):
-            log.warning("CLIP %s has a %s image tower, DWARF needs a ViT (patch tokens); falling back to an untrained "
-                        "%s (pass --clip with a ViT CLIP, e.g. one trained with train_clip --model cxr-minilm-vit)",
-                        spec, type(visual).__name__, FALLBACK_CLIP)
-            return (load_clip(FALLBACK_CLIP, image_size=image_size),
-                    f"scratch:{FALLBACK_CLIP} ({spec} has no ViT image tower)")
-        return bundle, spec
-    if spec == "scratch":
-        return load_clip(FALLBACK_CLIP, image_size=image_size), f"scratch:{FALLBACK_CLIP}"
-    return load_clip(spec), spec
+def check_classes(classes: Sequence[str] | None, manifest: Path) -> None:
+    """Refuse diseases the manifest does not name (the error lists the ones it does)."""
+    if not classes:
+        return
+    valid = manifest_classes(manifest)
+    bad = [c for c in classes if c not in valid]
+    if bad:
+        raise ValueError(f"unknown class{'es' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} for --classes; "
+                         f"valid (the classes of {manifest}): {', '.join(valid)}")
 
 
 def load_splits(manifest: Path, image_size: int, classes: Sequence[str] | None = None,
@@ -164,20 +148,25 @@ def load_splits(manifest: Path, image_size: int, classes: Sequence[str] | None =
 # ---- entry point -----------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> DwarfRunConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA, help="manifest (default: the phantom, generated if missing)")
+    p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA,
+                   help="manifest (default: the phantom, generated with masks if missing)")
     p.add_argument("--clip", default=DEFAULT_CLIP,
-                   help="models:/ URI of a registered cxr-clip, an open_clip spec, or 'scratch'")
+                   help="ViT CLIP: 'scratch' (an untrained cxr-tiny-vit), 'scratch:<config>', a models:/ URI of a "
+                        "registered ViT cxr-clip, or an open_clip spec")
     p.add_argument("--epochs", type=positive_int, default=4, help="cycles; each trains one epoch per disease")
-    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, "an image size"), default=64,
+                   help=f"input side in px (>= {MIN_IMAGE_SIZE}: a grid of 8-px patches)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--lam", type=unit_float, default=0.5, help="lambda of L = lambda L_seg + (1 - lambda) L_cls")
     p.add_argument("--registered-name", default="cxr-dwarf")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--w-fp", type=float, default=2.0, help="false-positive weight of the soft Dice")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--w-fp", type=positive_float, default=2.0, help="false-positive weight of the soft Dice")
     p.add_argument("--vlm-epochs", type=nonneg_int, default=6)
     p.add_argument("--classes", default="", help="comma-separated diseases (default: those with positives)")
-    p.add_argument("--feedback", default="", help="folder of clinician feedback records (JSON)")
+    p.add_argument("--feedback", default="",
+                   help="folder of clinician feedback records (what the service's POST /feedback writes, "
+                        "CXR_FEEDBACK_DIR) added to the training split")
     p.add_argument("--phantom-n", type=positive_int, default=240)
     p.add_argument("--device", default="")
     p.add_argument("--d-model", type=positive_int, default=128)
@@ -187,20 +176,20 @@ def parse_args(argv: Sequence[str] | None = None) -> DwarfRunConfig:
     p.add_argument("--gallery-n", type=nonneg_int, default=4)
     p.add_argument("--experiment", default=EXPERIMENT)
     a = p.parse_args(argv)
+    if a.feedback and not Path(a.feedback).expanduser().is_dir():
+        p.error(f"argument --feedback: folder not found: {Path(a.feedback).expanduser().resolve()}")
     return DwarfRunConfig(data=a.data, clip=a.clip, epochs=a.epochs, image_size=a.image_size, seed=a.seed, lam=a.lam,
                           registered_name=a.registered_name, batch_size=a.batch_size, lr=a.lr, w_fp=a.w_fp,
                           vlm_epochs=a.vlm_epochs, classes=[c.strip() for c in a.classes.split(",") if c.strip()] or None,
-                          feedback=a.feedback or None, phantom_n=a.phantom_n, device=a.device or None,
+                          feedback=str(Path(a.feedback).expanduser().resolve()) if a.feedback else None, phantom_n=a.phantom_n, device=a.device or None,
                           d_model=a.d_model, decoder_layers=a.decoder_layers, heads=a.heads, map_layers=a.map_layers,
                           gallery_n=a.gallery_n, experiment=a.experiment)
 
 
 def _log_scores(mlflow, scores, prefix: str = "") -> None:
-    metrics = {f"{prefix}{k}": v for k, v in scores.means().items() if np.isfinite(v)}
-    for cls, row in scores.table.iterrows():
-        for col in ("auc", "f1", "mcc", "max_dice", "max_dice_raw"):
-            if np.isfinite(row[col]):
-                metrics[f"{prefix}{col}.{cls}"] = float(row[col])
+    metrics = finite_metrics(scores.means(), prefix)
+    metrics.update(finite_metrics({f"{col}.{cls}": row[col] for cls, row in scores.table.iterrows()
+                                   for col in ("auc", "f1", "mcc", "max_dice", "max_dice_raw")}, prefix))
     mlflow.log_metrics(metrics)
 
 
@@ -213,15 +202,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     from training.dwarf.pipeline import finetune, pretrain, save_gallery, score
     from training.dwarf.train import TrainConfig, resolve_device
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_console()
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
-    setup_tracking(cfg.experiment)
-    manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
-    bundle, clip_used = resolve_clip(cfg.clip, cfg.image_size)
+    manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n, masks=True)
+    check_classes(cfg.classes, manifest)
+    bundle, clip_used = resolve_clip(cfg.clip, cfg.image_size, require_vit=True)
     train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, cfg.classes, cfg.feedback)
     device = str(resolve_device(cfg.device))
-    with mlflow.start_run(run_name="train_dwarf") as run, tempfile.TemporaryDirectory() as tmp:
+    with start_run(cfg.experiment, run_name="train_dwarf") as run, tempfile.TemporaryDirectory() as tmp:
         log_config(cfg)
         mlflow.set_tags({"clip.resolved": clip_used, "manifest": str(manifest), "classes": ",".join(classes),
                          "device": device})
@@ -251,8 +240,12 @@ def main(argv: Sequence[str] | None = None) -> str:
                 "max_dice_mean": round(scores.means()["max_dice_mean"], 4)}
         mv = register_version(info.model_uri, cfg.registered_name, tags,
                               description=f"DWARF on {len(classes)} diseases, CLIP {clip_used}")
+    cols = [c for c in ("auc", "f1", "mcc", "max_dice", "max_dice_raw") if c in scores.table]
+    print_table(scores.table[cols].reset_index(),
+                f"{cfg.registered_name} version {mv.version} (@candidate), CLIP {clip_used}: test metrics per disease "
+                f"(thresholds chosen on val)")
     return str(mv.version)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, "train_dwarf"))

@@ -56,7 +56,7 @@ def planted(tmp_path_factory):
     activation map is the class's box mask."""
     from interpret.concepts import BASE_TEMPLATE, mine_concepts
     from interpret.evaluation import matches
-    from mlflow_projects.audit import load_probe
+    from interpret.audit.probe import load_probe
     from training.data.phantom import generate_phantom
     from training.data.schema import PHANTOM_CLASSES
 

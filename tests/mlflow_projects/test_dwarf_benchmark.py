@@ -11,7 +11,7 @@ from tests.mlflow_projects.audit_fixtures import tracking
 
 
 @pytest.mark.slow
-def test_entry_point_logs_one_row_per_count_and_method(tmp_path, tiny_phantom):
+def test_entry_point_logs_one_row_per_count_and_method(tmp_path, tiny_phantom, capsys):
     from mlflow_projects import dwarf_benchmark
 
     with tracking(tmp_path):
@@ -32,5 +32,18 @@ def test_entry_point_logs_one_row_per_count_and_method(tmp_path, tiny_phantom):
         folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "dl"))
         assert pd.read_csv(f"{folder}/dwarf_benchmark.csv").shape[0] == len(table)
         assert "max_dice_mean" in open(f"{folder}/dwarf_benchmark.md", encoding="utf-8").read()
-        with pytest.raises(ValueError, match="--diseases must list positive counts"):
-            dwarf_benchmark.main(["--data", str(tiny_phantom), "--clip", "scratch", "--diseases", "0"])
+    out = capsys.readouterr().out  # the table is printed at the end
+    assert "DWARF benchmark" in out and "max_dice_mean" in out and len(out.splitlines()) == len(table) + 2
+
+
+def test_bad_arguments_exit_2_naming_the_value(capsys, tmp_path):
+    from mlflow_projects.dwarf_benchmark import parse_args
+
+    for bad, needle in ((["--diseases", "0"], "expected comma-separated positive counts"),
+                        (["--diseases", "four"], "got 'four'"), (["--image-size", "7"], "image size >= 16"),
+                        (["--data", str(tmp_path / "m.parquet")], "manifest not found")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert parse_args(["--diseases", "7, 4,4"]).diseases == "4,7"
+

@@ -37,7 +37,7 @@ def test_comparison_table_appends_interpret_columns():
 def test_dissection_q_by_arch(tmp_path):
     assert dissection_q("t_densenet") == 0.01 and dissection_q("resnet50") == 0.04
     m = tmp_path / "m.parquet"
-    m.write_bytes(b"")
+    pd.DataFrame({"image_id": ["a"]}).to_parquet(m)
     assert parse_args(["--data", str(m), "--arch", "t_densenet"], return_all=True)[2] == {"enabled": True, "q": 0.01}
     assert parse_args(["--data", str(m), "--dissection-q", "0.1", "--no-interpret"], return_all=True)[2] == {
         "enabled": False, "q": 0.1}
@@ -50,7 +50,7 @@ def test_bad_parameters(capsys, tmp_path):
         parse_args(["--data", str(tmp_path / "nope.parquet")])
     assert exc.value.code == 2 and "manifest not found" in capsys.readouterr().err
     m = tmp_path / "m.parquet"
-    m.write_bytes(b"")
+    pd.DataFrame({"image_id": ["a"]}).to_parquet(m)
     with pytest.raises(SystemExit):
         parse_args(["--data", str(m), "--losses", "bce,dice"])
     assert "valid: bce, cb_focal, focal, wbce" in capsys.readouterr().err

@@ -15,6 +15,15 @@ from mlflow_projects.train_classifier import parse_args
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _manifest(tmp_path) -> Path:
+    """A Parquet file (parsing checks the format, not the rows)."""
+    import pandas as pd
+
+    path = tmp_path / "m.parquet"
+    pd.DataFrame({"image_id": ["a"]}).to_parquet(path)
+    return path
+
+
 def _exit_message(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
@@ -23,8 +32,7 @@ def _exit_message(capsys, argv) -> str:
 
 
 def test_bad_parameters_exit_2_with_clear_messages(capsys, tmp_path):
-    manifest = tmp_path / "m.parquet"
-    manifest.write_bytes(b"")
+    manifest = _manifest(tmp_path)
     err = _exit_message(capsys, ["--data", str(manifest), "--arch", "vgg16"])
     assert "unknown arch 'vgg16'" in err and "densenet121" in err and "test_resnet" in err
     err = _exit_message(capsys, ["--data", str(manifest), "--epochs", "abc"])
@@ -37,11 +45,22 @@ def test_bad_parameters_exit_2_with_clear_messages(capsys, tmp_path):
     assert "weights file not found" in err and "never downloaded" in err
     err = _exit_message(capsys, ["--data", str(manifest), "--task", "multiclass"])
     assert "valid: binary, multilabel" in err
+    err = _exit_message(capsys, ["--data", str(manifest), "--image-size", "8"])
+    assert "--image-size" in err and "expected an image size >= 16, got '8'" in err
+    # a folder, or a file that is not Parquet, is refused with one line naming it
+    err = _exit_message(capsys, ["--data", str(tmp_path)])
+    assert f"manifest {tmp_path} is a folder" in err and "DIR/manifest.parquet" in err
+    (tmp_path / "manifest.parquet").write_bytes(manifest.read_bytes())
+    err = _exit_message(capsys, ["--data", str(tmp_path)])
+    assert f"did you mean {tmp_path / 'manifest.parquet'}?" in err
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image_id,labels\n")
+    err = _exit_message(capsys, ["--data", str(csv)])
+    assert f"manifest {csv} is not a Parquet file" in err and "Traceback" not in err
 
 
 def test_parsed_config(tmp_path):
-    manifest = tmp_path / "m.parquet"
-    manifest.write_bytes(b"")
+    manifest = _manifest(tmp_path)
     cfg = parse_args(["--data", str(manifest), "--arch", "t_densenet", "--loss", "cb_focal", "--epochs", "2",
                       "--image-size", "96", "--task", "binary", "--pretrained", ""])
     assert (cfg.arch, cfg.loss, cfg.epochs, cfg.image_size, cfg.task, cfg.pretrained) == \

@@ -18,14 +18,19 @@ def _store(tmp_path: Path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CXR_ARTIFACT_ROOT": str(tmp_path / "artifacts")}
 
 
-def test_parse_args_validates_and_lists_valid_values(capsys):
+def test_parse_args_validates_and_lists_valid_values(capsys, tmp_path):
+    import pandas as pd
+
     from mlflow_projects.train_clip import parse_args
 
-    cfg = parse_args(["--data", "m.parquet", "--epochs", "2", "--image-size", "32", "--seed", "3"])
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"image_id": ["a"]}).to_parquet(manifest)
+    cfg = parse_args(["--data", str(manifest), "--epochs", "2", "--image-size", "32", "--seed", "3"])
     assert (cfg.model, cfg.epochs, cfg.image_size, cfg.seed, cfg.registered_name) == ("cxr-minilm-rn", 2, 32, 3, "cxr-clip")
     for bad, needle in ((["--epochs", "0"], "positive integer"), (["--model", "nope"], "cxr-tiny-vit"),
                         (["--zero-shot", "magic"], "contrast, similarity"), (["--batch-size", "1"], ">= 2 pairs"),
-                        (["--pretrained", "/no/such.pt"], "file not found"), (["--image-size", "4"], ">= 8")):
+                        (["--pretrained", "/no/such.pt"], "file not found"), (["--image-size", "4"], ">= 8"),
+                        (["--data", str(tmp_path / "nope.parquet")], "manifest not found")):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert needle in capsys.readouterr().err

@@ -23,12 +23,46 @@ def _store(tmp_path, monkeypatch=None) -> dict:
     return env
 
 
-def test_arguments_are_validated():
+def test_arguments_are_validated(capsys, tmp_path):
     cfg = parse_args(["--epochs", "2", "--lam", "0.3", "--classes", "Nodule, Mass", "--feedback", ""])
     assert cfg.epochs == 2 and cfg.lam == 0.3 and cfg.classes == ["Nodule", "Mass"] and cfg.feedback is None
-    for bad in (["--epochs", "0"], ["--lam", "1.5"], ["--image-size", "x"]):
-        with pytest.raises(SystemExit):
+    assert cfg.clip == "scratch"  # the untrained ViT is the default by name, never a silent fallback
+    assert parse_args(["--feedback", str(tmp_path)]).feedback == str(tmp_path)
+    for bad, needle in ((["--epochs", "0"], "positive integer"), (["--lam", "1.5"], "[0, 1]"),
+                        (["--image-size", "x"], "'x'"), (["--image-size", "7"], "image size >= 16, got '7'"),
+                        (["--feedback", str(tmp_path / "nope")], f"folder not found: {tmp_path / 'nope'}"),
+                        (["--data", str(tmp_path)], "is a folder")):
+        with pytest.raises(SystemExit) as exc:
             parse_args(bad)
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def _cli(args, env, timeout=300):
+    """``python -m mlflow_projects.train_dwarf ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "mlflow_projects.train_dwarf", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_unknown_classes_and_unloadable_clip_are_refused_in_one_line(tiny_phantom, tmp_path):
+    """`--classes Covid` used to train on nothing and succeed; a mistyped or unregistered --clip used to fall back
+    to an untrained CLIP. Both now stop before any training, exit 2, one line, the valid values listed."""
+    from mlflow_projects.train_dwarf import check_classes, manifest_classes
+
+    valid = manifest_classes(tiny_phantom)
+    assert "Effusion" in valid and "Covid" not in valid
+    check_classes(["Effusion"], tiny_phantom)
+    with pytest.raises(ValueError, match=r"unknown class 'Covid' for --classes; valid .*Effusion"):
+        check_classes(["Effusion", "Covid"], tiny_phantom)
+    env = _store(tmp_path)
+    proc = _cli(["--data", str(tiny_phantom), "--classes", "Covid", "--epochs", "1", "--image-size", "32"], env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("train_dwarf: error: unknown class 'Covid'")
+    assert "Effusion" in proc.stderr.strip().splitlines()[-1]
+    proc = _cli(["--data", str(tiny_phantom), "--clip", "models:/cxr-clip@candidate", "--image-size", "32"], env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train_dwarf: error: no registered model 'cxr-clip'" in proc.stderr
+    proc = _cli(["--data", str(tiny_phantom), "--clip", "cxr-tiny-vt", "--image-size", "32"], env)
+    assert proc.returncode == 2 and "cannot load CLIP 'cxr-tiny-vt'" in proc.stderr and "scratch" in proc.stderr
 
 
 @pytest.mark.slow
@@ -134,27 +168,3 @@ def test_mlflow_run_train_dwarf_registers_candidate(tmp_path, monkeypatch):
     assert out["probabilities"].shape == (2, len(classes)) and out["maps"].shape == (2, len(classes), 32, 32)
 
 
-def test_registered_clip_without_a_vit_tower_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
-    """The default concept VLM (a ResNet image tower) cannot give DWARF patch tokens: the registered URI falls
-    back to the untrained ViT, says so, and records it; a registered ViT CLIP is used as is."""
-    from open_clip.transformer import VisionTransformer
-
-    from mlflow_projects import pyfunc_clip, train_dwarf
-    from training.clip import load_clip
-
-    tiny_text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    rn = tmp_path / "rn.json"
-    rn.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8,
-                                                              "head_width": 16}, "text_cfg": tiny_text}))
-    vit = tmp_path / "vit.json"
-    vit.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                                                               "head_width": 16, "patch_size": 8},
-                               "text_cfg": tiny_text}))
-    monkeypatch.setattr(pyfunc_clip, "load_registered_clip", lambda uri: load_clip(str(rn)))
-    bundle, used = train_dwarf.resolve_clip("models:/cxr-clip@candidate", 32)
-    assert isinstance(bundle.model.visual, VisionTransformer)
-    assert used.startswith(f"scratch:{train_dwarf.FALLBACK_CLIP}") and "no ViT image tower" in used
-    assert "DWARF needs a ViT" in caplog.text
-    monkeypatch.setattr(pyfunc_clip, "load_registered_clip", lambda uri: load_clip(str(vit)))
-    bundle, used = train_dwarf.resolve_clip("models:/cxr-clip@candidate", 32)
-    assert used == "models:/cxr-clip@candidate" and bundle.model.visual.grid_size == (4, 4)
