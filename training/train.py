@@ -25,7 +25,6 @@ import copy
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from training.losses import create_loss, list_losses
 from training.metrics import choose_thresholds, classification_metrics, summarize
 from training.models import CXRClassifier, save_checkpoint
+from training.runtime import collate, label_matrix, resolve_device, seed_everything, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,6 @@ def task_targets(labels: torch.Tensor, task: str) -> torch.Tensor:
     return torch.where(unknown, torch.full_like(out, float("nan")), out)
 
 
-def label_matrix(ds: Dataset) -> np.ndarray:
-    """(N, C) labels of a dataset: its ``label_matrix`` / ``labels`` attribute, else read item by item."""
-    for attr in ("label_matrix", "labels"):
-        value = getattr(ds, attr, None)
-        if value is not None and not callable(value):
-            arr = value.numpy() if torch.is_tensor(value) else np.asarray(value)
-            if arr.ndim == 2 and len(arr) == len(ds):
-                return arr.astype(np.float32)
-    return torch.stack([ds[i]["labels"] for i in range(len(ds))]).numpy().astype(np.float32)
-
-
 def train_counts(ds: Dataset, task: str = "multilabel") -> tuple[np.ndarray, np.ndarray]:
     """N+ and N- per output of ``task`` over ``ds`` (unknown labels not counted), each (C,) int64."""
     y = task_targets(torch.from_numpy(label_matrix(ds)), task).numpy()
@@ -176,31 +165,7 @@ class InMemoryDataset(Dataset):
         return {"image": self.images[i], "labels": self.labels[i], "index": i}
 
 
-def _collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {"image": torch.stack([b["image"] for b in batch]), "labels": torch.stack([b["labels"] for b in batch])}
-
-
-# ---- schedule and devices --------------------------------------------------------------------
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
-    """LR multiplier: linear ramp over ``warmup_steps`` (from 1/(warmup+1)), then cosine to 0 at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` or cuda when available, else cpu."""
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
+# ---- devices -----------------------------------------------------------------------------------
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return torch.autocast(device.type, enabled=False)
@@ -221,7 +186,7 @@ def predict(model: CXRClassifier, ds: Dataset, batch_size: int = 64, device: str
     dev = resolve_device(str(device) if device is not None else None)
     was_training = model.training
     model.eval()
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     probs, targets = [], []
     try:
         for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
@@ -279,7 +244,7 @@ def fit(model: CXRClassifier, train_ds: Dataset, val_ds: Dataset, config: TrainC
     amp = cuda if cfg.amp is None else (bool(cfg.amp) and cuda)
     channels_last = cuda if cfg.channels_last is None else (bool(cfg.channels_last) and cuda)
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     loss_fn = create_loss(cfg.loss, pos, neg, **cfg.loss_kwargs).to(device)
     val_loss_fn = create_loss(cfg.loss, pos, neg, **cfg.loss_kwargs)  # on CPU
     model = model.to(device)
@@ -288,7 +253,7 @@ def fit(model: CXRClassifier, train_ds: Dataset, val_ds: Dataset, config: TrainC
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-                        collate_fn=_collate, num_workers=cfg.num_workers, generator=generator,
+                        collate_fn=collate, num_workers=cfg.num_workers, generator=generator,
                         pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * cfg.epochs

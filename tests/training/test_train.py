@@ -9,8 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.models import create_model, load_checkpoint
-from training.train import (BINARY_CLASS, TrainConfig, fit, task_classes, task_targets, train_counts,
-                            warmup_cosine)
+from training.train import BINARY_CLASS, TrainConfig, fit, task_classes, task_targets, train_counts
 
 CLASSES = ["A", "B"]
 
@@ -109,14 +108,6 @@ def test_binary_task_targets_and_training():
         task_targets(labels, "multiclass")
     with pytest.raises(ValueError, match="valid: bce, cb_focal, focal, wbce"):
         fit(_model(), Stripes(20, 0), Stripes(10, 1), _cfg(loss="dice"))
-
-
-def test_warmup_cosine_schedule():
-    assert warmup_cosine(0, 100, 10) == pytest.approx(1 / 11)
-    assert warmup_cosine(9, 100, 10) == pytest.approx(10 / 11)
-    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
-    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
-    assert warmup_cosine(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from training.clip.embedding import VLMAdapter
 from training.clip.loading import ClipBundle, load_clip
 from training.prompts import NEGATIVE_TEMPLATE, PROMPT_TEMPLATE, class_prompts, prompt_name  # noqa: F401
+from training.runtime import seed_everything, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ClipTrainConfig:
     batch_size: int = 64  # pairs per contrastive batch (negatives = batch_size - 1)
     lr: float = 1e-3
     weight_decay: float = 0.1  # on matrices only; biases, norms, embeddings, logit_scale are exempt
-    warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to 0 (training.runtime.warmup_cosine)
     image_size: int = 64
     seed: int = 0
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale), as in open_clip training
@@ -278,13 +279,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * base * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -473,8 +467,7 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
     if not 0.0 <= float(cfg.sentence_prob) <= 1.0:
         raise ValueError(f"sentence_prob must be in [0, 1], got {cfg.sentence_prob!r}")
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     import open_clip
 
     named = str(cfg.model) in open_clip.list_models()
@@ -547,7 +540,7 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
         bar = tqdm(range(steps_per_epoch), desc=f"clip epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for b in bar:
             idx = order[b * batch_size:(b + 1) * batch_size]
-            lr = _lr_at(step, total, cfg.warmup_steps, cfg.lr)
+            lr = cfg.lr * warmup_cosine(step, total, cfg.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             keys = report_ids[idx].clone()  # (B,) text of each pair

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from training.data import transforms as T
 from training.data.imageio import read_image
 from training.data.schema import NIH_CLASSES, PHANTOM_CLASSES, read_manifest, validate_manifest
+from training.runtime import collate, multi_hot  # noqa: F401  (collate: the data layer's name for it)
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +145,10 @@ class ManifestDataset(Dataset):
         self.sizes: list[tuple[int | None, int | None]] = [
             (None if pd.isna(w) else int(w), None if pd.isna(h) else int(h))
             for w, h in zip(df["width"], df["height"])]
-        C = len(self.classes)
-        self.label_matrix = np.zeros((len(df), C), dtype=np.float32)
+        self.label_matrix = multi_hot((_as_list(labs) for labs in df["labels"]), self.classes)  # (N, C)
         self.box_arrays: list[np.ndarray] = []   # (K, 4) xyxy original pixels
         self.box_label_arrays: list[np.ndarray] = []
-        for r, (labs, boxes) in enumerate(zip(df["labels"], df["boxes"])):
-            for lab in _as_list(labs):
-                if lab in index:
-                    self.label_matrix[r, index[lab]] = 1.0
+        for boxes in df["boxes"]:
             bl = [b for b in _as_list(boxes) if b["label"] in index]
             arr = np.array([[b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]] for b in bl],
                            dtype=np.float32).reshape(-1, 4)
@@ -242,25 +239,3 @@ class ManifestDataset(Dataset):
         return (f"ManifestDataset(n={len(self)}, classes={len(self.classes)}, "
                 f"image_size={self.image_size}, augment={self.augment is not None}, masks={self.masks})")
 
-
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``image``, ``labels``, ``mask`` and ``index``; keep ``boxes``, ``box_labels`` and
-    ``image_id`` as lists (their lengths differ per image).
-
-    Returns:
-        ``image`` (B, 1, S, S), ``labels`` (B, C), ``mask`` (B, C, S, S) when present, ``index`` (B,)
-        int64, ``boxes`` list of (K_b, 4), ``box_labels`` list of (K_b,), ``image_id`` list of str.
-    """
-    if not batch:
-        raise ValueError("collate got an empty batch")
-    out: dict[str, Any] = {
-        "image": torch.stack([b["image"] for b in batch]),
-        "labels": torch.stack([b["labels"] for b in batch]),
-        "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
-        "boxes": [b["boxes"] for b in batch],
-        "box_labels": [b["box_labels"] for b in batch],
-        "image_id": [b["image_id"] for b in batch],
-    }
-    if "mask" in batch[0]:
-        out["mask"] = torch.stack([b["mask"] for b in batch])
-    return out

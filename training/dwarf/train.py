@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from training.dwarf.losses import DwarfLoss
 from training.dwarf.metrics import MaxDiceAccumulator
 from training.dwarf.model import DwarfModel
+from training.runtime import collate as _collate
+from training.runtime import label_matrix, resolve_device, seed_everything  # noqa: F401  (label_matrix: re-export)
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +79,23 @@ class TrainConfig:
 
 
 # ---- data helpers ----------------------------------------------------------------------------
-def collate(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack the fields DWARF uses: image, labels, mask, seg_valid, cls_valid (defaults: all valid)."""
-    num_classes = len(batch[0]["labels"])
-    out = {"image": torch.stack([torch.as_tensor(b["image"]).float() for b in batch]),
-           "labels": torch.stack([torch.as_tensor(b["labels"]).float() for b in batch]),
-           "index": torch.tensor([int(b.get("index", i)) for i, b in enumerate(batch)])}
-    if all(b.get("mask") is not None for b in batch):
-        out["mask"] = torch.stack([torch.as_tensor(b["mask"]).float() for b in batch])
-        out["seg_valid"] = torch.stack([torch.as_tensor(b.get("seg_valid", torch.ones(num_classes))).float()
-                                        for b in batch])
-    out["cls_valid"] = torch.stack([torch.as_tensor(b.get("cls_valid", torch.ones(num_classes))).float()
-                                    for b in batch])
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`training.runtime.collate` with DWARF's validity defaults.
+
+    Items without ``cls_valid`` count as classification-supervised for every class; when every item
+    has a ``mask``, items without ``seg_valid`` count as segmentation-supervised for every class, and
+    without masks the batch has no ``seg_valid``.
+
+    Returns:
+        ``image`` (B, 1, S, S), ``labels`` (B, C), ``index`` (B,), ``cls_valid`` (B, C) and, when every
+        item has one, ``mask`` (B, C, S, S) with ``seg_valid`` (B, C); other fields as the generic
+        collate keeps them.
+    """
+    ones = torch.ones(len(batch[0]["labels"]))
+    has_mask = all(b.get("mask") is not None for b in batch)
+    out = _collate(batch, defaults={"cls_valid": ones, **({"seg_valid": ones} if has_mask else {})})
+    if not has_mask:
+        out.pop("seg_valid", None)
     return out
 
 
@@ -133,13 +140,6 @@ class InMemoryDataset(Dataset):
         return item
 
 
-def label_matrix(dataset: Dataset) -> np.ndarray:
-    """(N, C) 0/1 labels of a dataset (read from :class:`InMemoryDataset` directly, else item by item)."""
-    if isinstance(dataset, InMemoryDataset):
-        return dataset.labels.numpy()
-    return np.stack([np.asarray(dataset[i]["labels"], dtype=np.float32) for i in range(len(dataset))])
-
-
 def decompose(labels: np.ndarray, disease: int, rng: np.random.Generator,
               negatives_per_positive: float = 1.0) -> np.ndarray:
     """Single-label set of ``disease``: all its positives + a random draw of images without it.
@@ -170,10 +170,6 @@ def matched_epochs(labels: np.ndarray, dwarf_epochs: int, negatives_per_positive
 
 
 # ---- training --------------------------------------------------------------------------------
-def resolve_device(device: str | None) -> torch.device:
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _optimizer(model: DwarfModel, config: TrainConfig) -> torch.optim.Optimizer:
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
     enc_ids = {id(p) for p in enc}
@@ -263,7 +259,7 @@ def train(model: DwarfModel, dataset: Dataset, method: str, config: TrainConfig,
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
     device = resolve_device(config.device)
     amp = bool(config.amp and device.type == "cuda")
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     model.to(device)
     labels = label_matrix(dataset) if labels is None else np.asarray(labels)
     classes = model.class_names
