@@ -8,9 +8,10 @@
    (``/livez``, ``/readyz``, ``/healthz``); 401 otherwise. No keys: authentication disabled.
 3. :class:`BodyLimitMiddleware`: ``CXR_MAX_BODY_BYTES``; 413 from ``Content-Length`` before reading,
    and while streaming for bodies without one; 400 for an invalid ``Content-Length``.
-4. :class:`UploadMiddleware`: upload routes take multipart/form-data only (415), not an empty body
-   (400), and only the form fields of :data:`ROUTE_FIELDS` (400 naming the valid ones; a text value
-   where a file is expected, e.g. a URL, is refused: the service never fetches anything).
+4. :class:`UploadMiddleware`: upload routes take multipart/form-data only (415; ``/feedback`` also
+   JSON), not an empty body (400), and only the fields of :data:`ROUTE_FIELDS` (400 naming the valid
+   ones; a text or JSON value where a file is expected, e.g. a URL or a path, is refused: the service
+   never fetches or opens anything it is pointed at).
 
 The middlewares share one record per request through the ASGI scope (key :data:`ACCESS_RECORD`) so the
 access log can say how authentication went without the auth middleware logging.
@@ -29,7 +30,7 @@ from mlflow_projects.serving.errors import ServingError
 access_log = logging.getLogger("cxr.access")
 
 __all__ = ["AccessLogMiddleware", "AuthMiddleware", "BodyLimitMiddleware", "UploadMiddleware", "middleware_stack",
-           "wrap", "check_multipart_fields", "ROUTE_FIELDS", "PROBES", "UPLOAD_ROUTES"]
+           "wrap", "check_multipart_fields", "check_json_fields", "ROUTE_FIELDS", "PROBES", "UPLOAD_ROUTES"]
 
 PROBES = ("/livez", "/readyz", "/healthz")
 UPLOAD_ROUTES = ("/predict", "/explain", "/feedback")
@@ -92,6 +93,32 @@ def check_multipart_fields(body: bytes, content_type: bytes, route: str) -> None
         if name in files and not is_file:
             raise ServingError(400, f"field {name!r} must be a file upload (multipart part with a filename), "
                                     "not a text value")
+
+
+def check_json_fields(body: bytes, route: str) -> None:
+    """Check a JSON request body: an object whose keys are text fields of :data:`ROUTE_FIELDS`.
+
+    File fields (``image``, ``mask``) cannot come as JSON: a string there would name a path or URL for the
+    server to open, which the service never does; send them as multipart file parts.
+
+    Raises:
+        ServingError: (400) not a JSON object, an unknown key, or a file field.
+    """
+    files, texts = ROUTE_FIELDS[route]
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServingError(400, f"the JSON body cannot be parsed ({exc.__class__.__name__}): send a JSON object "
+                                f"with fields {sorted(texts)}", valid=sorted(texts)) from None
+    if not isinstance(data, dict):
+        raise ServingError(400, f"the JSON body must be an object with fields {sorted(texts)}", valid=sorted(texts))
+    for name in data:
+        if name in files:
+            raise ServingError(400, f"field {name!r} must be a file upload (multipart/form-data part with a "
+                                    "filename), not a JSON value")
+        if name not in texts:
+            raise ServingError(400, f"unknown field {str(name)[:40]!r} for {route}; valid: {sorted(texts)}",
+                               valid=sorted(texts))
 
 
 class AccessLogMiddleware:
@@ -231,8 +258,9 @@ class BodyLimitMiddleware:
 class UploadMiddleware:
     """Upload routes (``POST`` :data:`UPLOAD_ROUTES`) take non-empty multipart/form-data with their own fields.
 
-    ``/feedback`` also takes ``application/json``. The multipart body is read whole (the body limit
-    applies while reading), its part names are checked, then it is replayed to the app.
+    ``/feedback`` also takes ``application/json`` with its text fields only (:func:`check_json_fields`).
+    The body is read whole (the body limit applies while reading), its field names are checked, then
+    it is replayed to the app.
 
     Args:
         app: the wrapped ASGI app.
@@ -259,9 +287,6 @@ class UploadMiddleware:
                                                  "multipart/form-data with the image file in field 'image'",
                                         "status": 415, "valid": [a.decode() for a in allowed]})
             return
-        if ctype != b"multipart/form-data":
-            await self.app(scope, receive, send)
-            return
         chunks, more = [], True
         while more:
             message = await receive()
@@ -271,7 +296,10 @@ class UploadMiddleware:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         try:
-            check_multipart_fields(body, headers.get(b"content-type", b""), path)
+            if ctype == b"multipart/form-data":
+                check_multipart_fields(body, headers.get(b"content-type", b""), path)
+            else:
+                check_json_fields(body, path)
         except ServingError as exc:
             await send_json(send, exc.status, exc.to_dict())
             return

@@ -141,8 +141,11 @@ def test_feedback_is_stored(server):
     r2 = client.post("/feedback", files={"mask": ("m.png", mask_png_bytes(), "image/png")},
                      data={"finding": "Effusion", "image_sha256": r.json()["image_sha256"]})
     assert r2.status_code == 200, r2.text
+    r3 = client.post("/feedback", json={"finding": "Nodule", "image_sha256": r.json()["image_sha256"],
+                                        "boxes": [[1, 1, 4, 4]]})  # JSON: text fields only
+    assert r3.status_code == 200, r3.text
     ids = {rec.id for rec in load_feedback(tmp / "feedback")}
-    assert {r.json()["id"], r2.json()["id"]} <= ids
+    assert {r.json()["id"], r2.json()["id"], r3.json()["id"]} <= ids
 
 
 def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
@@ -171,6 +174,10 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
                                                data={"targets": "Pneumonia"}), 400),
         ("bad feedback", lambda: client.post("/feedback", files={"image": ("x.png", png)},
                                              data={"finding": "Nodule", "boxes": "[[1, 2, 0, 0]]"}), 400),
+        ("feedback JSON naming a server file", lambda: client.post(
+            "/feedback", json={"finding": "Nodule", "image": str(ROOT / "README.md"), "boxes": [[1, 1, 2, 2]]}), 400),
+        ("feedback JSON unparsable", lambda: client.post("/feedback", content=b"{not json",
+                                                         headers={"Content-Type": "application/json"}), 400),
     ]
     for name, call, status in cases:
         r = call()

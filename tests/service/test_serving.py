@@ -198,6 +198,29 @@ def test_middlewares_streamed_body_limit_and_form_fields(caplog):
     assert status == 400 and b"must be a file upload" in body
 
 
+def test_middlewares_json_feedback_fields_and_bad_content_length():
+    async def inner(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = wrap(inner, middleware_stack(max_body_bytes=1000))
+    js = (b"content-type", b"application/json")
+    ok = json.dumps({"finding": "Nodule", "image_sha256": "ab" * 32, "boxes": [[1, 2, 3, 4]]}).encode()
+    assert _asgi_call(app, "/feedback", headers=[js, (b"content-length", str(len(ok)).encode())], body=ok) == (200, b"ok")
+    for body, words in [(b"{not json", b"cannot be parsed"), (b"[1, 2]", b"must be an object"),
+                        (json.dumps({"finding": "Nodule", "image": "/etc/passwd"}).encode(), b"must be a file upload"),
+                        (json.dumps({"finding": "Nodule", "mask": "http://169.254.169.254/"}).encode(), b"file upload"),
+                        (json.dumps({"finding": "Nodule", "url": "x"}).encode(), b"unknown field")]:
+        status, out = _asgi_call(app, "/feedback", headers=[js, (b"content-length", str(len(body)).encode())],
+                                 body=body)
+        assert status == 400 and words in out, (body, out)
+    status, out = _asgi_call(app, "/predict", headers=[js, (b"content-length", b"2")], body=b"{}")
+    assert status == 415  # JSON only for /feedback
+    status, out = _asgi_call(app, "/explain", headers=[(b"content-length", b"abc")], body=b"")
+    assert status == 400 and b"Content-Length" in out
+
+
 def _tiny_loaded_model(tmp_path):
     from mlflow_projects.common import ModelIdentity
     from mlflow_projects.serving import LoadedModel
