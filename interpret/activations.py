@@ -130,16 +130,10 @@ def make_loader(data: Any, batch_size: int = 32, image_size: int | None = None,
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           collate_fn=collate)
     if isinstance(data, Dataset):
-        collate_fn = None
-        try:
-            from training.data.dataset import ManifestDataset, collate
+        from training.data.dataset import ManifestDataset, collate
 
-            if isinstance(data, ManifestDataset):
-                collate_fn = collate
-        except ImportError:  # pragma: no cover - training.data missing
-            pass
         return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                          collate_fn=collate_fn)
+                          collate_fn=collate if isinstance(data, ManifestDataset) else None)
     raise ValueError(f"data must be a DataLoader, a Dataset or a manifest path, got "
                      f"{type(data).__name__}")
 

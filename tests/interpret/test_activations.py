@@ -86,7 +86,6 @@ def test_cache_keyed_by_model_and_data_content(tmp_path):
 
 
 def test_manifest_cache_uses_file_metadata(tiny_phantom, tmp_path):
-    pytest.importorskip("training.data.dataset")
     model, cache = _model(), tmp_path / "cache"
     a = collect_activations(model, tiny_phantom, image_size=32, batch_size=16, cache_dir=cache,
                             progress=False)
