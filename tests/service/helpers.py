@@ -3,9 +3,17 @@
 ``artifacts/meta.json``) and a passing audit run with a concept table, in a temporary MLflow store."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -114,3 +122,54 @@ def mask_png_bytes(width: int = 16, height: int = 16) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session: SIGTERM to its group, SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def bentoml_serve(args: list[str], cwd: Path, env: dict, log_path: Path, timeout: float = 240) -> Iterator[str]:
+    """``bentoml serve *args`` on a free loopback port; yields the base URL once ``/readyz`` answers 200.
+
+    Fails the test with the server log's tail when the server exits or is not ready within ``timeout`` s;
+    the server is stopped on exit.
+    """
+    import httpx
+    import pytest
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    bentoml = Path(sys.executable).with_name("bentoml")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(bentoml), "serve", *args, "--port", str(port)], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"service not ready in {timeout} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        stop(proc)

@@ -5,16 +5,11 @@ creating an ``mlflow.db``."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.service.helpers import CLASSES, png_bytes
-from tests.service.test_http import _free_port
+from tests.service.helpers import CLASSES, bentoml_serve, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -80,26 +75,8 @@ def test_bentoml_serve_the_bento_without_registry(built, registry, tmp_path):
                CXR_FEEDBACK_DIR=str(tmp_path / "feedback"), CXR_SERVE_CACHE=str(tmp_path / "cache"))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", str(bento.tag),
-                                 "--port", str(port)], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # no --host: the service's default, 127.0.0.1
-    try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"Bento not ready in 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    # no --host: the service's default, 127.0.0.1
+    with bentoml_serve([str(bento.tag)], cwd, env, tmp_path / "server.log") as base:
         r = httpx.post(f"{base}/predict", files={"image": ("x.png", png_bytes(48, 40), "image/png")}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
@@ -108,13 +85,5 @@ def test_bentoml_serve_the_bento_without_registry(built, registry, tmp_path):
         c = httpx.get(f"{base}/concepts", timeout=30)
         assert c.status_code == 200 and c.json()["audit_run_id"] == registry.audit_run_id
         assert c.json()["n_units"] == 32
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
     assert not list(home.rglob("mlflow.db")) and not list(cwd.rglob("mlflow.db"))
     assert not list(Path(bento.path).rglob("*.db"))

@@ -4,8 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.service.helpers import CLASSES, SIZE, jpeg_bytes, mask_png_bytes, png_bytes
+from tests.service.helpers import CLASSES, SIZE, bentoml_serve, free_port, jpeg_bytes, mask_png_bytes, png_bytes, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,41 +24,14 @@ def server(registry, tmp_path_factory):
     import httpx
 
     tmp = tmp_path_factory.mktemp("bento")
-    port = _free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri, BENTOML_HOME=str(tmp / "bentoml"),
                CXR_API_KEYS=f"other,{KEY}", CXR_MAX_PIXELS="10000", CXR_MAX_BODY_BYTES="200000",
                CXR_FEEDBACK_DIR=str(tmp / "feedback"), CXR_SERVE_CACHE=str(tmp / "cache"), CXR_THREADS="1",
                BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
-    bentoml = Path(sys.executable).with_name("bentoml")
     log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(bentoml), "serve", "service:CXRExplainer", "--host", "127.0.0.1", "--port",
-                                 str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"service not ready in 240 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    with bentoml_serve(["service:CXRExplainer", "--host", "127.0.0.1"], ROOT, env, log_path) as base:
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
             yield client, log_path, tmp
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
 
 
 def _png_size(b64: str) -> tuple[int, int]:
@@ -214,14 +179,12 @@ def test_refuses_to_expose_an_anonymous_service(tmp_path):
     env.update(BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
     bentoml = Path(sys.executable).with_name("bentoml")
     proc = subprocess.Popen([str(bentoml), "serve", "service:CXRExplainer", "--host", "0.0.0.0", "--port",
-                             str(_free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             str(free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop(proc)
     text = out.decode(errors="replace")
     assert proc.returncode != 0, text[-2000:]
     assert "refusing to serve on 0.0.0.0" in text and "CXR_API_KEYS" in text and "CXR_ALLOW_ANONYMOUS=1" in text
