@@ -7,9 +7,12 @@ warning, as the service does); download the MLflow model into a new BentoML mode
 registered name) whose folder holds ``mlflow_model/`` and, when the version has a passing audit,
 ``audit/concepts.parquet``; labels ``mlflow.name``, ``mlflow.version``, ``mlflow.alias``,
 ``audit.run_id`` (and metadata ``mlflow.uri``, ``mlflow.tracking_uri``). Then ``bentoml build`` of
-``service:CXRExplainer`` with that model and ``CXR_BENTO_MODEL=<tag>`` so the Bento serves it
-without a registry. Prints the model tag and the Bento tag; ``bentoml serve <bento tag>`` or
-``bentoml containerize <bento tag>`` follow.
+``service:CXRExplainer`` with that one model, so the Bento serves it without a registry: the service
+reads the model's tag from the Bento's own ``bento.yaml`` (:mod:`mlflow_projects.serving.startup`),
+because ``bentoml serve <bento tag>`` does not apply a Bento's ``envs``; ``CXR_BENTO_MODEL=<tag>`` is
+written to the envs too, for containers. Prints the model tag and the Bento tag; ``bentoml serve
+<bento tag>`` (127.0.0.1) or ``bentoml containerize <bento tag>`` follow (a container listens on
+0.0.0.0 only with ``BENTOML_HOST=0.0.0.0`` and then needs ``CXR_API_KEYS``).
 """
 from __future__ import annotations
 
@@ -107,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_build:
         bento = build_bento(str(model.tag), args.version)
         print(f"bento: {bento.tag}")
-        print(f"serve it: bentoml serve {bento.tag}   |   image: bentoml containerize {bento.tag}")
+        print(f"serve it: bentoml serve {bento.tag}   |   image: bentoml containerize {bento.tag} "
+              "(run it with -e BENTOML_HOST=0.0.0.0 -e CXR_API_KEYS=<key>)")
     return 0
 
 
