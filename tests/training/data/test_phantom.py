@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import re
 
 import numpy as np
@@ -9,8 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training.data.phantom import (MAX_SIZE, MIN_SIZE, PREVALENCE, _bbox, _render, generate_phantom,
-                                   render_case)
+from training.data.phantom import (MAX_SIZE, MIN_SIZE, PREVALENCE, generate_phantom, list_findings,
+                                   register_finding, render_case)
+from training.data.phantom.findings import get_drawer
+from training.data.phantom.generator import _bbox, _render
 from training.data.reports_phantom import LABEL_TERMS, NEGATIONS
 from training.data.schema import PHANTOM_CLASSES
 
@@ -262,3 +266,41 @@ def test_planted_shortcut_tag_follows_its_class_and_is_recorded(tmp_path):
     meta = pd.read_parquet(tmp_path / "phantom_meta.parquet")
     assert list(meta["image_id"]) == [f"phantom_{i:06d}" for i in range(6)]
     assert {"marker_box", "devices", "shortcut_box"} <= set(meta.columns)
+
+
+def _case_fingerprint(case) -> str:
+    """sha256 (first 16 hex) of the 8-bit image as written to PNG, the labels, boxes and report."""
+    h = hashlib.sha256(np.round(case.image * 255).astype(np.uint8).tobytes())
+    h.update(json.dumps([case.labels, case.boxes, case.report], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+# Computed when the generator was split into a package (seed 0, 64 px); together these indices draw every
+# finding, so a drawer, the anatomy or the artefacts cannot change silently.
+PINNED = {0: "8221bc051bcd04bb",
+          2: "fea4ba83364c30cc",
+          4: "c51663665844a0ce",
+          10: "d55d93f3f71f9a80",
+          13: "060c78550cf897dd",
+          20: "a6d66a872c3260b7",
+          31: "9e884127ff46b223",
+          87: "e1f3549d32e1c4de"}
+
+
+def test_rendered_cases_are_pinned():
+    got = {i: _case_fingerprint(render_case(seed=0, index=i, size=64)) for i in PINNED}
+    assert got == PINNED
+    drawn = {lab for i in PINNED for lab in render_case(seed=0, index=i, size=64).labels}
+    assert drawn == set(PHANTOM_CLASSES)
+    tagged = render_case(seed=0, index=4, size=64, shortcut="Effusion")
+    assert tagged.meta["shortcut"]["box"] is not None and _case_fingerprint(tagged) == "f37914c52ab70bb0"
+
+
+def test_every_class_has_one_registered_drawer():
+    assert list_findings() == sorted(PHANTOM_CLASSES)
+    with pytest.raises(ValueError, match="already has a drawer"):
+        register_finding("Nodule")(lambda rng, ctx, label: [])
+    with pytest.raises(ValueError, match="unknown phantom class 'Tumour'"):
+        register_finding("Tumour")
+    with pytest.raises(ValueError, match="cannot draw 'Tumour'; valid"):
+        get_drawer("Tumour")
