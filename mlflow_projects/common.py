@@ -806,7 +806,7 @@ def train_one(cfg: ClassifierRunConfig, train_ds, val_ds, test_ds, classes: Iter
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        warmup_epochs=cfg.warmup_epochs, loss=cfg.loss, task=cfg.task, seed=cfg.seed,
                        device=cfg.device, patience=cfg.patience, num_workers=cfg.num_workers,
-                       checkpoint_dir=str(tmp / "ckpt"))
+                       checkpoint_dir=str(tmp / "ckpt"), progress=show_progress())
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if log_epochs:
@@ -834,15 +834,49 @@ def train_one(cfg: ClassifierRunConfig, train_ds, val_ds, test_ds, classes: Iter
 
 
 # ---- command line --------------------------------------------------------------------------------
-def quiet_console() -> None:
-    """Log lines to stderr at INFO (what every entry point prints), without third-party noise: tqdm bars
-    off when stderr is not a terminal, MLflow's progress bars off."""
-    import sys
+class _DropKnownNoise(logging.Filter):
+    """Drops third-party log records that say nothing about this project's runs:
 
+    - MLflow's note that a ``python_model`` object is pickled with CloudPickle (every pyfunc here is one,
+      on purpose: the wrappers are this package's classes), and that no signature was inferred from the
+      ``np.ndarray`` type hint (the CLIP pyfunc takes image arrays or texts, so it has none);
+    - transformers' load report when its only rows are the BERT pooler weights the offline MiniLM
+      checkpoint carries and a sentence encoder does not use (any other missing or unexpected key
+      is still reported).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Passing a Python object as `python_model`"):
+            return False
+        if msg.startswith("Failed to infer model signature: Type hint") and "input example is not provided" in msg:
+            return False  # the CLIP pyfunc has no signature on purpose: it takes image arrays or texts
+        if "LOAD REPORT" in msg:
+            rows = [ln for ln in msg.splitlines() if "|" in ln and not ln.lstrip().startswith(("Key", "-"))]
+            keys = [ln.split("|")[0].strip() for ln in rows]
+            if keys and all(k.startswith("pooler.") for k in keys) and all("UNEXPECTED" in ln for ln in rows):
+                return False
+        return True
+
+
+_NOISE_FILTER = _DropKnownNoise()
+
+
+def quiet_third_party() -> None:
+    """Silence known, irrelevant third-party log records (idempotent): see :class:`_DropKnownNoise`."""
+    for name in ("mlflow.pyfunc", "transformers.modeling_utils"):
+        logging.getLogger(name).addFilter(_NOISE_FILTER)
+
+
+def quiet_console() -> None:
+    """Log lines to stderr at INFO (what every entry point prints), without third-party noise
+    (:func:`quiet_third_party`); progress bars of MLflow and Hugging Face off when stderr is not a
+    terminal."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    if not show_progress():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def show_progress() -> bool:

@@ -160,6 +160,7 @@ def run_benchmark(cfg: BenchConfig, model, probe, vlm, generic: Sequence[str]) -
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the benchmark in an MLflow run; returns the run id."""
+    quiet_console()  # first: third-party libraries read their settings when imported
     import mlflow
     import torch
 
@@ -167,7 +168,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     from interpret.concepts import GENERIC_WORDS, load_word_list
     from interpret.vlm import VLMAdapter
 
-    quiet_console()
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
     manifest = ensure_data(cfg.data, 128, cfg.seed, PHANTOM_N)

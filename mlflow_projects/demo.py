@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns 0 when every step ran (promotion refused still returns 0 and says so)."""
     from mlflow_projects.common import quiet_console
 
-    quiet_console()
+    quiet_console()  # first: third-party libraries read their settings when imported
     args = parse_args(argv)
     result = run_demo(args)
     sys.stdout.write(where_to_look(result, args.port) + "\n")

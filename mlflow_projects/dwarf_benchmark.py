@@ -22,7 +22,7 @@ import pandas as pd
 
 from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics, int_at_least, log_config,
                                     manifest_arg, nonneg_float, nonneg_int, positive_float, positive_int, print_table,
-                                    quiet_console, resolve_clip, run_cli, start_run, unit_float)
+                                    quiet_console, resolve_clip, run_cli, show_progress, start_run, unit_float)
 # Library logic waiting for a home in `training.dwarf` (masks + feedback split loading); until then the one
 # import of another entry point's module left here.
 from mlflow_projects.train_dwarf import load_splits
@@ -65,13 +65,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """Run the benchmark in an MLflow run; returns (and prints) the table."""
+    quiet_console()  # first: third-party libraries read their settings when imported
     import mlflow
     import torch
 
     from training.dwarf.pipeline import compare_methods
     from training.dwarf.train import TrainConfig, resolve_device
 
-    quiet_console()
     a = parse_args(argv)
     counts = [int(k) for k in a.diseases.split(",")]
     manifest = ensure_data(a.data, a.image_size, a.seed, a.phantom_n, masks=True)
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             sub = [d.select_classes(idx) for d in (train_all, val_all, test_all)]
             torch.manual_seed(a.seed)
             cfg = TrainConfig(batch_size=a.batch_size, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale, lam=a.lam,
-                              seed=a.seed, device=device)
+                              seed=a.seed, device=device, progress=show_progress())
             table = compare_methods(bundle, sub[0].classes, *sub, config=cfg, cycles=a.epochs,
                                     vlm_epochs=a.vlm_epochs)
             for _, row in table.iterrows():

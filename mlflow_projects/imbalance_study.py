@@ -225,10 +225,10 @@ def dissection_table(overall: dict[str, dict[str, float]], q: float) -> pd.DataF
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """Run the study; returns the comparison table."""
+    quiet_console()  # first: third-party libraries read their settings when imported
     import mlflow
     import torch
 
-    quiet_console()
     cfg, losses, interp = parse_args(argv, return_all=True)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, False, True)

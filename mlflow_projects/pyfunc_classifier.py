@@ -46,8 +46,11 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
             self._session = onnx_session(self.onnx_path)
         return self._session
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        """See the module docstring. Accepts an array/tensor, or a mapping with key ``images``."""
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None):
+        """See the module docstring. Accepts an array/tensor, or a mapping with key ``images``.
+
+        The ``np.ndarray`` hint is the one MLflow takes without inferring a schema or warning; the input is
+        validated here (and by the signature logged with the model)."""
         params = dict(params or {})
         backend = params.get("backend", "torch") or "torch"
         if backend not in BACKENDS:

@@ -41,8 +41,11 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.vlm = VLMAdapter(self.bundle, batch_size=64, progress=False)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        """See the module docstring."""
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        """See the module docstring: image arrays, or texts (a list, Series or DataFrame with ``text``).
+
+        The ``np.ndarray`` hint is the one MLflow takes without inferring a schema or warning (texts pass
+        through unchanged); the input is validated here."""
         import pandas as pd
 
         if isinstance(model_input, pd.DataFrame):

@@ -33,8 +33,11 @@ class DwarfPyfunc(mlflow.pyfunc.PythonModel):
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self._warned = False
 
-    def predict(self, context, model_input, params=None):
-        """See the module docstring. Accepts an array/tensor, or a mapping with key ``images``."""
+    def predict(self, context, model_input: np.ndarray, params=None):
+        """See the module docstring. Accepts an array/tensor, or a mapping with key ``images``.
+
+        The ``np.ndarray`` hint is the one MLflow takes without inferring a schema or warning; the input is
+        validated here."""
         params = dict(params or {})
         images = model_input["images"] if isinstance(model_input, dict) else model_input
         x = torch.as_tensor(np.asarray(images, dtype=np.float32))

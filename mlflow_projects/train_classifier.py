@@ -27,8 +27,8 @@ import numpy as np
 
 from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ClassifierRunConfig, choice_of, classifier_image_size,
                                     ensure_data, log_config, manifest_arg, nonneg_float, nonneg_int, positive_float,
-                                    positive_int, print_table, quiet_console, register_version, run_cli, start_run,
-                                    train_one)
+                                    positive_int, print_table, quiet_console, register_version, run_cli, show_progress,
+                                    start_run, train_one)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_splits(manifest: Path, image_size: int, augment: bool = False, cache: b
         ds = ManifestDataset(manifest, image_size=image_size, augment=aug, split=name)
         if len(ds) == 0:
             return None
-        return InMemoryDataset(ds, progress=len(ds) > 500) if cache and not aug else ds
+        return InMemoryDataset(ds, progress=len(ds) > 500 and show_progress()) if cache and not aug else ds
 
     train_ds, val_ds, test_ds = split("train", augment), split("val", False), split("test", False)
     if train_ds is None or val_ds is None:
@@ -129,13 +129,13 @@ def class_distribution(datasets: dict[str, Any], classes: Sequence[str]):
 # ---- entry point ------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the entry point; returns the registered model version."""
+    quiet_console()  # first: third-party libraries read their settings when imported
     import mlflow
     import torch
 
     from mlflow_projects.pyfunc_classifier import log_classifier_model, model_meta
     from training.metrics import summarize
 
-    quiet_console()
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)

@@ -90,12 +90,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the entry point; returns the registered model version."""
+    quiet_console()  # first: third-party libraries read their settings when imported
     import mlflow
 
     from mlflow_projects.pyfunc_clip import clip_meta, log_clip_model
     from training.clip.train import ClipTrainConfig, evaluate_clip, load_pairs, train_clip
 
-    quiet_console()
     cfg = parse_args(argv)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     tcfg = ClipTrainConfig(model=cfg.model, pretrained=cfg.pretrained, epochs=cfg.epochs, batch_size=cfg.batch_size,

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics,
                                     int_at_least, log_config, manifest_arg, nonneg_int, positive_float,
-                                    positive_int, print_table, quiet_console, register_version, resolve_clip,
+                                    positive_int, print_table, quiet_console, register_version, resolve_clip, show_progress,
                                     run_cli, start_run, unit_float)
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def load_splits(manifest: Path, image_size: int, classes: Sequence[str] | None =
             extra = FeedbackDataset(records, all_classes, image_size, image_lookup=lookup)
             log.info("adding %d feedback images (%d records) from %s", len(extra), len(records), feedback)
             ds = ConcatDataset([ds, extra])
-        out = InMemoryDataset(ds, progress=True)
+        out = InMemoryDataset(ds, progress=show_progress())
         out.classes = list(all_classes)
         return out
 
@@ -195,6 +195,7 @@ def _log_scores(mlflow, scores, prefix: str = "") -> None:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the entry point; returns the registered model version."""
+    quiet_console()  # first: third-party libraries read their settings when imported
     import mlflow
     import torch
 
@@ -202,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     from training.dwarf.pipeline import finetune, pretrain, save_gallery, score
     from training.dwarf.train import TrainConfig, resolve_device
 
-    quiet_console()
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n, masks=True)
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         mlflow.set_tags({"clip.resolved": clip_used, "manifest": str(manifest), "classes": ",".join(classes),
                          "device": device})
         tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, lam=cfg.lam, w_fp=cfg.w_fp, seed=cfg.seed,
-                           device=device, checkpoint_dir=str(Path(tmp) / "ckpt"))
+                           device=device, checkpoint_dir=str(Path(tmp) / "ckpt"), progress=show_progress())
         model_kw = dict(d_model=cfg.d_model, decoder_layers=cfg.decoder_layers, heads=cfg.heads,
                         map_layers=cfg.map_layers)
         base = pretrain(bundle, classes, train_ds, tcfg, cfg.vlm_epochs, **model_kw)
