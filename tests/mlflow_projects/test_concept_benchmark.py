@@ -123,27 +123,44 @@ def test_planted_units_are_named_by_every_method_that_can_see_them(planted, monk
 
 
 @pytest.mark.slow
-def test_entry_point_logs_the_table_with_every_study(tmp_path, tiny_phantom):
-    from mlflow_projects import concept_benchmark
+def test_mlflow_run_logs_the_table_with_every_study(tmp_path, tiny_phantom, monkeypatch):
+    """As the README runs it: `mlflow run . -e concept_benchmark` (the launcher logs reports='' and
+    generic_words=''; the entry point used to re-log them and fail with 'Changing param values is not
+    allowed')."""
+    from tests.mlflow_projects.mlflow_run import artifacts_under_root, client, mlflow_run, project_env, setup_store
 
-    with tracking(tmp_path):
-        version = register_tiny_classifier(tmp_path)
-        run_id = concept_benchmark.main(["--data", str(tiny_phantom), "--model-uri", f"models:/cxr-classifier/{version}",
-                                         "--clip", "scratch", "--max-images", "48", "--batch-size", "16"])
-        run = mlflow.get_run(run_id)
-        assert run.data.tags["model_uri"].endswith(f"cxr-classifier/{version}")
-        assert run.data.tags["clip"].startswith("scratch:") and run.data.tags["manifest"] == str(tiny_phantom)
-        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="concept_benchmark",
-                                                     dst_path=str(tmp_path / "dl"))
-        table = pd.read_parquet(f"{folder}/table.parquet")
-        assert pd.read_csv(f"{folder}/table.csv").shape == table.shape
-        assert {"concept_set", "selection", "methods"} == set(table["study"])
-        assert {"mammi", "www", "clip_dissect", "falcon"} <= set(table["method"])
-        assert table["hit_rate"].between(0, 1).all() and (table["n_units"] == 9).all()
-        logged = run.data.metrics
-        assert {"concept_set.generic.mammi.hit_rate", "concept_set.report_nouns.mammi.hit_rate",
-                "selection.report_nouns.www.k10.hit_rate", "methods.report_nouns.clip_dissect.f1"} <= set(logged)
-        row = table[(table.study == "methods") & (table.method == "clip_dissect")].iloc[0]
-        assert logged["methods.report_nouns.clip_dissect.f1"] == pytest.approx(row.f1)
-    with pytest.raises(FileNotFoundError, match="manifest not found"):
-        concept_benchmark.main(["--data", str(tmp_path / "nope.parquet")])
+    env = project_env(tmp_path)
+    setup_store(env)
+    for key in ("MLFLOW_TRACKING_URI", "CXR_ARTIFACT_ROOT"):
+        monkeypatch.setenv(key, env[key])
+    version = register_tiny_classifier(tmp_path)
+    proc = mlflow_run("concept_benchmark", {"data": tiny_phantom, "model_uri": f"models:/cxr-classifier/{version}",
+                                            "clip": "scratch", "max_images": 48}, env, "concept_benchmark")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "concept benchmark: final-layer units of models:/cxr-classifier/1" in proc.stdout  # the table, printed
+    c = client(env)
+    (run,) = c.search_runs([c.get_experiment_by_name("concept_benchmark").experiment_id])
+    assert artifacts_under_root(run, env)
+    assert run.data.params["max_images"] == "48" and run.data.params["resolved.reports"] == ""
+    assert run.data.params["data"] == str(tiny_phantom) and "resolved.data" not in run.data.params  # same value
+    assert run.data.tags["model_uri"].endswith(f"cxr-classifier/{version}")
+    assert run.data.tags["clip"].startswith("scratch:") and run.data.tags["manifest"] == str(tiny_phantom)
+    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="concept_benchmark",
+                                                 dst_path=str(tmp_path / "dl"))
+    table = pd.read_parquet(f"{folder}/table.parquet")
+    assert pd.read_csv(f"{folder}/table.csv").shape == table.shape
+    assert {"concept_set", "selection", "methods"} == set(table["study"])
+    assert {"mammi", "www", "clip_dissect", "falcon"} <= set(table["method"])
+    assert table["hit_rate"].between(0, 1).all() and (table["n_units"] == 9).all()
+    logged = run.data.metrics
+    assert {"concept_set.generic.mammi.hit_rate", "concept_set.report_nouns.mammi.hit_rate",
+            "selection.report_nouns.www.k10.hit_rate", "methods.report_nouns.clip_dissect.f1"} <= set(logged)
+    row = table[(table.study == "methods") & (table.method == "clip_dissect")].iloc[0]
+    assert logged["methods.report_nouns.clip_dissect.f1"] == pytest.approx(row.f1)
+    # a missing manifest, an unknown version: one line, exit 2, before any model is loaded
+    proc = mlflow_run("concept_benchmark", {"data": tmp_path / "nope.parquet"}, env)
+    assert proc.returncode != 0 and f"manifest not found: {tmp_path / 'nope.parquet'}" in proc.stderr
+    proc = mlflow_run("concept_benchmark", {"data": tiny_phantom, "model_uri": "models:/cxr-classifier/7",
+                                            "clip": "scratch"}, env)
+    assert "concept_benchmark: error: cxr-classifier has no version 7; versions: 1" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -132,23 +132,25 @@ def test_load_splits_phantom_masks_and_service_feedback(tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_train_dwarf_registers_candidate(tmp_path, monkeypatch):
-    from mlflow_projects.common import setup_tracking
+def test_mlflow_run_train_dwarf_registers_candidate(tmp_path):
+    """As the README runs it, with clinician feedback: the records join training, the table is printed."""
+    from mlflow_projects.feedback import FeedbackStore
+    from tests.mlflow_projects.mlflow_run import artifacts_under_root, mlflow_run, project_env, setup_store
+    from training.data.imageio import read_image
     from training.data.phantom import generate_phantom
+    from training.data.schema import read_manifest
 
     manifest = generate_phantom(tmp_path / "phantom", n=48, size=64, seed=0, masks=True, workers=1)
-    store = _store(tmp_path, monkeypatch)
-    setup_tracking("cxr-dwarf")  # the experiment (with its artifact root in tmp_path) before `mlflow run`
-    # MLproject commands call `python`: this virtualenv's must come first on PATH
-    env = {**os.environ, **store, "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):  # set_experiment exports the id
-        env.pop(key, None)
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train_dwarf", "--env-manager", "local",
-           "--experiment-name", "cxr-dwarf", "-P", f"data={manifest}", "-P", "epochs=1", "-P", "image_size=32",
-           "-P", "clip=models:/cxr-clip@candidate"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    feedback = FeedbackStore(tmp_path / "feedback")
+    feedback.append(image_sha256="cd" * 32, finding="Effusion", boxes=[[0, 0, 32, 32]],
+                    image=read_image(read_manifest(manifest)["path"].iloc[0]))
+    env = project_env(tmp_path)
+    setup_store(env)
+    proc = mlflow_run("train_dwarf", {"data": manifest, "epochs": 1, "image_size": 32,
+                                      "feedback": tmp_path / "feedback"}, env, "cxr-dwarf")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "adding 1 feedback images" in proc.stderr
+    assert "cxr-dwarf version 1 (@candidate), CLIP scratch:cxr-tiny-vit (untrained)" in proc.stdout
     import mlflow
     from mlflow import MlflowClient
 
@@ -158,8 +160,9 @@ def test_mlflow_run_train_dwarf_registers_candidate(tmp_path, monkeypatch):
     classes = json.loads(mv.tags["classes"])
     assert len(classes) >= 1 and len(json.loads(mv.tags["thresholds"])) == len(classes)
     assert json.loads(mv.tags["input"])["channels"] == 1 and mv.tags["kind"] == "dwarf"
-    assert mv.tags["clip"].startswith("scratch:")  # nothing registered in this store: fallback
+    assert mv.tags["clip"] == "scratch:cxr-tiny-vit (untrained)"  # the default, by name
     run = client.get_run(mv.run_id)
+    assert artifacts_under_root(run, env) and run.data.params["feedback"] == str(tmp_path / "feedback")
     assert {"auc_mean", "f1_mean", "mcc_mean", "max_dice_mean"} <= set(run.data.metrics)
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "gallery")]
     assert arts and all(a.endswith(".png") for a in arts)
