@@ -480,7 +480,7 @@ def test_train_clip_locked_text_projection_and_alignment_term(tiny_phantom):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_small_clip_learns_on_the_phantom(tmp_path, seed):
+def test_small_clip_learns_on_the_phantom(tmp_path, seed, deterministic):
     """The default recipe (cxr-minilm-rn, 60 epochs) on a 1000-image phantom at 64 px (700 train / 150 val pairs):
     held-out retrieval and zero-shot AUROC above chance.
 

@@ -99,7 +99,7 @@ def test_unknown_method_and_order(data):
 
 
 @pytest.mark.slow
-def test_dwarf_learns_localisation_on_squares():
+def test_dwarf_learns_localisation_on_squares(deterministic):
     data = InMemoryDataset(SquaresDataset(n=48, size=32, seed=1))
     model = _model(tiny_bundle())
     train(model, data, "vlm", _cfg(epochs=3))
