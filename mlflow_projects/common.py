@@ -746,6 +746,31 @@ class ClassifierRunConfig:
 classifier_image_size = int_at_least(16, "an image size")
 
 
+def add_classifier_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every classifier entry point shares: ``--data``, ``--arch``, ``--epochs``,
+    ``--image-size``, ``--batch-size``, ``--seed``, ``--task`` (defaults of :class:`ClassifierRunConfig`)."""
+    from training.models import list_models
+    from training.train import TASKS
+
+    d = ClassifierRunConfig()
+    p.add_argument("--data", type=manifest_arg, default=d.data,
+                   help="manifest (default: the phantom, generated if missing)")
+    p.add_argument("--arch", type=choice_of(list_models(), "arch"), default=d.arch)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--image-size", type=classifier_image_size, default=d.image_size)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--seed", type=nonneg_int, default=d.seed)
+    p.add_argument("--task", type=choice_of(TASKS, "task"), default=d.task)
+
+
+def log_table(table, folder: Path, name: str, title: str, artifact_path: str) -> None:
+    """Log a results table as ``<artifact_path>/<name>.csv`` and ``.html`` (with ``title``)."""
+    table.to_csv(folder / f"{name}.csv", index=False)
+    (folder / f"{name}.html").write_text(f"<h2>{title}</h2>" + table.to_html(index=False, float_format="%.4f"))
+    for ext in ("csv", "html"):
+        mlflow.log_artifact(str(folder / f"{name}.{ext}"), artifact_path)
+
+
 def table_metrics(table, prefix: str) -> dict[str, float]:
     """``{prefix}{metric}.{class}`` for the metric columns of a per-class table (finite only)."""
     from training.metrics import METRIC_COLUMNS

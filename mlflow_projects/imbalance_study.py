@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ClassifierRunConfig, choice_of, classifier_image_size,
-                                    ensure_data, finite_metrics, log_config, manifest_arg, nonneg_int, positive_int,
-                                    print_table, quiet_console, run_cli, show_progress, start_run, train_one)
+from mlflow_projects.common import (EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, ensure_data,
+                                    finite_metrics, log_config, log_table, print_table, quiet_console, run_cli,
+                                    show_progress, start_run, train_one)
 # Library logic waiting for a home in `training` (split loading, class counts); until then the one import
 # of another entry point's module left here.
 from mlflow_projects.train_classifier import class_distribution, load_splits
@@ -75,18 +75,9 @@ def parse_args(argv: Sequence[str] | None = None, return_all: bool = False):
         ``{"enabled": bool, "q": float}`` (``q`` from :func:`dissection_q` unless ``--dissection-q``).
     """
     from training.losses import list_losses
-    from training.models import list_models
-    from training.train import TASKS
 
     p = argparse.ArgumentParser(prog="imbalance_study", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA,
-                   help="manifest (default: the phantom, generated if missing)")
-    p.add_argument("--arch", type=choice_of(list_models(), "arch"), default="resnet18")
-    p.add_argument("--epochs", type=positive_int, default=3)
-    p.add_argument("--image-size", type=classifier_image_size, default=128)
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--task", type=choice_of(TASKS, "task"), default="multilabel")
+    add_classifier_arguments(p)
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of the losses")
     p.add_argument("--experiment", default=EXPERIMENTS["imbalance_study"])
     p.add_argument("--dissection-q", type=_unit_fraction, default=None,
@@ -275,19 +266,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             mlflow.log_metrics(finite_metrics({f"{loss}.{k}_mean": v for k, v in means.items()}))
         table = comparison_table(tables, interp_tables if do_interp else None)
         if do_interp:
-            diss = dissection_table(overall, interp["q"])
-            diss.to_csv(tmp / "imbalance_dissection.csv", index=False)
-            (tmp / "imbalance_dissection.html").write_text(
-                f"<h2>Dissection of {cfg.arch} ({split} split, {len(probe_idx)} boxed images, q = {interp['q']})</h2>"
-                + diss.to_html(index=False, float_format="%.4f"))
-            mlflow.log_artifact(str(tmp / "imbalance_dissection.csv"), "comparison")
-            mlflow.log_artifact(str(tmp / "imbalance_dissection.html"), "comparison")
-        table.to_csv(tmp / "imbalance_comparison.csv", index=False)
-        (tmp / "imbalance_comparison.html").write_text(
-            f"<h2>Imbalance study: {cfg.arch} on {manifest.name} ({split} split, seed {cfg.seed})</h2>"
-            + table.to_html(index=False, float_format="%.4f"))
-        mlflow.log_artifact(str(tmp / "imbalance_comparison.csv"), "comparison")
-        mlflow.log_artifact(str(tmp / "imbalance_comparison.html"), "comparison")
+            log_table(dissection_table(overall, interp["q"]), tmp, "imbalance_dissection",
+                      f"Dissection of {cfg.arch} ({split} split, {len(probe_idx)} boxed images, q = {interp['q']})",
+                      "comparison")
+        log_table(table, tmp, "imbalance_comparison",
+                  f"Imbalance study: {cfg.arch} on {manifest.name} ({split} split, seed {cfg.seed})", "comparison")
     shown = [c for c in ("loss", "auroc", "ap", "mean_prob", "iobb", "ior", "disjoint", "unique") if c in table]
     print_table(table[table["class"] == "mean"][shown],
                 f"imbalance study: {cfg.arch} on {manifest.name}, {split} split, seed {cfg.seed} (means over classes; "

@@ -25,10 +25,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ClassifierRunConfig, choice_of, classifier_image_size,
-                                    ensure_data, log_config, manifest_arg, nonneg_float, nonneg_int, positive_float,
-                                    positive_int, print_table, quiet_console, register_version, run_cli, show_progress,
-                                    start_run, train_one)
+from mlflow_projects.common import (EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, choice_of,
+                                    ensure_data, log_config, nonneg_float, nonneg_int, positive_float, positive_int,
+                                    print_table, quiet_console, register_version, run_cli, show_progress, start_run,
+                                    train_one)
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +37,10 @@ EXPERIMENT = EXPERIMENTS["train_classifier"]
 
 def build_parser() -> argparse.ArgumentParser:
     from training.losses import list_losses
-    from training.models import list_models
-    from training.train import TASKS
 
     p = argparse.ArgumentParser(prog="train_classifier", description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA,
-                   help="manifest (default: the phantom, generated if missing)")
-    p.add_argument("--arch", type=choice_of(list_models(), "arch"), default="resnet18")
+    add_classifier_arguments(p)
     p.add_argument("--loss", type=choice_of(list_losses(), "loss"), default="bce")
-    p.add_argument("--epochs", type=positive_int, default=3)
-    p.add_argument("--image-size", type=classifier_image_size, default=128)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--task", type=choice_of(TASKS, "task"), default="multilabel")
     p.add_argument("--pretrained", default="", help="local weights file for the backbone ('' = random init)")
     p.add_argument("--registered-name", default="cxr-classifier")
     p.add_argument("--lr", type=positive_float, default=4e-4)
