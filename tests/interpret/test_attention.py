@@ -177,11 +177,13 @@ def _blob_images(n: int, size: int = 32, seed: int = 0):
 
 
 def _trained_model():
+    """80 full-batch Adam steps: 1.0 accuracy on held-out blobs with one thread and with two (40 steps
+    reached 0.75 on two threads but 0.5 on one: the test was flaky across machines)."""
     torch.manual_seed(0)
     model = DenseNetLike(num_classes=2)
     x, y = _blob_images(64)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(40):
+    for _ in range(80):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -192,7 +194,7 @@ def _rank_corr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return np.array([spearmanr(p.flatten().numpy(), q.flatten().numpy())[0] for p, q in zip(a, b)])
 
 
-def test_sanity_checks_randomisation_and_lossless_reencoding():
+def test_sanity_checks_randomisation_and_lossless_reencoding(deterministic):
     model = _trained_model()
     x, y = _blob_images(8, seed=1)
     assert (model(x).argmax(1) == y).float().mean() >= 0.75   # the model learnt the task
