@@ -55,7 +55,7 @@ def vlm_validity(vlm, image_emb, probe: Probe) -> dict:
     """Can the VLM see the findings it is asked to name? Zero-shot AUROC per class on the probing set.
 
     Each probing image is scored by ``cos(image, text(prompt))`` with the prompt the annotation methods
-    put a concept in (:func:`interpret.concepts.concept_prompts`, here with the class name), and ranked
+    put a concept in (:func:`training.prompts.concept_prompts`, here with the class name), and ranked
     against the image labels. A VLM at chance here (0.5) gives unit annotations that carry no evidence,
     whatever the method reports.
 
@@ -64,8 +64,8 @@ def vlm_validity(vlm, image_emb, probe: Probe) -> dict:
         positives and negatives only; ``auroc_mean`` None when there are none; ``supported``: the mean
         reaches :data:`VLM_CHANCE_MARGIN`).
     """
-    from interpret.concepts import TEMPLATE, concept_prompts
-    from training.clip.train import per_class_auroc, prompt_name
+    from training.clip.train import per_class_auroc
+    from training.prompts import TEMPLATE, concept_prompts, prompt_name
 
     txt = vlm.encode_texts(concept_prompts([prompt_name(c) for c in probe.classes]))  # (C, d)
     scores = (image_emb.float() @ txt.float().T).numpy()  # (N, C)

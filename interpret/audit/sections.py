@@ -12,6 +12,7 @@ import numpy as np
 from interpret.audit._util import _finite
 from interpret.audit.probe import Probe
 from interpret.audit.shortcuts import attention_shares, chest_field, marker_mask
+from training.prompts import prompt_name
 
 RELATED_TERMS: dict[str, tuple[str, ...]] = {
     "Atelectasis": ("atelecta", "collapse", "volume loss", "band", "plate"),
@@ -34,7 +35,7 @@ RELATED_TERMS: dict[str, tuple[str, ...]] = {
 def related(concept: str, cls: str) -> bool:
     """Whether ``concept`` names ``cls`` or a sign of it (:data:`RELATED_TERMS`, else the class name)."""
     text = concept.lower()
-    terms = RELATED_TERMS.get(cls, (cls.lower().replace("_", " "),))
+    terms = RELATED_TERMS.get(cls, (prompt_name(cls),))
     return any(t in text for t in terms)
 
 

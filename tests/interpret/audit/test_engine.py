@@ -94,8 +94,7 @@ class _PlantedTexts:
 
 
 def test_vlm_validity_separates_a_seeing_vlm_from_a_blind_one():
-    from interpret.concepts import concept_prompts
-    from training.clip.train import prompt_name
+    from training.prompts import concept_prompts, prompt_name
 
     rng = np.random.default_rng(0)
     classes = ["Effusion", "Pleural_Thickening", "Hernia"]
