@@ -1,4 +1,4 @@
-"""The manifest: one typed definition (DESIGN.md "Manifest"), validation, Parquet I/O, splits, masks.
+"""The manifest: its one typed definition (DESIGN.md "Manifest") and its validation.
 
 A manifest is a table with one row per image:
 
@@ -34,6 +34,12 @@ Optional columns (present only where a source has them; :data:`OPTIONAL_FIELDS`)
 
 Other extra columns are kept as they are (types inferred by pyarrow).
 
+The rest of the manifest's ideas have their own modules, and their names stay importable from here:
+class names and :func:`canonical_label` (:mod:`training.data.labels`), :data:`SPLITS` and
+:func:`patient_split` (:mod:`training.data.splits`), :func:`polygon_mask` (:mod:`training.data.masks`),
+:func:`read_manifest` / :func:`write_manifest` (:mod:`training.data.manifest`, which imports this module,
+so those two are looked up on first use).
+
 Example:
     >>> import pandas as pd
     >>> df = pd.DataFrame([{"image_id": "a", "path": "a.png", "patient_id": "p1", "split": "train",
@@ -44,40 +50,22 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import math
-import os
-import re
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from training.data.cells import as_list, as_number, is_null
+from training.data.labels import NIH_CLASSES, NO_FINDING, PHANTOM_CLASSES, canonical_label
+from training.data.masks import polygon_mask
+from training.data.splits import SPLITS, patient_split
 
 __all__ = [
     "NIH_CLASSES", "PHANTOM_CLASSES", "NO_FINDING", "SPLITS", "BOX_TYPE", "POLYGON_TYPE",
     "MANIFEST_SCHEMA", "OPTIONAL_FIELDS", "MANIFEST_COLUMNS", "ManifestError", "canonical_label",
     "validate_manifest", "read_manifest", "write_manifest", "patient_split", "polygon_mask",
 ]
-
-#: The 14 findings of NIH ChestX-ray14 in their canonical spelling and the usual order.
-NIH_CLASSES: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)
-
-#: The findings the phantom draws (a subset of :data:`NIH_CLASSES`, same order as there).
-PHANTOM_CLASSES: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax",
-    "Consolidation", "Hernia",
-)
-
-#: The "nothing found" pseudo-label of the sources; never stored in ``labels`` (empty list instead).
-NO_FINDING = "No Finding"
-
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 BOX_TYPE = pa.struct([
     pa.field("label", pa.string(), nullable=False),
@@ -133,105 +121,7 @@ class ManifestError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# labels
-
-def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
-
-
-_ALIASES: dict[str, str] = {_key(c): c for c in NIH_CLASSES}
-_ALIASES.update({
-    # NIH bounding-box list and general synonyms
-    "infiltrate": "Infiltration", "infiltrates": "Infiltration",
-    "pleural effusion": "Effusion", "effusions": "Effusion",
-    "pleural thickening": "Pleural_Thickening",
-    "pulmonary fibrosis": "Fibrosis",
-    "oedema": "Edema", "pulmonary edema": "Edema", "pulmonary oedema": "Edema",
-    "atelectases": "Atelectasis", "nodules": "Nodule", "masses": "Mass",
-    "pneumothoraces": "Pneumothorax", "enlarged heart": "Cardiomegaly",
-    # "nothing found" in its many spellings
-    "no finding": NO_FINDING, "no findings": NO_FINDING, "normal": NO_FINDING,
-})
-
-
-def canonical_label(name: str, *, strict: bool = False) -> str:
-    """Map a source's finding name to the canonical spelling used in manifests.
-
-    NIH names and their aliases become the NIH spelling (``Infiltrate`` -> ``Infiltration``,
-    ``Pleural effusion`` -> ``Effusion``, ``Pleural thickening`` -> ``Pleural_Thickening``,
-    ``Pulmonary fibrosis`` -> ``Fibrosis``; case, spaces, hyphens and underscores do not matter).
-    "No finding" in any spelling becomes :data:`NO_FINDING`. A name without an NIH equivalent keeps
-    its words, capitalised and joined by ``_`` like ``Pleural_Thickening``
-    (``Aortic enlargement`` -> ``Aortic_Enlargement``, ``Nodule/Mass`` -> ``Nodule_Mass``,
-    ``ILD`` -> ``ILD``), so the same finding from two sources gets one name.
-
-    Args:
-        name: the source's label.
-        strict: raise for names that are neither NIH classes nor "no finding".
-
-    Returns:
-        The canonical label.
-
-    Raises:
-        ValueError: ``name`` is empty or not a string, or (``strict``) has no NIH equivalent.
-
-    Example:
-        >>> canonical_label("Infiltrate"), canonical_label("Pleural effusion")
-        ('Infiltration', 'Effusion')
-        >>> canonical_label("Aortic enlargement")
-        'Aortic_Enlargement'
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a finding label must be a non-empty string, got {name!r}")
-    return _canonical(name, bool(strict))
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical(name: str, strict: bool) -> str:
-    hit = _ALIASES.get(_key(name))
-    if hit is not None:
-        return hit
-    if strict:
-        raise ValueError(f"unknown finding {name!r}; valid: {list(NIH_CLASSES)} (or '{NO_FINDING}')")
-    words = [w for w in re.split(r"[\s_/\-]+", name.strip()) if w]
-    return "_".join(w if w.isupper() else w[:1].upper() + w[1:].lower() for w in words)
-
-
-# ----------------------------------------------------------------------------------------------
 # validation
-
-def _is_null(v: Any) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float):
-        return v != v
-    if isinstance(v, (str, list, dict, tuple, np.ndarray, int)):
-        return False
-    if v is pd.NA or v is pd.NaT:
-        return True
-    return isinstance(v, np.floating) and bool(np.isnan(v))
-
-
-def _as_list(v: Any) -> list | None:
-    """Parquet list cells arrive as numpy arrays, lists, tuples or null."""
-    if _is_null(v):
-        return []
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return list(v)
-    return None
-
-
-def _num(v: Any) -> float | None:
-    if type(v) is float or type(v) is int:   # fast path (the common case)
-        return float(v) if v == v and v not in (math.inf, -math.inf) else None
-    if isinstance(v, (bool, np.bool_)) or _is_null(v):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 class _Checker:
     """Collects the first few problems so one error message shows what is wrong where."""
@@ -270,7 +160,7 @@ def _check_label(chk: _Checker, r: int, field: str, lab: Any) -> str | None:
 
 
 def _check_boxes(chk: _Checker, r: int, field: str, cell: Any) -> list[dict] | None:
-    items = _as_list(cell)
+    items = as_list(cell)
     if items is None:
         chk.add(r, field, f"must be a list of boxes, got {type(cell).__name__}")
         return None
@@ -283,14 +173,14 @@ def _check_boxes(chk: _Checker, r: int, field: str, cell: Any) -> list[dict] | N
         lab = _check_label(chk, r, f + ".label", b.get("label"))
         vals = {}
         for key in ("x", "y", "w", "h"):
-            v = _num(b.get(key))
+            v = as_number(b.get(key))
             if v is None:
                 chk.add(r, f"{f}.{key}", f"must be a finite number, got {b.get(key)!r}")
             elif key in ("w", "h") and v <= 0:
                 chk.add(r, f"{f}.{key}", f"must be > 0, got {v}")
             vals[key] = v
         rater = b.get("rater")
-        if _is_null(rater):
+        if is_null(rater):
             rater = None
         elif not isinstance(rater, str):
             chk.add(r, f + ".rater", f"must be a string or null, got {rater!r}")
@@ -300,7 +190,7 @@ def _check_boxes(chk: _Checker, r: int, field: str, cell: Any) -> list[dict] | N
 
 
 def _check_polygons(chk: _Checker, r: int, cell: Any) -> list[dict] | None:
-    items = _as_list(cell)
+    items = as_list(cell)
     if items is None:
         chk.add(r, "polygons", f"must be a list of {{label, points}}, got {type(cell).__name__}")
         return None
@@ -312,7 +202,7 @@ def _check_polygons(chk: _Checker, r: int, cell: Any) -> list[dict] | None:
             continue
         lab = _check_label(chk, r, f + ".label", p.get("label"))
         try:
-            pts = np.asarray([np.asarray(q, dtype=np.float64) for q in (_as_list(p.get("points")) or [])])
+            pts = np.asarray([np.asarray(q, dtype=np.float64) for q in (as_list(p.get("points")) or [])])
             ok = pts.ndim == 2 and pts.shape[1] == 2 and np.isfinite(pts).all() and len(pts) >= 1
         except (TypeError, ValueError):
             ok = False
@@ -325,7 +215,7 @@ def _check_polygons(chk: _Checker, r: int, cell: Any) -> list[dict] | None:
 
 
 def _opt_str(chk: _Checker, r: int, field: str, v: Any) -> str | None:
-    if _is_null(v):
+    if is_null(v):
         return None
     if not isinstance(v, str):
         chk.add(r, field, f"must be a string or null, got {v!r}")
@@ -394,10 +284,10 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("width", "height"):
         vals = []
         for r, v in enumerate(df[col].tolist()):
-            if _is_null(v):
+            if is_null(v):
                 vals.append(pd.NA)
                 continue
-            f = _num(v)
+            f = as_number(v)
             if f is None or f != int(f) or f < 1:
                 chk.add(r, col, f"must be a positive integer or null, got {v!r}")
                 vals.append(pd.NA)
@@ -407,7 +297,7 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
 
     labels = []
     for r, cell in enumerate(df["labels"].tolist()):
-        items = _as_list(cell)
+        items = as_list(cell)
         if items is None:
             chk.add(r, "labels", f"must be a list of strings, got {type(cell).__name__}")
             labels.append([])
@@ -440,192 +330,18 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Parquet I/O
-
-def _extra_array(col: pd.Series, type: pa.DataType | None = None) -> pa.Array:
-    if col.dtype == object:
-        values = [None if (not isinstance(v, (list, dict, np.ndarray)) and _is_null(v)) else v for v in col]
-        return pa.array(values, type=type, from_pandas=True)
-    return pa.Array.from_pandas(col, type=type)
+# read_manifest / write_manifest live in training.data.manifest, which imports this module; they stay
+# importable from here (PEP 562) without an import cycle.
+_MANIFEST_IO = ("read_manifest", "write_manifest")
 
 
-def _arrow_schema(df: pd.DataFrame) -> pa.Schema:
-    fields = list(MANIFEST_SCHEMA)
-    for col in df.columns:
-        if col in MANIFEST_COLUMNS:
-            continue
-        if col in OPTIONAL_FIELDS:
-            fields.append(OPTIONAL_FIELDS[col])
-        else:
-            fields.append(pa.field(col, _extra_array(df[col]).type))
-    return pa.schema(fields)
+def __getattr__(name: str) -> Any:
+    if name in _MANIFEST_IO:
+        from training.data import manifest
+
+        return getattr(manifest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Validate a manifest and write it to Parquet with the typed schema.
-
-    Paths are written as given (use paths relative to the manifest's folder for a relocatable data
-    set). Parent folders are created.
-
-    Args:
-        df: the manifest.
-        path: output ``.parquet`` file.
-
-    Returns:
-        The written path.
-
-    Raises:
-        ManifestError: ``df`` breaks the schema (nothing is written).
-    """
-    df = validate_manifest(df)
-    schema = _arrow_schema(df)
-    cols = {}
-    for f in schema:
-        if f.name not in MANIFEST_COLUMNS and f.name not in OPTIONAL_FIELDS:
-            cols[f.name] = _extra_array(df[f.name], f.type)
-            continue
-        values = df[f.name].tolist()
-        values = [None if (not isinstance(v, (list, dict)) and _is_null(v)) else v for v in values]
-        cols[f.name] = pa.array(values, type=f.type)
-    table = pa.Table.from_pydict(cols, schema=schema)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
-    return out
-
-
-def read_manifest(path: str | os.PathLike, *, resolve_paths: bool = True) -> pd.DataFrame:
-    """Read and validate a Parquet manifest.
-
-    Args:
-        path: the ``.parquet`` file.
-        resolve_paths: turn relative image paths into absolute ones against the manifest's folder.
-
-    Returns:
-        The normalised manifest (see :func:`validate_manifest`).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ManifestError: the file is not Parquet or breaks the schema.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"manifest not found: {p}")
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as e:
-        raise ManifestError(f"{p} is not a readable Parquet manifest: {e}") from None
-    known = set(MANIFEST_COLUMNS) | set(OPTIONAL_FIELDS)
-    df = pd.DataFrame({
-        name: (table.column(name).to_pylist()
-               if name in known or pa.types.is_nested(table.schema.field(name).type)
-               else table.column(name).to_pandas())
-        for name in table.column_names})
-    try:
-        df = validate_manifest(df)
-    except ManifestError as e:
-        raise ManifestError(f"{p}: {e}", row=e.row, field=e.field) from None
-    if resolve_paths:
-        base = p.resolve().parent
-        df["path"] = pd.Series([None if v is None else (v if os.path.isabs(v) else str(base / v)) for v in df["path"]], dtype=object)
-    return df
-
-
-# ----------------------------------------------------------------------------------------------
-# splits and masks
-
-def patient_split(patient_ids: Iterable[Any], fractions: Sequence[float] = (0.7, 0.1, 0.2),
-                  seed: int = 0, splits: Sequence[str] = SPLITS) -> np.ndarray:
-    """Assign a split to every row so that no patient appears in two splits.
-
-    The distinct patients (sorted, so row order does not matter) are shuffled by ``seed`` and cut by
-    ``fractions`` of the patient count; each split with a non-zero fraction gets at least one patient
-    when there are enough patients.
-
-    Args:
-        patient_ids: one id per row (any hashable; compared as strings).
-        fractions: share of patients per split, same length as ``splits`` (normalised to sum 1).
-        seed: the same seed and ids give the same assignment.
-        splits: names of the splits.
-
-    Returns:
-        Array (N,) of split names, one per row.
-
-    Raises:
-        ValueError: fractions negative, all zero, or not one per split.
-
-    Example:
-        >>> patient_split(["a", "a", "b", "c"], (0.5, 0.5), seed=0, splits=("train", "val")).tolist()
-        ['train', 'train', 'val', 'train']
-    """
-    fr = np.asarray(fractions, dtype=np.float64)
-    if fr.ndim != 1 or len(fr) != len(splits) or (fr < 0).any() or fr.sum() <= 0 or not np.isfinite(fr).all():
-        raise ValueError(f"fractions must be {len(splits)} non-negative numbers (one per split "
-                         f"{list(splits)}) with a positive sum, got {list(fractions)}")
-    ids = np.asarray([str(p) for p in patient_ids], dtype=object)
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    n = len(uniq)
-    counts = np.floor(fr / fr.sum() * n + 0.5).astype(int)
-    counts[-1] = n - counts[:-1].sum()
-    if counts[-1] < 0:   # rounding overshoot: take from the largest earlier split
-        counts[np.argmax(counts[:-1])] += counts[-1]
-        counts[-1] = 0
-    want = fr > 0
-    if n >= want.sum():
-        for k in np.flatnonzero(want & (counts == 0)):
-            counts[np.argmax(counts)] -= 1
-            counts[k] += 1
-    order = np.random.default_rng(seed).permutation(n)
-    assign = np.empty(n, dtype=object)
-    assign[order] = np.repeat(np.asarray(splits, dtype=object), counts)
-    return assign[inverse].astype(str)
-
-
-def polygon_mask(polygons: Iterable[Any], height: int, width: int, *, label: str | None = None,
-                 scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-    """Rasterise polygons into one boolean mask (their union).
-
-    Args:
-        polygons: polygons as ``[[x, y], ...]`` point lists, flat ``[x0, y0, x1, y1, ...]`` lists,
-            or manifest ``{label, points}`` dicts.
-        height: mask height in pixels.
-        width: mask width in pixels.
-        label: with dict polygons, keep only this label.
-        scale: ``(sx, sy)`` applied to the points first (original -> current image pixels).
-
-    Returns:
-        Boolean array (height, width); polygons with fewer than 3 points are skipped.
-
-    Raises:
-        ValueError: non-positive ``height``/``width`` or malformed points.
-
-    Example:
-        >>> int(polygon_mask([[[0, 0], [3, 0], [3, 3], [0, 3]]], 5, 5).sum())
-        16
-    """
-    from PIL import Image, ImageDraw
-
-    if int(height) < 1 or int(width) < 1:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
-    img = Image.new("1", (int(width), int(height)), 0)
-    draw = ImageDraw.Draw(img)
-    sx, sy = scale
-    for k, poly in enumerate(polygons):
-        if isinstance(poly, dict):
-            if label is not None and poly.get("label") != label:
-                continue
-            poly = poly.get("points")
-        pts = _as_list(poly)
-        if pts is None:
-            raise ValueError(f"polygon {k} must be a list of points, got {type(poly).__name__}")
-        try:
-            arr = np.asarray([np.asarray(p, dtype=np.float64) for p in pts], dtype=np.float64)
-            arr = arr.reshape(-1, 2)
-        except (TypeError, ValueError):
-            raise ValueError(f"polygon {k} has malformed points (want [[x, y], ...])") from None
-        if len(arr) < 3:
-            continue
-        arr = arr * np.array([sx, sy])
-        draw.polygon([tuple(p) for p in arr.tolist()], fill=1, outline=1)
-    return np.array(img, dtype=bool)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MANIFEST_IO])
