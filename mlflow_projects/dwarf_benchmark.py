@@ -23,9 +23,6 @@ import pandas as pd
 from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics, int_at_least, log_config,
                                     manifest_arg, nonneg_float, nonneg_int, positive_float, positive_int, print_table,
                                     quiet_console, resolve_clip, run_cli, show_progress, start_run, unit_float)
-# Library logic waiting for a home in `training.dwarf` (masks + feedback split loading); until then the one
-# import of another entry point's module left here.
-from mlflow_projects.train_dwarf import load_splits
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     import mlflow
     import torch
 
+    from training.dwarf.data import load_splits
     from training.dwarf.pipeline import compare_methods
     from training.dwarf.train import TrainConfig, resolve_device
 
@@ -76,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     counts = [int(k) for k in a.diseases.split(",")]
     manifest = ensure_data(a.data, a.image_size, a.seed, a.phantom_n, masks=True)
     bundle, clip_used = resolve_clip(a.clip, a.image_size, require_vit=True)
-    train_all, val_all, test_all, classes = load_splits(manifest, a.image_size)
+    train_all, val_all, test_all, classes = load_splits(manifest, a.image_size, progress=show_progress())
     order = np.argsort(-train_all.labels.sum(0).numpy(), kind="stable")  # most frequent first
     device = str(resolve_device(a.device or None))
     tables = []

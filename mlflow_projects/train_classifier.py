@@ -21,7 +21,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -75,48 +75,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ClassifierRunConfig:
         device=a.device or None, num_workers=a.num_workers, phantom_n=a.phantom_n, experiment=a.experiment)
 
 
-# ---- data -------------------------------------------------------------------------------------
-def load_splits(manifest: Path, image_size: int, augment: bool = False, cache: bool = True):
-    """``(train, val, test | None, classes)`` datasets of the manifest's splits.
-
-    Raises:
-        ValueError: no ``train`` or no ``val`` rows.
-    """
-    from training.data.dataset import ManifestDataset
-    from training.train import InMemoryDataset
-
-    def split(name: str, aug: bool):
-        ds = ManifestDataset(manifest, image_size=image_size, augment=aug, split=name)
-        if len(ds) == 0:
-            return None
-        return InMemoryDataset(ds, progress=len(ds) > 500 and show_progress()) if cache and not aug else ds
-
-    train_ds, val_ds, test_ds = split("train", augment), split("val", False), split("test", False)
-    if train_ds is None or val_ds is None:
-        raise ValueError(f"{manifest} needs rows in both the 'train' and 'val' splits "
-                         f"(got train={0 if train_ds is None else len(train_ds)}, "
-                         f"val={0 if val_ds is None else len(val_ds)})")
-    return train_ds, val_ds, test_ds, list(train_ds.classes)
-
-
-def class_distribution(datasets: dict[str, Any], classes: Sequence[str]):
-    """Positives / negatives per class and split as a long DataFrame (split, class, positives, negatives)."""
-    import pandas as pd
-
-    from training.train import label_matrix
-
-    rows = []
-    for name, ds in datasets.items():
-        if ds is None:
-            continue
-        y = label_matrix(ds)
-        pos = np.nansum(y, 0)
-        known = (~np.isnan(y)).sum(0)
-        rows += [{"split": name, "class": c, "positives": int(pos[j]), "negatives": int(known[j] - pos[j]),
-                  "prevalence": float(pos[j] / max(known[j], 1))} for j, c in enumerate(classes)]
-    return pd.DataFrame(rows)
-
-
 # ---- entry point ------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the entry point; returns the registered model version."""
@@ -126,11 +84,13 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     from mlflow_projects.pyfunc_classifier import log_classifier_model, model_meta
     from training.metrics import summarize
+    from training.train import class_distribution, load_splits
 
     cfg = parse_args(argv)
     torch.manual_seed(cfg.seed)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
-    train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, cfg.augment, cfg.cache)
+    train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, cfg.augment, cfg.cache,
+                                                     progress=show_progress())
     with start_run(cfg.experiment, run_name=f"train_classifier-{cfg.arch}-{cfg.loss}") as run, \
             tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

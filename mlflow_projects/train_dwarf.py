@@ -1,7 +1,7 @@
 """MLflow entry point ``train_dwarf``: train DWARF on a manifest, log metrics and galleries, register.
 
-Steps: (1) data: the manifest (default: the phantom, generated with masks when missing), plus clinician
-feedback records (``--feedback``, the folder the service's ``/feedback`` writes) added to the training
+Steps: (1) data (:func:`training.dwarf.data.load_splits`): the manifest (default: the phantom, generated with
+masks when missing), plus clinician feedback records (``--feedback``, the folder the service's ``/feedback`` writes) added to the training
 split; (2) CLIP (:func:`mlflow_projects.common.resolve_clip`; DWARF needs a ViT image tower): ``scratch``
 (the default: an untrained ``cxr-tiny-vit``), a ``models:/`` URI of a registered ViT ``cxr-clip`` (e.g.
 trained with ``train_clip --model cxr-minilm-vit``), or an open_clip spec; anything that cannot be
@@ -84,67 +84,6 @@ def check_classes(classes: Sequence[str] | None, manifest: Path) -> None:
                          f"valid (the classes of {manifest}): {', '.join(valid)}")
 
 
-def load_splits(manifest: Path, image_size: int, classes: Sequence[str] | None = None,
-                feedback: str | None = None, min_positives: int = 2, prefer_shapes: bool = True):
-    """In-memory train/val/test datasets with masks + validity, restricted to usable classes.
-
-    Masks come from :class:`training.data.ManifestDataset` (``masks=True``) on
-    :func:`training.dwarf.supervision.manifest_for_masks` (mask files and polygons win over the boxes
-    around them); feedback records (a folder written by the service's feedback store) are added to
-    the training split, their images found by ``image_path`` or, failing that, by the SHA-256 of the
-    manifest's image files.
-
-    Args:
-        manifest: manifest Parquet path.
-        image_size: side S of the images and masks.
-        classes: diseases to keep (default: those with >= ``min_positives`` training positives and a
-            test positive).
-        feedback: folder of clinician feedback records, or None.
-        min_positives: see ``classes``.
-        prefer_shapes: see :func:`training.dwarf.supervision.manifest_for_masks`.
-
-    Returns:
-        ``(train, val, test, classes)``; the datasets are :class:`training.dwarf.train.InMemoryDataset`.
-
-    Raises:
-        ValueError: no usable class, or a feedback record whose image cannot be found.
-    """
-    from torch.utils.data import ConcatDataset
-
-    from training.data.dataset import ManifestDataset
-    from training.dwarf.supervision import (FeedbackDataset, SupervisedDataset, index_images_by_sha256,
-                                            load_feedback, manifest_for_masks)
-    from training.dwarf.train import InMemoryDataset
-
-    frame = manifest_for_masks(manifest, prefer_shapes=prefer_shapes)
-    all_classes = ManifestDataset(frame, classes=classes).classes  # same columns in every split
-
-    def split(name: str) -> InMemoryDataset:
-        base = ManifestDataset(frame, classes=all_classes, image_size=image_size, masks=True, split=name)
-        ds = SupervisedDataset(base, len(all_classes))
-        if name == "train" and feedback:
-            records = load_feedback(feedback)
-            lookup = None
-            if any(not r.image_path for r in records):
-                lookup = index_images_by_sha256(p for p in frame["path"] if isinstance(p, str))
-            extra = FeedbackDataset(records, all_classes, image_size, image_lookup=lookup)
-            log.info("adding %d feedback images (%d records) from %s", len(extra), len(records), feedback)
-            ds = ConcatDataset([ds, extra])
-        out = InMemoryDataset(ds, progress=show_progress())
-        out.classes = list(all_classes)
-        return out
-
-    train_ds, val_ds, test_ds = split("train"), split("val"), split("test")
-    if classes is None:
-        keep = [i for i in range(len(all_classes))
-                if train_ds.labels[:, i].sum() >= min_positives and test_ds.labels[:, i].sum() >= 1]
-        if not keep:
-            raise ValueError(f"no class has >= {min_positives} training positives and a test positive in "
-                             f"{manifest}; classes: {all_classes}")
-        train_ds, val_ds, test_ds = (d.select_classes(keep) for d in (train_ds, val_ds, test_ds))
-    return train_ds, val_ds, test_ds, list(train_ds.classes)
-
-
 # ---- entry point -----------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> DwarfRunConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -200,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     import torch
 
     from mlflow_projects.pyfunc_dwarf import log_dwarf_model, model_meta
+    from training.dwarf.data import load_splits
     from training.dwarf.pipeline import finetune, pretrain, save_gallery, score
     from training.dwarf.train import TrainConfig, resolve_device
 
@@ -208,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n, masks=True)
     check_classes(cfg.classes, manifest)
     bundle, clip_used = resolve_clip(cfg.clip, cfg.image_size, require_vit=True)
-    train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, cfg.classes, cfg.feedback)
+    train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, cfg.classes, cfg.feedback,
+                                                     progress=show_progress())
     device = str(resolve_device(cfg.device))
     with start_run(cfg.experiment, run_name="train_dwarf") as run, tempfile.TemporaryDirectory() as tmp:
         log_config(cfg)

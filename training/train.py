@@ -44,7 +44,8 @@ from training.runtime import collate, label_matrix, resolve_device, seed_everyth
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "predict", "task_targets", "task_classes", "label_matrix",
-           "train_counts", "warmup_cosine", "resolve_device", "TASKS", "BINARY_CLASS", "InMemoryDataset"]
+           "train_counts", "warmup_cosine", "resolve_device", "TASKS", "BINARY_CLASS", "InMemoryDataset",
+           "load_splits", "class_distribution"]
 
 TASKS = ("multilabel", "binary")
 BINARY_CLASS = "Abnormal"
@@ -163,6 +164,68 @@ class InMemoryDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"image": self.images[i], "labels": self.labels[i], "index": i}
+
+
+# ---- splits of a manifest ----------------------------------------------------------------------
+def load_splits(manifest: str | Path, image_size: int, augment: bool = False, cache: bool = True,
+                progress: bool = False) -> tuple[Dataset, Dataset, Dataset | None, list[str]]:
+    """The ``train``, ``val`` and ``test`` splits of a manifest as classifier datasets.
+
+    Args:
+        manifest: manifest Parquet path (see :mod:`training.data.schema`).
+        image_size: side S of the images, (1, S, S) in [0, 1].
+        augment: random augmentation of the training split (which is then never cached).
+        cache: decode every image once (:class:`InMemoryDataset`) for the splits without augmentation.
+        progress: tqdm bar while caching a split of more than 500 images.
+
+    Returns:
+        ``(train, val, test, classes)``: :class:`training.data.dataset.ManifestDataset` or
+        :class:`InMemoryDataset` items with ``image`` and ``labels``; ``test`` is None when the manifest
+        has no ``test`` rows; ``classes`` the training split's class names.
+
+    Raises:
+        ValueError: no ``train`` or no ``val`` rows.
+
+    Example:
+        >>> train, val, test, classes = load_splits("phantom/manifest.parquet", 64)  # doctest: +SKIP
+    """
+    from training.data.dataset import ManifestDataset
+
+    def split(name: str, aug: bool) -> Dataset | None:
+        ds = ManifestDataset(manifest, image_size=image_size, augment=aug, split=name)
+        if len(ds) == 0:
+            return None
+        return InMemoryDataset(ds, progress=len(ds) > 500 and progress) if cache and not aug else ds
+
+    train_ds, val_ds, test_ds = split("train", augment), split("val", False), split("test", False)
+    if train_ds is None or val_ds is None:
+        raise ValueError(f"{manifest} needs rows in both the 'train' and 'val' splits "
+                         f"(got train={0 if train_ds is None else len(train_ds)}, "
+                         f"val={0 if val_ds is None else len(val_ds)})")
+    return train_ds, val_ds, test_ds, list(train_ds.classes)
+
+
+def class_distribution(datasets: dict[str, Dataset | None], classes: Sequence[str]) -> pd.DataFrame:
+    """Positives and negatives per class and split (unknown labels counted in neither).
+
+    Args:
+        datasets: split name -> dataset with ``labels`` (C,) per item (None: the split is left out).
+        classes: the C class names, in label order.
+
+    Returns:
+        Long DataFrame with columns ``split, class, positives, negatives, prevalence`` (one row per
+        split and class; prevalence = positives / known labels).
+    """
+    rows = []
+    for name, ds in datasets.items():
+        if ds is None:
+            continue
+        y = label_matrix(ds)  # (N, C), NaN = unknown
+        pos = np.nansum(y, 0)
+        known = (~np.isnan(y)).sum(0)
+        rows += [{"split": name, "class": c, "positives": int(pos[j]), "negatives": int(known[j] - pos[j]),
+                  "prevalence": float(pos[j] / max(known[j], 1))} for j, c in enumerate(classes)]
+    return pd.DataFrame(rows, columns=["split", "class", "positives", "negatives", "prevalence"])
 
 
 # ---- devices -----------------------------------------------------------------------------------

@@ -102,11 +102,11 @@ def test_pyfunc_returns_probabilities_and_refined_maps(tmp_path, monkeypatch):
 
 def test_load_splits_phantom_masks_and_service_feedback(tmp_path):
     """The phantom's mask files are the masks; records the service's FeedbackStore writes join training."""
-    from mlflow_projects.feedback import FeedbackStore
-    from mlflow_projects.train_dwarf import load_splits
+    from mlflow_projects.serving.feedback import FeedbackStore
     from training.data.imageio import read_image
     from training.data.phantom import generate_phantom
     from training.data.schema import read_manifest
+    from training.dwarf.data import load_splits
     from training.dwarf.supervision import sha256_file
 
     manifest = generate_phantom(tmp_path / "ph", n=24, size=64, seed=3, masks=True, workers=1)
@@ -134,7 +134,7 @@ def test_load_splits_phantom_masks_and_service_feedback(tmp_path):
 @pytest.mark.slow
 def test_mlflow_run_train_dwarf_registers_candidate(tmp_path):
     """As the README runs it, with clinician feedback: the records join training, the table is printed."""
-    from mlflow_projects.feedback import FeedbackStore
+    from mlflow_projects.serving.feedback import FeedbackStore
     from tests.mlflow_projects.mlflow_run import artifacts_under_root, mlflow_run, project_env, setup_store
     from training.data.imageio import read_image
     from training.data.phantom import generate_phantom

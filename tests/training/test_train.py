@@ -125,3 +125,33 @@ def test_learns_on_the_phantom(tmp_path, deterministic):
     best = max(h["val_auroc_mean"] for h in result.history)
     # measured with this set-up (unseeded init): best val AUROC 0.615 (50 positives of ~90 val images)
     assert best > 0.57, [round(h["val_auroc_mean"], 3) for h in result.history]
+
+
+def test_load_splits_and_class_distribution(tiny_phantom, tmp_path):
+    """The manifest's splits as classifier datasets (cached unless augmented), counts per split and class; a
+    manifest without a 'val' split is refused, naming both counts."""
+    import pandas as pd
+
+    from training.data.dataset import ManifestDataset
+    from training.data.schema import read_manifest, write_manifest
+    from training.train import InMemoryDataset, class_distribution, load_splits
+
+    train, val, test, classes = load_splits(tiny_phantom, 32)
+    assert isinstance(train, InMemoryDataset) and isinstance(val, InMemoryDataset) and test is not None
+    assert classes == list(train.classes) and train.images.shape[1:] == (1, 32, 32)
+    frame = read_manifest(tiny_phantom)
+    assert len(train) + len(val) + len(test) == len(frame)
+    aug, *_ = load_splits(tiny_phantom, 32, augment=True)
+    assert isinstance(aug, ManifestDataset)  # augmented images are never frozen in a cache
+    dist = class_distribution({"train": train, "val": val, "test": None}, classes)
+    assert list(dist.columns) == ["split", "class", "positives", "negatives", "prevalence"]
+    assert len(dist) == 2 * len(classes) and set(dist["split"]) == {"train", "val"}
+    t = dist[dist["split"] == "train"].set_index("class")
+    np.testing.assert_array_equal(t.loc[classes, "positives"].to_numpy(), train.labels.sum(0).numpy())
+    assert (t["positives"] + t["negatives"] == len(train)).all()
+    assert t["prevalence"].between(0, 1).all()
+    no_val = tmp_path / "no_val.parquet"
+    write_manifest(frame[frame["split"] != "val"].reset_index(drop=True), no_val)
+    with pytest.raises(ValueError, match=r"'train' and 'val' splits \(got train=\d+, val=0\)"):
+        load_splits(no_val, 32)
+    assert class_distribution({}, classes).empty and isinstance(dist, pd.DataFrame)

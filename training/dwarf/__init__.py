@@ -4,6 +4,8 @@
 - :mod:`training.dwarf.losses`: :func:`fp_soft_dice`, :class:`DwarfLoss`.
 - :mod:`training.dwarf.train`: :func:`train` (methods ``vlm``, ``gain``, ``dwarf``), :func:`evaluate`.
 - :mod:`training.dwarf.supervision`: masks from boxes/polygons/masks, pseudo-labels, clinician feedback.
+- :mod:`training.dwarf.data`: :func:`~training.dwarf.data.load_splits`, a manifest's splits with masks
+  (plus clinician feedback) cached in memory.
 - :mod:`training.dwarf.metrics`: Max Dice, classification metrics.
 """
 from training.dwarf.losses import DwarfLoss, FPSoftDiceLoss, fp_soft_dice, tversky_index
