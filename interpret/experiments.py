@@ -1,4 +1,5 @@
-"""Small experiments built from the interpret pieces: localisation of attention maps against chance.
+"""Small experiments built from the interpret pieces: localisation of attention maps against chance,
+and the interpretation columns of the imbalance study.
 
 :func:`localization_vs_chance` answers "does this method's map cover the findings better than a map
 that knows nothing?" per class, on the images of a data set that have boxes. For every (image,
@@ -29,6 +30,11 @@ after the ReLU, which :func:`interpret.attention.minmax_normalize` turns into al
 the ``uniform`` map rather than as zeros (which would give IoBB 0 and a pointing hit decided by the
 top-left pixel); such maps are counted in ``n_flat``.
 
+:func:`interpret_table` gives the figures of Khakzar et al.'s Tables 1 and 2 for one classifier on the
+boxed images of a split: per class the soft IoBB / IoR of its CAM maps (the method scores of
+:func:`localization_vs_chance`, without the chance baselines) and the Disjoint / Unique dissection
+counts of :func:`interpret.dissection.dissect`.
+
 Example:
     >>> from training.data.dataset import ManifestDataset
     >>> ds = ManifestDataset("phantom/manifest.parquet", image_size=96, split="test")  # doctest: +SKIP
@@ -46,19 +52,25 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from interpret.attention import get_method, list_methods, minmax_normalize, upsample
+from interpret.dissection import dissect
 from interpret.localization import masks_from_boxes, pointing_game, soft_scores
+from training.runtime import collate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["localization_vs_chance", "centre_prior", "BASELINES", "METRICS"]
+__all__ = ["localization_vs_chance", "interpret_table", "centre_prior", "BASELINES", "METRICS",
+           "INTERPRET_COLUMNS"]
 
 #: Reference maps scored beside the method, in column-suffix order.
 BASELINES: tuple[str, ...] = ("random", "shuffled", "uniform", "centre")
 #: Per-pair metrics reported for the method and every baseline.
 METRICS: tuple[str, ...] = ("iobb", "ior", "iou", "pointing")
+#: Columns of :func:`interpret_table`.
+INTERPRET_COLUMNS: tuple[str, ...] = ("n_boxed", "iobb", "ior", "disjoint", "unique")
 
 
 def centre_prior(size: int | tuple[int, int], sigma: float = 0.25) -> torch.Tensor:
@@ -141,8 +153,8 @@ def _uniform_scores(M: np.ndarray) -> dict[str, np.ndarray]:
 def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                            classes: Sequence[str] | None = None, n_random: int = 8, seed: int = 0,
                            centre_sigma: float = 0.25, batch_size: int = 32, layer: str | None = None,
-                           min_images: int = 1, progress: bool = True, **method_params: Any
-                           ) -> pd.DataFrame:
+                           min_images: int = 1, baselines: Sequence[str] = BASELINES, progress: bool = True,
+                           **method_params: Any) -> pd.DataFrame:
     """Per-class localisation of an attention method against random, uniform and centre-prior maps.
 
     Only images with at least one box of a class take part for that class; the map requested for an
@@ -165,6 +177,8 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
         batch_size: images per attention-map call.
         layer: layer to explain (layer methods); default ``model.feature_layer``.
         min_images: classes with fewer boxed images are reported but left out of the ``"mean"`` row.
+        baselines: the reference maps to score, a subset of :data:`BASELINES` (``()``: the method's
+            own scores only, e.g. when the chance levels are not wanted).
         progress: tqdm bar over batches.
         **method_params: passed to :func:`interpret.attention.get_method` (e.g. ``n_steps``).
 
@@ -172,13 +186,13 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
         DataFrame indexed by ``class`` (model class order) with ``n_images`` (boxed images of the
         class), ``n_flat`` (method maps with no spatial preference, scored as uniform), the method's
         ``iobb, ior, iou, pointing`` and the same four with suffixes ``_random``, ``_shuffled``,
-        ``_uniform`` and ``_centre``; a last row ``"mean"`` averages the class rows with ``n_images >= min_images``
+        ``_uniform`` and ``_centre`` (those of ``baselines``); a last row ``"mean"`` averages the class rows with ``n_images >= min_images``
         (unweighted, so rare findings count as much as common ones; its ``n_images`` is their sum).
-        ``attrs`` records method, n_random, seed, centre_sigma, image size and raw map size.
+        ``attrs`` records method, n_random, seed, centre_sigma, baselines, image size and raw map size.
 
     Raises:
-        ValueError: unknown method or class (valid ones listed), bad ``n_random`` / ``batch_size`` /
-            ``centre_sigma``, a dataset without boxed images of the requested classes, or a dataset
+        ValueError: unknown method, class or baseline (valid ones listed), bad ``n_random`` /
+            ``batch_size`` / ``centre_sigma``, a dataset without boxed images of the requested classes, or a dataset
             whose items lack ``image`` / ``boxes`` / ``box_labels``.
 
     Example:
@@ -193,6 +207,10 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not centre_sigma > 0:
         raise ValueError(f"centre_sigma must be > 0, got {centre_sigma!r}")
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or isinstance(baselines, str):
+        raise ValueError(f"unknown baselines {unknown or baselines!r}; valid: {list(BASELINES)}")
+    baselines = tuple(b for b in BASELINES if b in baselines)
     model_classes = _model_classes(model, dataset)
     data_classes = [str(c) for c in getattr(dataset, "classes", model_classes)]
     index = {c: i for i, c in enumerate(model_classes)}
@@ -238,24 +256,29 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                 size, raw_size = (H, W), tuple(raw.shape[-2:])
                 flat = A.reshape(B, -1).max(-1) <= 0                            # no spatial preference
                 n_flat += int(flat.sum())
-                parts = {"": _score(A, M, flat), "_uniform": _uniform_scores(M)}
-                if prior is None or tuple(prior.shape) != (H, W):
-                    prior = centre_prior((H, W), centre_sigma).numpy()
-                parts["_centre"] = _score(np.broadcast_to(prior, M.shape), M)
+                parts = {"": _score(A, M, flat)}
+                if "uniform" in baselines:
+                    parts["_uniform"] = _uniform_scores(M)
+                if "centre" in baselines:
+                    if prior is None or tuple(prior.shape) != (H, W):
+                        prior = centre_prior((H, W), centre_sigma).numpy()
+                    parts["_centre"] = _score(np.broadcast_to(prior, M.shape), M)
                 idx = pairs[c][start:start + B]
                 MD = np.broadcast_to(M, (n_random, *M.shape))                     # (D, B, H, W)
-                noise = torch.stack([_noise(seed, c, i, 0, n_random, raw_size) for i in idx], 1)
-                R = minmax_normalize(upsample(noise, (H, W))).numpy()           # (D, B, H, W)
-                parts["_random"] = {k: v.mean(0) for k, v in _score(R, MD).items()}  # (B,) mean of draws
-                # the method's raw cells in random order: same value distribution, no location
-                cells = raw[:, 0].float().flatten(1)                            # (B, h*w)
-                order = torch.stack([_noise(seed, c, i, 1, n_random, (cells.shape[1],)).argsort(-1)
-                                     for i in idx], 1)                          # (D, B, h*w)
-                shuf = cells.expand(n_random, -1, -1).gather(-1, order).view(n_random, B, *raw_size)
-                shuf = F.relu(shuf) if explainer.relu else shuf
-                R = minmax_normalize(upsample(shuf, (H, W))).numpy()            # (D, B, H, W)
-                rflat = R.reshape(n_random, B, -1).max(-1) <= 0
-                parts["_shuffled"] = {k: v.mean(0) for k, v in _score(R, MD, rflat).items()}
+                if "random" in baselines:
+                    noise = torch.stack([_noise(seed, c, i, 0, n_random, raw_size) for i in idx], 1)
+                    R = minmax_normalize(upsample(noise, (H, W))).numpy()       # (D, B, H, W)
+                    parts["_random"] = {k: v.mean(0) for k, v in _score(R, MD).items()}  # (B,) mean of draws
+                if "shuffled" in baselines:
+                    # the method's raw cells in random order: same value distribution, no location
+                    cells = raw[:, 0].float().flatten(1)                        # (B, h*w)
+                    order = torch.stack([_noise(seed, c, i, 1, n_random, (cells.shape[1],)).argsort(-1)
+                                         for i in idx], 1)                      # (D, B, h*w)
+                    shuf = cells.expand(n_random, -1, -1).gather(-1, order).view(n_random, B, *raw_size)
+                    shuf = F.relu(shuf) if explainer.relu else shuf
+                    R = minmax_normalize(upsample(shuf, (H, W))).numpy()        # (D, B, H, W)
+                    rflat = R.reshape(n_random, B, -1).max(-1) <= 0
+                    parts["_shuffled"] = {k: v.mean(0) for k, v in _score(R, MD, rflat).items()}
                 for suffix, d in parts.items():
                     for k, v in d.items():
                         scores.setdefault(k + suffix, []).append(np.asarray(v, np.float64))
@@ -267,7 +290,7 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
     finally:
         bar.close()
 
-    cols = ["n_images", "n_flat"] + [m + s for s in ("",) + tuple("_" + b for b in BASELINES)
+    cols = ["n_images", "n_flat"] + [m + s for s in ("",) + tuple("_" + b for b in baselines)
                                      for m in METRICS]
     table = pd.DataFrame(rows).set_index("class")[cols]
     keep = table[table["n_images"] >= min_images]
@@ -276,6 +299,91 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
     table.loc["mean"] = pd.Series(mean)
     table[["n_images", "n_flat"]] = table[["n_images", "n_flat"]].astype(int)
     table.attrs.update({"method": method, "n_random": int(n_random), "seed": int(seed),
-                        "centre_sigma": float(centre_sigma), "image_size": size,
+                        "centre_sigma": float(centre_sigma), "baselines": baselines, "image_size": size,
                         "raw_map_size": raw_size, "min_images": int(min_images)})
     return table
+
+
+class _Selected(Dataset):
+    """The items ``indices`` of ``dataset``, keeping its ``classes`` and ``box_label_arrays``."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.classes = list(getattr(dataset, "classes", []))
+        arrays = getattr(dataset, "box_label_arrays", None)
+        if arrays is not None:
+            self.box_label_arrays = [arrays[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset[self.indices[i]]
+
+
+def interpret_table(model: nn.Module, dataset, indices: Sequence[int], q: float, batch_size: int = 32,
+                    progress: bool = True) -> tuple[pd.DataFrame, dict[str, float]]:
+    """CAM localisation and dissection counts of a classifier on the boxed images ``indices``.
+
+    The columns of Khakzar et al.'s Tables 1 and 2 (DESIGN.md, "Imbalance study"): per class the soft
+    IoBB ``sum(A M) / sum(M)`` and soft IoR ``sum(A M) / sum(A)`` of the class's CAM map ``A`` against
+    the union ``M`` of its boxes, averaged over the images with a box of that class (the method scores
+    of :func:`localization_vs_chance`), and the dissection of the feature layer against the boxes
+    (:func:`interpret.dissection.dissect`: Disjoint = components overlapping a box of the class per
+    image, Unique = (image, unit) pairs with such a component per image).
+
+    Args:
+        model: a trained classifier with ``class_names``, ``feature_layer`` and a linear ``head``
+            (e.g. :class:`training.models.CXRClassifier`).
+        dataset: data set with ``classes`` whose items have ``image`` (1, S, S), ``boxes`` (K, 4)
+            ``xyxy`` in S-pixels and ``box_labels`` (K,), e.g.
+            :class:`training.data.dataset.ManifestDataset`.
+        indices: the images to use (those with boxes).
+        q: dissection top fraction per unit (0.01 DenseNet family, 0.04 ResNet50).
+        batch_size: images per batch.
+        progress: tqdm bars.
+
+    Returns:
+        ``(table, overall)``: ``table`` indexed by the dataset's classes with :data:`INTERPRET_COLUMNS`
+        (``n_boxed`` the images with a box of the class; NaN scores where it is 0), ``overall`` the
+        dissection figures over the union of all boxes (``n_images``, ``disjoint``, ``unique``,
+        ``units_detecting``).
+
+    Raises:
+        ValueError: no indices.
+
+    Example:
+        >>> ds = ManifestDataset("phantom/manifest.parquet", image_size=64, split="test")   # doctest: +SKIP
+        >>> boxed = [i for i, labels in enumerate(ds.box_label_arrays) if len(labels)]      # doctest: +SKIP
+        >>> table, overall = interpret_table(model, ds, boxed, q=0.04)                      # doctest: +SKIP
+    """
+    if not len(indices):
+        raise ValueError("interpret_table needs at least one image with boxes")
+    data = _Selected(dataset, indices)
+    data_classes = [str(c) for c in dataset.classes]
+    model_classes = _model_classes(model, dataset)
+    index = {c: i for i, c in enumerate(model_classes)}
+    to_model = np.array([index.get(c, -1) for c in data_classes] + [-1], dtype=np.int64)
+    if _boxed_pairs(data, to_model, set(range(len(model_classes))), progress=False):
+        # Raw CAM (relu=False), min-max normalised: this departs from the maps the service and the audit
+        # score (interpret.attention.SERVED_RELU: ReLU first). It is what the imbalance study has always
+        # reported: without the ReLU a class with no positive evidence anywhere still gets a map that
+        # ranks locations, where the ReLU would leave an all-zero (flat) map. So these IoBB / IoR are not
+        # the audit's localisation of the same model; bringing them onto the served maps is tracked as a
+        # separate issue.
+        loc = localization_vs_chance(model, data, "cam", batch_size=batch_size, baselines=(), progress=progress,
+                                     relu=False)
+    else:
+        loc = pd.DataFrame(columns=["n_images", "iobb", "ior"], dtype=float)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    res = dissect(model, loader, classes=data_classes, q=q, progress=progress)
+    pc = res.per_class
+    rows = []
+    for name in data_classes:
+        n = int(loc.at[name, "n_images"]) if name in index and name in loc.index else 0
+        rows.append({"class": name, "n_boxed": n,
+                     "iobb": float(loc.at[name, "iobb"]) if n else np.nan,
+                     "ior": float(loc.at[name, "ior"]) if n else np.nan,
+                     "disjoint": float(pc.loc[name, "disjoint"]), "unique": float(pc.loc[name, "unique"])})
+    overall = {k: float(res.overall[k]) for k in ("n_images", "disjoint", "unique", "units_detecting")}
+    return pd.DataFrame(rows).set_index("class")[list(INTERPRET_COLUMNS)], overall

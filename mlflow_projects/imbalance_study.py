@@ -1,18 +1,19 @@
 """MLflow entry point ``imbalance_study``: the four cost-sensitive losses on the same data and seed.
 
 A parent run holds one nested child run per loss (``bce``, ``wbce``, ``focal``, ``cb_focal``; each a
-full :func:`mlflow_projects.train_classifier.train_one`: per-epoch metrics, per-class tables, ROC plot)
+full :func:`mlflow_projects.common.train_one`: per-epoch metrics, per-class tables, ROC plot)
 and one comparison table ``comparison/imbalance_comparison.{csv,html}``: per loss and class the AUROC,
 AP and mean predicted probability (with the class prevalence), on the test split when it exists,
 else on validation, plus one ``mean`` row per loss. Models are not registered (``train_classifier``
 does that).
 
 The interpret columns (the shape of the paper's Tables 1 and 2, Khakzar et al.; multilabel task only)
-are computed on the images of the compared split that have boxes:
+are computed by :func:`interpret.experiments.interpret_table` on the images of the compared split that
+have boxes:
 
 - ``iobb``, ``ior``: soft IoBB ``sum(A M) / sum(M)`` and soft IoR ``sum(A M) / sum(A)`` of the CAM
-  map of each boxed class (raw CAM, no ReLU, min-max normalised to [0, 1]; M the union of the class's
-  boxes), averaged over the images with a box of that class (``n_boxed``);
+  map of each boxed class (raw CAM, no ReLU, unlike the maps the service and the audit score; min-max
+  normalised to [0, 1]; M the union of the class's boxes), averaged over the images with a box of that class (``n_boxed``);
 - ``disjoint``, ``unique``: dissection of the feature layer against the boxes (unit threshold at the
   quantile ``1 - q``; q = 0.01 for DenseNet-family architectures, 0.04 otherwise, or
   ``--dissection-q``): Disjoint = components overlapping a box of the class / images,
@@ -36,18 +37,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from mlflow_projects.common import (EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, ensure_data,
                                     finite_metrics, log_config, log_table, print_table, quiet_console, run_cli,
                                     show_progress, start_run, train_one)
-# Library logic waiting for a home in `training` (split loading, class counts); until then the one import
-# of another entry point's module left here.
-from mlflow_projects.train_classifier import class_distribution, load_splits
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "wbce", "focal", "cb_focal")
+#: The columns of :func:`interpret.experiments.interpret_table` (its ``INTERPRET_COLUMNS``; not imported at
+#: module level, which would import torch before :func:`quiet_console`; a test checks they agree).
 INTERPRET_COLUMNS = ("n_boxed", "iobb", "ior", "disjoint", "unique")
 BASE_COLUMNS = ("auroc", "ap", "mean_prob", "prevalence", "n_pos")
 
@@ -104,7 +103,7 @@ def comparison_table(tables: dict[str, pd.DataFrame],
     Args:
         tables: per loss the per-class classification table (indexed by class).
         interpret: optional per loss a table indexed by class with :data:`INTERPRET_COLUMNS` (see
-            :func:`interpret_table`); its columns are appended. The ``mean`` row averages classes
+            :func:`interpret.experiments.interpret_table`); its columns are appended. The ``mean`` row averages classes
             (NaN-skipping; ``n_pos`` and ``n_boxed`` are summed).
     """
     cols = list(BASE_COLUMNS) + (list(INTERPRET_COLUMNS) if interpret is not None else [])
@@ -139,71 +138,6 @@ def boxed_subset(manifest: Path, split: str, image_size: int):
     return ds, idx
 
 
-def interpret_table(model, dataset, indices: Sequence[int], q: float, batch_size: int = 32,
-                    progress: bool = True) -> tuple[pd.DataFrame, dict[str, float]]:
-    """CAM localisation and dissection counts of ``model`` on the boxed images ``indices`` of ``dataset``.
-
-    Args:
-        model: a trained ``CXRClassifier`` (``class_names``, ``feature_layer``, linear ``head``).
-        dataset: a ``ManifestDataset`` (items with ``image``, ``boxes``, ``box_labels``).
-        indices: images to use (those with boxes).
-        q: dissection top fraction per unit.
-        batch_size: images per batch.
-        progress: tqdm bars.
-
-    Returns:
-        ``(table, overall)``: ``table`` indexed by the dataset's classes with :data:`INTERPRET_COLUMNS`
-        (NaN where a class has no boxed image), ``overall`` the dissection figures over the union of
-        all boxes (``n_images``, ``disjoint``, ``unique``, ``units_detecting``).
-
-    Raises:
-        ValueError: no indices.
-    """
-    import torch
-    from torch.utils.data import DataLoader, Subset
-
-    from interpret.attention import get_method
-    from interpret.dissection import dissect
-    from interpret.localization import masks_from_boxes, soft_scores
-    from training.data.dataset import collate
-
-    if not len(indices):
-        raise ValueError("interpret_table needs at least one image with boxes")
-    data_classes = [str(c) for c in dataset.classes]
-    model_classes = [str(c) for c in model.class_names]
-    pos = {c: i for i, c in enumerate(model_classes)}
-    to_model = np.array([pos.get(c, -1) for c in data_classes], dtype=np.int64)
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
-    K = len(model_classes)
-    sums = {k: np.zeros(K) for k in ("iobb", "ior")}
-    counts = np.zeros(K, dtype=np.int64)
-    cam = get_method("cam", model, relu=False)        # raw CAM, min-max normalised (no all-zero maps)
-    for batch in tqdm(loader, desc="CAM localisation", disable=not progress):
-        images = batch["image"].float()
-        B, S = images.shape[0], images.shape[-1]
-        targets = torch.arange(K).expand(B, K)                                     # every class at once
-        maps = cam(images, targets).float().numpy()                                # (B, K, S, S)
-        labs = [to_model[np.asarray(b, np.int64).reshape(-1)] for b in batch["box_labels"]]
-        masks = masks_from_boxes([np.asarray(b) for b in batch["boxes"]], labs, targets.numpy(), S)
-        has = masks.reshape(B, K, -1).any(-1)                                      # (B, K) boxed pairs
-        sc = soft_scores(maps, masks)
-        for k in sums:
-            sums[k] += np.where(has, np.nan_to_num(sc[k]), 0.0).sum(0)
-        counts += has.sum(0)
-    res = dissect(model, loader, classes=data_classes, q=q, progress=progress)
-    pc = res.per_class
-    rows = []
-    for j, name in enumerate(data_classes):
-        m = to_model[j]
-        n = int(counts[m]) if m >= 0 else 0
-        rows.append({"class": name, "n_boxed": n,
-                     "iobb": sums["iobb"][m] / n if n else np.nan,
-                     "ior": sums["ior"][m] / n if n else np.nan,
-                     "disjoint": float(pc.loc[name, "disjoint"]), "unique": float(pc.loc[name, "unique"])})
-    overall = {k: float(res.overall[k]) for k in ("n_images", "disjoint", "unique", "units_detecting")}
-    return pd.DataFrame(rows).set_index("class")[list(INTERPRET_COLUMNS)], overall
-
-
 def dissection_table(overall: dict[str, dict[str, float]], q: float) -> pd.DataFrame:
     """Table 2 shape: one row per loss with the overall dissection figures (``loss, q, n_images,
     disjoint, unique, units_detecting``)."""
@@ -220,9 +154,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     import mlflow
     import torch
 
+    from interpret.experiments import interpret_table
+    from training.train import class_distribution, load_splits
+
     cfg, losses, interp = parse_args(argv, return_all=True)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
-    train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, False, True)
+    train_ds, val_ds, test_ds, classes = load_splits(manifest, cfg.image_size, False, True,
+                                                     progress=show_progress())
     split = "test" if test_ds is not None else "val"
     tables: dict[str, pd.DataFrame] = {}
     interp_tables: dict[str, pd.DataFrame] = {}

@@ -34,6 +34,34 @@ def test_comparison_table_appends_interpret_columns():
     assert list(d.columns) == ["loss", "q", "n_images", "disjoint", "unique", "units_detecting"]
 
 
+def test_interpret_table_lives_in_interpret_and_keeps_its_columns(tiny_phantom):
+    """interpret.experiments.interpret_table (CAM IoBB / IoR and dissection) on the boxed test images of an
+    untrained tiny classifier: one row per data class, NaN scores exactly where no image has a box."""
+    import torch
+
+    from interpret import experiments
+    from training.data.dataset import ManifestDataset
+    from training.models import create_model
+
+    assert experiments.INTERPRET_COLUMNS == INTERPRET_COLUMNS  # the copy this module keeps (no torch at import)
+    ds = ManifestDataset(tiny_phantom, image_size=32, split="test")
+    boxed = [i for i, labels in enumerate(ds.box_label_arrays) if len(labels)]
+    assert boxed
+    torch.manual_seed(0)
+    model = create_model("test_resnet", classes=ds.classes).eval()
+    table, overall = experiments.interpret_table(model, ds, boxed, q=0.04, batch_size=4, progress=False)
+    assert list(table.columns) == list(INTERPRET_COLUMNS) and list(table.index) == list(ds.classes)
+    per_class = {c: sum(ds.classes.index(c) in set(ds.box_label_arrays[i].tolist()) for i in boxed)
+                 for c in ds.classes}
+    assert table["n_boxed"].to_dict() == per_class
+    has = table["n_boxed"] > 0
+    assert table.loc[has, ["iobb", "ior"]].apply(lambda v: v.between(0, 1)).all().all()
+    assert table.loc[~has, ["iobb", "ior"]].isna().all().all()
+    assert overall["n_images"] == len(boxed) and overall["disjoint"] >= overall["unique"] >= 0
+    with pytest.raises(ValueError, match="at least one image with boxes"):
+        experiments.interpret_table(model, ds, [], q=0.04)
+
+
 def test_dissection_q_by_arch(tmp_path):
     assert dissection_q("t_densenet") == 0.01 and dissection_q("resnet50") == 0.04
     m = tmp_path / "m.parquet"
