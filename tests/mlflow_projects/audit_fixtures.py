@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import yaml
 
 
@@ -18,8 +19,7 @@ class _Probabilities(mlflow.pyfunc.PythonModel):
 
         self.model = load_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    def predict(self, context, model_input: np.ndarray, params=None):
         import torch
 
         with torch.no_grad():

@@ -91,6 +91,7 @@ class ClipTrainConfig:
     # fixed (locked HF tower and projection), else 0
     sentence_prob: float = 0.0  # probability that a pair's text is one random sentence of its report
     augment: bool = True  # random affine (+-7 deg, +-10 % scale, +-6 % shift) and contrast/brightness jitter
+    progress: bool = True  # tqdm bars (loading the splits, each epoch); glue passes False when stderr is a log
 
 
 @dataclass
@@ -117,7 +118,7 @@ class PairSplit:
 
 
 def load_pairs(manifest: str | os.PathLike, split: str, image_size: int,
-               classes: Sequence[str] | None = None) -> PairSplit:
+               classes: Sequence[str] | None = None, progress: bool = True) -> PairSplit:
     """Read the image-report pairs of one split into memory (rows without a report are skipped).
 
     Args:
@@ -125,6 +126,7 @@ def load_pairs(manifest: str | os.PathLike, split: str, image_size: int,
         split: ``train``, ``val`` or ``test``.
         image_size: output side S.
         classes: label columns (default: the dataset's own default classes).
+        progress: tqdm bar while the images are read.
 
     Returns:
         :class:`PairSplit`.
@@ -143,7 +145,8 @@ def load_pairs(manifest: str | os.PathLike, split: str, image_size: int,
         raise ValueError(f"no image-report pairs in split {split!r} of {manifest} "
                          f"(splits present: {sorted(df['split'].unique())})")
     ds = ManifestDataset(part, classes=classes, image_size=image_size, split=None)
-    images = torch.stack([ds[i]["image"] for i in tqdm(range(len(ds)), desc=f"load {split}", leave=False)])
+    images = torch.stack([ds[i]["image"] for i in tqdm(range(len(ds)), desc=f"load {split}", leave=False,
+                                                     disable=not progress)])
     return PairSplit(images=images, reports=[str(r) for r in part["report"]], labels=ds.label_matrix.copy(),
                      classes=list(ds.classes), image_ids=list(ds.image_ids))
 
@@ -474,10 +477,10 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
     bundle = load_clip(cfg.model, device=device, pretrained=cfg.pretrained,
                        image_size=cfg.image_size if named else None)
     _match_loader_resampling(bundle)
-    train = load_pairs(manifest, "train", cfg.image_size, cfg.classes)
+    train = load_pairs(manifest, "train", cfg.image_size, cfg.classes, progress=cfg.progress)
     classes = train.classes
     try:
-        val = load_pairs(manifest, "val", cfg.image_size, classes)
+        val = load_pairs(manifest, "val", cfg.image_size, classes, progress=cfg.progress)
     except ValueError:
         log.warning("no val pairs in %s: evaluating on the train split", manifest)
         val = train
@@ -537,7 +540,8 @@ def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = Non
         model.train()
         order = torch.randperm(n, generator=gen)
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"clip epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"clip epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress)
         for b in bar:
             idx = order[b * batch_size:(b + 1) * batch_size]
             lr = cfg.lr * warmup_cosine(step, total, cfg.warmup_steps)
