@@ -20,6 +20,8 @@ import mlflow
 import numpy as np
 import torch
 
+from training.models import probabilities
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
@@ -77,7 +79,7 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
                     f_t = self.model.forward_features(torch.from_numpy(chunk))
                     logits = self.model.forward_head(f_t).numpy()
                     f = f_t.numpy()
-            probs.append(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
+            probs.append(probabilities(logits))
             if want_features:
                 feats.append(f)
         p = np.concatenate(probs).astype(np.float32) if probs else np.zeros((0, len(self.meta["classes"])), np.float32)

@@ -50,7 +50,7 @@ from torchvision.models import resnet as tv_resnet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CXRClassifier", "create_model", "list_models", "save_checkpoint", "load_checkpoint",
+__all__ = ["CXRClassifier", "create_model", "list_models", "save_checkpoint", "load_checkpoint", "probabilities",
            "load_pretrained", "GREY_MEAN", "GREY_STD"]
 
 # Grey statistics of ImageNet (mean of the RGB means/stds): consistent with summing RGB first-conv
@@ -408,6 +408,27 @@ def load_pretrained(model: CXRClassifier, path: str | os.PathLike, strict: bool 
     model.load_state_dict(load, strict=False)
     log.info("loaded %d tensors from %s into %s (%d skipped)", len(load), path, model.arch, len(skipped))
     return {"missing": missing, "unexpected": unexpected, "skipped": skipped}
+
+
+def probabilities(logits):
+    """Per-class probabilities of a classifier's logits: an independent sigmoid per output.
+
+    Every task of :mod:`training.train` (``multilabel``, and ``binary`` with its one ``Abnormal`` output)
+    is trained with a per-output sigmoid loss, so this is the one mapping from logits to the
+    probabilities that are thresholded, served and audited.
+
+    Args:
+        logits: (..., C) a NumPy array (computed in float64, returned as float32) or a torch tensor.
+
+    Returns:
+        Same shape and kind, in (0, 1).
+    """
+    if isinstance(logits, torch.Tensor):
+        return torch.sigmoid(logits.float())
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow in exp
 
 
 def save_checkpoint(model: CXRClassifier, path: str | os.PathLike, **metadata: Any) -> Path:

@@ -198,7 +198,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         "reproduce": reproduce,
     }
     steps.set_postfix_str("inference")
-    probs, feats = infer(model, probe.images, cfg.batch_size, summary["model"]["task"])
+    probs, feats = infer(model, probe.images, cfg.batch_size)
     summary["performance"] = performance_section(probe, probs, model.thresholds)
     sections.ok("performance")
     steps.update()

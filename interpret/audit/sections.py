@@ -39,16 +39,19 @@ def related(concept: str, cls: str) -> bool:
     return any(t in text for t in terms)
 
 
-def infer(model, images, batch_size: int, task: str = "multilabel"):
-    """Probabilities (N, C) and feature maps (N, K, h, w) in batches."""
+def infer(model, images, batch_size: int):
+    """Probabilities (N, C) (:func:`training.models.probabilities`, as served) and feature maps (N, K, h, w)
+    in batches."""
     import torch
     from tqdm.auto import tqdm
+
+    from training.models import probabilities
 
     probs, feats = [], []
     with torch.no_grad():
         for start in tqdm(range(0, len(images), batch_size), desc="audit: inference", leave=False):
             logits, f = model.forward_all(images[start:start + batch_size])
-            probs.append((logits.softmax(-1) if task == "multiclass" else logits.sigmoid()).numpy())
+            probs.append(probabilities(logits).numpy())
             feats.append(f.float())
     return np.concatenate(probs), torch.cat(feats)
 

@@ -87,7 +87,9 @@ class LoadedModel:
             with torch.no_grad():
                 lg, ft = self.torch_model.forward_all(torch.from_numpy(x))
             logits, feats = lg.numpy(), ft.numpy()
-        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        from training.models import probabilities
+
+        probs = probabilities(logits)
         pooled = feats.mean(axis=(2, 3))  # (N, K): GAP
         return [{"probabilities": probs[i].astype(np.float32), "pooled": pooled[i], "features": feats[i]}
                 for i in range(len(x))]

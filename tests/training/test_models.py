@@ -114,3 +114,23 @@ def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
         create_model("resnet18", classes=CLASSES, pretrained=tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="shape mismatches"):  # resnet18 weights into a resnet50
         create_model("resnet50", classes=CLASSES, pretrained=path, strict=False)
+
+
+def test_probabilities_one_sigmoid_for_numpy_and_torch():
+    """The one logits -> probabilities mapping (served, audited, thresholded): numpy and torch agree, and
+    extreme logits neither overflow nor leave (0, 1)'s closure."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from training.models import probabilities
+
+    z = np.array([[-1000.0, -3.0, 0.0, 2.5, 1000.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from exp
+        p = probabilities(z)
+    assert p.dtype == np.float32 and p.shape == z.shape
+    np.testing.assert_allclose(p, torch.sigmoid(torch.from_numpy(z)).numpy(), atol=1e-7)
+    assert p[0, 0] == 0.0 and p[0, 2] == 0.5 and p[0, 4] == 1.0
+    torch.testing.assert_close(probabilities(torch.from_numpy(z).float()), torch.sigmoid(torch.from_numpy(z).float()))
