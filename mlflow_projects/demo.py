@@ -10,6 +10,11 @@ run near 11 minutes on a 2-core machine (642 s measured idle; the CLIP and the c
 
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else the project's default SQLite store (the
 one the service reads), with artifacts under ``CXR_ARTIFACT_ROOT`` (default ``mlartifacts/``).
+
+Under ``mlflow run . -e demo`` every step still opens its own run in its own experiment (the launcher's
+``MLFLOW_RUN_ID`` is not passed on: one run cannot hold the parameters of two trainings); the launcher's
+run records what the demo produced (tags ``demo.*`` with the registered versions, the audit status and
+whether the classifier was promoted; metrics ``time.<step>`` in seconds).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from mlflow_projects.common import run_cli
 log = logging.getLogger(__name__)
 
 SERVICE_TARGET = "service:CXRExplainer"  # BentoML service class in service.py
+#: Set by ``mlflow run`` for the launched command; a step must open its own run, not the demo's.
+LAUNCHER_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
 @dataclass
@@ -88,16 +95,22 @@ def _step(name: str, timings: dict[str, float]):
     return _Timer()
 
 
+def step_env() -> dict[str, str]:
+    """The environment of a step: this process's (tracking store included) without the ``mlflow run``
+    launcher's run and experiment (:data:`LAUNCHER_VARIABLES`)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+
+
 def run_step(module: str, args: Sequence[str]) -> int:
-    """``python -m mlflow_projects.<module> args...`` with this interpreter, in the project folder, with the
-    same environment (tracking store included); returns its exit status."""
+    """``python -m mlflow_projects.<module> args...`` with this interpreter, in the project folder, in
+    :func:`step_env`; returns its exit status."""
     from mlflow_projects.common import PROJECT_ROOT
 
     cmd = [sys.executable, "-m", f"mlflow_projects.{module}", *map(str, args)]
     log.info("demo: %s", " ".join(shlex.quote(c) for c in cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    return subprocess.run(cmd, cwd=PROJECT_ROOT, env=dict(os.environ), check=False).returncode
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, env=step_env(), check=False).returncode
 
 
 def _registered(name: str, module: str, status: int) -> str:
@@ -161,6 +174,25 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     return result
 
 
+def record_in_launcher_run(result: DemoResult) -> str | None:
+    """Under ``mlflow run`` (``MLFLOW_RUN_ID`` set), tag the launcher's run with what the demo produced and
+    log the step timings as metrics ``time.<step>``; returns the run id (None outside ``mlflow run``)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    for key, value in {"demo.classifier": f"cxr-classifier/{result.classifier_version}",
+                       "demo.clip": f"cxr-clip/{result.clip_version}", "demo.audit_status": result.audit_status,
+                       "demo.promoted": str(result.promoted).lower(), "demo.audit_folder": str(result.audit_folder),
+                       "demo.manifest": str(result.manifest)}.items():
+        client.set_tag(run_id, key, value)
+    for step, seconds in result.timings.items():
+        client.log_metric(run_id, f"time.{step.replace(' ', '_')}", float(seconds))
+    return run_id
+
+
 def where_to_look(result: DemoResult, port: int) -> str:
     """The closing message: MLflow UI command, report path, service command."""
     uri = result.tracking_uri
@@ -198,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_console()  # first: third-party libraries read their settings when imported
     args = parse_args(argv)
     result = run_demo(args)
+    record_in_launcher_run(result)
     sys.stdout.write(where_to_look(result, args.port) + "\n")
     return 0
 

@@ -47,3 +47,28 @@ def test_bad_arguments_exit_2_naming_the_value(capsys, tmp_path):
         assert exc.value.code == 2 and needle in capsys.readouterr().err
     assert parse_args(["--diseases", "7, 4,4"]).diseases == "4,7"
 
+
+
+@pytest.mark.slow
+def test_mlflow_run_dwarf_benchmark(tiny_phantom, tmp_path):
+    """As the README runs it (``mlflow run . -e dwarf_benchmark --experiment-name cxr-dwarf-benchmark``), at a
+    tiny size: one run with the table artifacts and the flat metrics per method, the table on stdout."""
+    from tests.mlflow_projects.mlflow_run import artifacts_under_root, client, mlflow_run, project_env, setup_store
+
+    env = project_env(tmp_path)
+    setup_store(env)
+    proc = mlflow_run("dwarf_benchmark", {"data": tiny_phantom, "clip": "scratch", "diseases": 1, "epochs": 1,
+                                          "vlm_epochs": 1, "image_size": 32, "batch_size": 8}, env,
+                      "cxr-dwarf-benchmark")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DWARF benchmark on manifest.parquet (CLIP scratch" in proc.stdout and "Traceback" not in proc.stderr
+    c = client(env)
+    runs = c.search_runs([c.get_experiment_by_name("cxr-dwarf-benchmark").experiment_id])
+    assert len(runs) == 1 and artifacts_under_root(runs[0], env) and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["diseases"] == "1" and run.data.params["image_size"] == "32"
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"dwarf_benchmark.csv", "dwarf_benchmark.md"}
+    table = pd.read_csv(c.download_artifacts(run.info.run_id, "dwarf_benchmark.csv", str(tmp_path)))
+    assert set(table["n_diseases"]) == {1} and len(table) == len(set(table["method"])) >= 3
+    for method in table["method"]:
+        assert any(k.startswith(f"{method}.1.") for k in run.data.metrics), method

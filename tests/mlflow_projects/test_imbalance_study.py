@@ -138,3 +138,35 @@ def test_study_logs_parent_with_four_children_and_comparison(tiny_phantom, tmp_p
         m = c.data.metrics
         assert "interp_iobb_mean" in m and 0 <= m["interp_iobb_mean"] <= 1 and "dissection_disjoint" in m
         assert m["dissection_disjoint"] >= m["dissection_unique"] >= 0
+
+
+@pytest.mark.slow
+def test_mlflow_run_imbalance_study(tiny_phantom, tmp_path):
+    """As the README runs it (``mlflow run . -e imbalance_study --experiment-name cxr-classifier``), at a tiny
+    size: the launcher's run is the parent, one child per loss, the comparison tables under mlartifacts/."""
+    from tests.mlflow_projects.mlflow_run import artifacts_under_root, client, mlflow_run, project_env, setup_store
+
+    env = project_env(tmp_path)
+    setup_store(env)
+    proc = mlflow_run("imbalance_study", {"data": tiny_phantom, "arch": "test_resnet", "epochs": 1, "image_size": 32,
+                                          "batch_size": 16, "losses": "bce,focal"}, env, "cxr-classifier")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "imbalance study: test_resnet" in proc.stdout and "Traceback" not in proc.stderr
+    c = client(env)
+    runs = c.search_runs([c.get_experiment_by_name("cxr-classifier").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2 and all(artifacts_under_root(r, env) for r in runs)
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["losses"] == "bce,focal"
+    assert {ch.data.tags["mlflow.parentRunId"] for ch in children} == {parent.info.run_id}
+    assert {ch.data.params["loss"] for ch in children} == {"bce", "focal"}
+    assert {"bce.auroc_mean", "focal.auroc_mean"} <= set(parent.data.metrics)
+    for ch in children:
+        assert {"interp_iobb_mean", "dissection_disjoint"} <= set(ch.data.metrics)
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/imbalance_comparison.csv", "comparison/imbalance_dissection.csv"} <= arts
+    table = pd.read_csv(c.download_artifacts(parent.info.run_id, "comparison/imbalance_comparison.csv",
+                                             str(tmp_path)))
+    assert set(table["loss"]) == {"bce", "focal"} and set(INTERPRET_COLUMNS) <= set(table.columns)
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "data")} >= {"data/class_distribution.csv"}
