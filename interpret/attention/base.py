@@ -92,11 +92,16 @@ def format_targets(targets: Any, batch: int, num_classes: int | None = None) -> 
     return t
 
 
-def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+def minmax_normalize(maps: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     """Min-max normalise each map over its last two dimensions to [0, 1]; constant maps become 0.
+
+    A map whose range is below ``rtol`` times its magnitude is constant up to float rounding (e.g. a
+    1 x 1 layer map after bilinear upsampling) and also becomes 0: stretching rounding noise to [0, 1]
+    would draw a pattern that the model never computed.
 
     Args:
         maps: (..., H, W).
+        rtol: relative range under which a map counts as constant.
 
     Returns:
         Same shape, float.
@@ -105,8 +110,9 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
     lo = flat.amin(-1, keepdim=True)
     hi = flat.amax(-1, keepdim=True)
     span = hi - lo
-    scale = torch.where(span > 0, span, torch.ones_like(span))
-    out = torch.where(span > 0, (flat - lo) / scale, torch.zeros_like(flat))
+    varies = span > rtol * torch.maximum(lo.abs(), hi.abs())
+    scale = torch.where(varies, span, torch.ones_like(span))
+    out = torch.where(varies, (flat - lo) / scale, torch.zeros_like(flat))
     return out.view_as(maps)
 
 

@@ -220,3 +220,19 @@ def test_sanity_checks_randomisation_and_lossless_reencoding(deterministic):
     rmaps = attention_maps(rand.eval(), x, y, method="gradcam")[:, 0]
     corr = _rank_corr(maps, rmaps)
     assert np.nanmean(corr) < 0.5, corr
+
+
+def test_a_one_by_one_layer_map_is_constant_not_stretched_noise():
+    """A 1 x 1 raw map (resnet18's layer4 at 32 px) upsampled bilinearly is constant up to float rounding;
+    min-max must not stretch that rounding noise into a [0, 1] pattern."""
+    from interpret.attention import finalize_maps, minmax_normalize
+
+    raw = torch.full((2, 3, 1, 1), 7.3)                                    # (B, T, 1, 1)
+    raw[1, 2] = -0.2                                                        # negative: ReLU makes it 0
+    maps = finalize_maps(raw, (32, 32))
+    assert torch.count_nonzero(maps) == 0
+    noisy = torch.full((1, 1, 4, 4), 1000.0) + torch.randn(1, 1, 4, 4) * 1e-5   # rounding-size wiggle
+    assert torch.count_nonzero(minmax_normalize(noisy)) == 0
+    real = torch.zeros(1, 1, 4, 4)
+    real[0, 0, 1, 2] = 1e-3                                                 # a real (small) peak
+    assert minmax_normalize(real)[0, 0, 1, 2] == 1.0
