@@ -24,7 +24,7 @@ from typing import Sequence
 
 from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, choice_of, ensure_data, finite_metrics, int_at_least,
                                     log_config, manifest_arg, nonneg_int, positive_float, positive_int, print_table,
-                                    quiet_console, register_version, run_cli, start_run)
+                                    quiet_console, register_version, run_cli, show_progress, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     cfg = parse_args(argv)
     manifest = ensure_data(cfg.data, cfg.image_size, cfg.seed, cfg.phantom_n)
     tcfg = ClipTrainConfig(model=cfg.model, pretrained=cfg.pretrained, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, image_size=cfg.image_size, seed=cfg.seed, zero_shot=cfg.zero_shot)
+                           lr=cfg.lr, image_size=cfg.image_size, seed=cfg.seed, zero_shot=cfg.zero_shot,
+                           progress=show_progress())
     with start_run(cfg.experiment, run_name="train_clip") as run:
         log_config(cfg)
         mlflow.set_tags({"manifest": str(manifest), "open_clip_config": cfg.model})
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         bundle, classes = result.bundle, result.classes
         final = dict(result.metrics)
         try:
-            test = load_pairs(manifest, "test", cfg.image_size, classes)
+            test = load_pairs(manifest, "test", cfg.image_size, classes, progress=show_progress())
             final.update({f"test.{k}": v for k, v in evaluate_clip(
                 bundle, test, prompt_template=tcfg.prompt_template, negative_template=tcfg.negative_template,
                 zero_shot=cfg.zero_shot).items()})
