@@ -59,7 +59,9 @@ def _check_pair(maps, masks) -> tuple[np.ndarray, np.ndarray]:
 
 
 def boxes_to_mask(boxes, size: int | tuple[int, int]) -> np.ndarray:
-    """Union of ``xyxy`` boxes as a boolean (H, W) mask, end-exclusive (pixel-centre rule).
+    """Union of ``xyxy`` boxes as a boolean (H, W) mask, end-exclusive (pixel-centre rule): the data
+    layer's rasteriser :func:`training.data.transforms.box_union`, so the boxes a map is scored against are
+    the masks the models were trained with.
 
     Args:
         boxes: (K, 4) ``x0, y0, x1, y1`` in pixels (K may be 0).
@@ -68,13 +70,9 @@ def boxes_to_mask(boxes, size: int | tuple[int, int]) -> np.ndarray:
     Returns:
         (H, W) bool.
     """
-    H, W = (size, size) if np.isscalar(size) else size
-    b = _np(boxes).reshape(-1, 4)
-    cy = np.arange(H, dtype=np.float32) + 0.5
-    cx = np.arange(W, dtype=np.float32) + 0.5
-    rows = (cy[None, :] >= b[:, 1:2]) & (cy[None, :] < b[:, 3:4])         # (K, H)
-    cols = (cx[None, :] >= b[:, 0:1]) & (cx[None, :] < b[:, 2:3])         # (K, W)
-    return (rows[:, :, None] & cols[:, None, :]).any(0)                   # (H, W)
+    from training.data.transforms import box_union
+
+    return box_union(_np(boxes), size)
 
 
 def masks_from_boxes(boxes: Sequence, box_labels: Sequence, targets, size: int | tuple[int, int]

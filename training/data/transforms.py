@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["AugmentConfig", "resize", "hflip", "affine", "brightness_contrast", "random_augment",
-           "boxes_to_mask"]
+           "boxes_to_mask", "box_union"]
 
 
 @dataclass
@@ -191,13 +192,39 @@ def random_augment(image: torch.Tensor, boxes: torch.Tensor, box_labels: torch.T
     return image, boxes, box_labels, mask
 
 
+def box_union(boxes, size: int | tuple[int, int]) -> np.ndarray:
+    """The one box rasteriser: the union of ``xyxy`` boxes as a boolean (H, W) mask, end-exclusive by the
+    pixel-centre rule (pixel ``(i, j)`` is inside when ``(j + 0.5, i + 0.5)`` lies in a box).
+
+    Args:
+        boxes: (K, 4) ``x0, y0, x1, y1`` in pixels (array, tensor or nested list; K may be 0).
+        size: S or (H, W).
+
+    Returns:
+        (H, W) bool.
+    """
+    H, W = (size, size) if np.isscalar(size) else size
+    b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes,
+                   dtype=np.float32).reshape(-1, 4)
+    cy = np.arange(H, dtype=np.float32) + 0.5
+    cx = np.arange(W, dtype=np.float32) + 0.5
+    rows = (cy[None, :] >= b[:, 1:2]) & (cy[None, :] < b[:, 3:4])         # (K, H)
+    cols = (cx[None, :] >= b[:, 0:1]) & (cx[None, :] < b[:, 2:3])         # (K, W)
+    return (rows[:, :, None] & cols[:, None, :]).any(0)                   # (H, W)
+
+
 def boxes_to_mask(boxes: torch.Tensor, box_labels: torch.Tensor, num_classes: int, size: int,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rasterise xyxy boxes into a (C, S, S) float mask: pixel ``(i, j)`` is inside when its centre
-    ``(j + 0.5, i + 0.5)`` lies in the box. Boxes add to ``out`` (logical or) when given."""
+    """Per-class masks (C, S, S) float of xyxy boxes (:func:`box_union` per class). Boxes add to ``out``
+    (logical or) when given."""
     mask = out if out is not None else torch.zeros(num_classes, size, size)
     if boxes.numel() == 0:
         return mask
+    labels = box_labels.reshape(-1)
+    for lab in torch.unique(labels).tolist():
+        union = torch.from_numpy(box_union(boxes[labels == lab], size)).to(mask.dtype)
+        mask[lab] = torch.maximum(mask[lab], union)
+    return mask
     c = torch.arange(size, dtype=torch.float32) + 0.5
     for (x0, y0, x1, y1), lab in zip(boxes.tolist(), box_labels.tolist()):
         rows = (c >= y0) & (c < y1)
