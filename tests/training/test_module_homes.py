@@ -1,4 +1,5 @@
-"""The split of ``training.clip.loading`` and ``training.data.schema`` kept every public import path.
+"""The splits of ``training.clip.loading``, ``training.clip.train`` and ``training.data.schema`` kept every
+public import path.
 
 Each name is importable from its old path and is the very object its new home defines; importing
 ``training.data.manifest`` first (in a fresh interpreter) works, and ``training.data`` stays torch-free.
@@ -27,6 +28,22 @@ HOMES = {
         "save_clip": "training.clip.saving", "OPEN_CLIP_CONFIG": "training.clip.saving",
         "WEIGHTS_FILE": "training.clip.saving",
     },
+    "training.clip.train": {
+        "ClipTrainConfig": "training.clip.train", "ClipTrainResult": "training.clip.train",
+        "train_clip": "training.clip.train", "config_dict": "training.clip.train",
+        "PairSplit": "training.clip.pairs", "load_pairs": "training.clip.pairs",
+        "ZERO_SHOT_MODES": "training.clip.evaluation", "retrieval_recall": "training.clip.evaluation",
+        "zero_shot_scores": "training.clip.evaluation", "per_class_auroc": "training.clip.evaluation",
+        "evaluate_clip": "training.clip.evaluation",
+        "multi_positive_clip_loss": "training.clip.objectives",
+        "split_sentences": "training.clip.augment", "augment_images": "training.clip.augment",
+        "_SENTENCE_END": "training.clip.augment",
+        "pooled_text_features": "training.clip.locked_text", "whiten_projection_": "training.clip.locked_text",
+        "_hf_text_tower": "training.clip.locked_text",
+        "prompt_name": "training.prompts", "class_prompts": "training.prompts",
+        "PROMPT_TEMPLATE": "training.prompts", "NEGATIVE_TEMPLATE": "training.prompts",
+        "VLMAdapter": "training.clip.embedding", "ClipBundle": "training.clip.bundle",
+    },
     "training.data.schema": {
         "BOX_TYPE": "training.data.schema", "POLYGON_TYPE": "training.data.schema",
         "MANIFEST_SCHEMA": "training.data.schema", "OPTIONAL_FIELDS": "training.data.schema",
@@ -47,7 +64,7 @@ def test_old_path_gives_the_object_of_its_new_home(old, name, home):
     assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(home), name)
 
 
-@pytest.mark.parametrize("package", ["training.clip", "training.data", "training.data.schema"])
+@pytest.mark.parametrize("package", ["training.clip", "training.clip.train", "training.data", "training.data.schema"])
 def test_package_exports_resolve(package):
     module = importlib.import_module(package)
     for name in module.__all__:

@@ -26,40 +26,55 @@ Options of the loop (measured figures in the README's CLIP section):
 * ``align_weight``: add ``weight * mean(1 - cos(image, its text))``, a regression of each image onto
   its text embedding, to the contrastive loss; default 1 when the text space is fixed, else 0.
 
-Evaluation on the ``val`` split:
-
-* retrieval recall@k, image -> text and text -> image: the fraction of pairs whose partner ranks in the
-  top k of the cosine similarities among all val pairs (chance: k / N);
-* zero-shot AUROC per finding: each image is scored by
-  ``cos(v, t("A chest x-ray image of a {class}")) - cos(v, t("A chest x-ray image of no {class}"))``
-  (``zero_shot="contrast"``, default) or by the first term alone (``"similarity"``), and ranked against
-  the manifest labels.
+Evaluation on the ``val`` split after each epoch (or only the last): retrieval recall@1/5 both ways and
+zero-shot AUROC per finding, defined in :mod:`training.clip.evaluation`.
 
 No mlflow here: :func:`train_clip` reports per-epoch metrics through ``callback(epoch, metrics)``;
 :mod:`mlflow_projects.train_clip` logs and registers.
+
+This module owns the loop (:class:`ClipTrainConfig`, :func:`train_clip`, :class:`ClipTrainResult`) and its
+setup of the bundle and optimiser. Its neighbours own the rest, and their names stay importable from here:
+:mod:`training.clip.pairs` (:class:`PairSplit`, :func:`load_pairs`), :mod:`training.clip.evaluation`
+(:func:`retrieval_recall`, :func:`zero_shot_scores`, :func:`per_class_auroc`, :func:`evaluate_clip`),
+:mod:`training.clip.objectives` (:func:`multi_positive_clip_loss`), :mod:`training.clip.augment`
+(:func:`split_sentences`, :func:`augment_images`) and :mod:`training.clip.locked_text`
+(:func:`pooled_text_features`, :func:`whiten_projection_`).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from training.clip.augment import augment_images, split_sentences
 from training.clip.embedding import VLMAdapter
+from training.clip.evaluation import ZERO_SHOT_MODES, evaluate_clip, per_class_auroc, retrieval_recall, zero_shot_scores
 from training.clip.loading import ClipBundle, load_clip
-from training.prompts import NEGATIVE_TEMPLATE, PROMPT_TEMPLATE, class_prompts, prompt_name  # noqa: F401
+from training.clip.locked_text import _hf_text_tower, pooled_text_features, whiten_projection_
+from training.clip.objectives import multi_positive_clip_loss
+from training.clip.pairs import PairSplit, load_pairs
+from training.prompts import NEGATIVE_TEMPLATE, PROMPT_TEMPLATE, class_prompts, prompt_name
 from training.runtime import seed_everything, warmup_cosine
 
-log = logging.getLogger(__name__)
+__all__ = [
+    # this module: the loop
+    "ClipTrainConfig", "ClipTrainResult", "train_clip", "config_dict", "LOADER_INTERPOLATION",
+    # re-exported from their homes (import paths kept)
+    "PairSplit", "load_pairs",
+    "ZERO_SHOT_MODES", "retrieval_recall", "zero_shot_scores", "per_class_auroc", "evaluate_clip",
+    "multi_positive_clip_loss", "split_sentences", "augment_images", "pooled_text_features", "whiten_projection_",
+    "ClipBundle", "VLMAdapter", "load_clip", "NEGATIVE_TEMPLATE", "PROMPT_TEMPLATE", "class_prompts", "prompt_name",
+    "seed_everything", "warmup_cosine",
+]
 
-ZERO_SHOT_MODES = ("contrast", "similarity")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,144 +121,7 @@ class ClipTrainResult:
     n_val: int = 0
 
 
-@dataclass
-class PairSplit:
-    """Images (N, 1, S, S) in [0, 1], their reports and labels (N, C) of one split, in memory."""
 
-    images: torch.Tensor
-    reports: list[str]
-    labels: np.ndarray
-    classes: list[str]
-    image_ids: list[str]
-
-
-def load_pairs(manifest: str | os.PathLike, split: str, image_size: int,
-               classes: Sequence[str] | None = None, progress: bool = True) -> PairSplit:
-    """Read the image-report pairs of one split into memory (rows without a report are skipped).
-
-    Args:
-        manifest: manifest Parquet path.
-        split: ``train``, ``val`` or ``test``.
-        image_size: output side S.
-        classes: label columns (default: the dataset's own default classes).
-        progress: tqdm bar while the images are read.
-
-    Returns:
-        :class:`PairSplit`.
-
-    Raises:
-        ValueError: the split has no rows with a report.
-    """
-    from training.data.dataset import ManifestDataset, _default_classes
-    from training.data.schema import read_manifest
-
-    df = read_manifest(manifest)
-    classes = list(classes) if classes is not None else _default_classes(df)
-    part = df[(df["split"] == split) & df["report"].notna() & df["path"].notna()]
-    part = part[part["report"].str.strip().str.len() > 0].reset_index(drop=True)
-    if part.empty:
-        raise ValueError(f"no image-report pairs in split {split!r} of {manifest} "
-                         f"(splits present: {sorted(df['split'].unique())})")
-    ds = ManifestDataset(part, classes=classes, image_size=image_size, split=None)
-    images = torch.stack([ds[i]["image"] for i in tqdm(range(len(ds)), desc=f"load {split}", leave=False,
-                                                     disable=not progress)])
-    return PairSplit(images=images, reports=[str(r) for r in part["report"]], labels=ds.label_matrix.copy(),
-                     classes=list(ds.classes), image_ids=list(ds.image_ids))
-
-
-# ---- metrics ------------------------------------------------------------------------------------
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Recall@k of paired retrieval in both directions.
-
-    Args:
-        image_emb: (N, d) L2-normalised; row i pairs with ``text_emb`` row i.
-        text_emb: (N, d) L2-normalised.
-        ks: cut-offs.
-
-    Returns:
-        ``{"i2t_recall_at_{k}": ..., "t2i_recall_at_{k}": ...}``: fraction of queries whose partner's
-        similarity is among the k largest (ties counted against the query: rank = 1 + #strictly greater).
-    """
-    if image_emb.shape != text_emb.shape:
-        raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must match")
-    sim = image_emb.float() @ text_emb.float().T  # (N, N) image x text
-    diag = sim.diagonal()
-    rank_i2t = 1 + (sim > diag[:, None]).sum(1)  # (N,) rank of the true report per image
-    rank_t2i = 1 + (sim > diag[None, :]).sum(0)  # (N,) rank of the true image per report
-    out = {}
-    for k in ks:
-        out[f"i2t_recall_at_{k}"] = float((rank_i2t <= k).float().mean())
-        out[f"t2i_recall_at_{k}"] = float((rank_t2i <= k).float().mean())
-    return out
-
-
-def zero_shot_scores(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor | None = None,
-                     mode: str = "contrast") -> torch.Tensor:
-    """Zero-shot scores (N, C) from prompt embeddings.
-
-    Args:
-        image_emb: (N, d) L2-normalised image embeddings.
-        pos_emb: (C, d) L2-normalised "a {class}" prompt embeddings.
-        neg_emb: (C, d) L2-normalised "no {class}" prompt embeddings (``contrast`` mode).
-        mode: ``contrast`` (pos - neg similarity) or ``similarity`` (pos similarity).
-
-    Returns:
-        (N, C) scores; higher means "finding present".
-    """
-    if mode not in ZERO_SHOT_MODES:
-        raise ValueError(f"unknown zero-shot mode {mode!r}; valid: {', '.join(ZERO_SHOT_MODES)}")
-    scores = image_emb.float() @ pos_emb.float().T  # (N, C)
-    if mode == "contrast":
-        if neg_emb is None:
-            raise ValueError("mode 'contrast' needs neg_emb")
-        scores = scores - image_emb.float() @ neg_emb.float().T
-    return scores
-
-
-def per_class_auroc(labels: np.ndarray, scores: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
-    """AUROC per class; NaN where a class has only positives or only negatives."""
-    from sklearn.metrics import roc_auc_score
-
-    out = {}
-    for c, name in enumerate(classes):
-        y = labels[:, c]
-        out[name] = float(roc_auc_score(y, scores[:, c])) if 0 < y.sum() < len(y) else float("nan")
-    return out
-
-
-@torch.no_grad()
-def evaluate_clip(bundle: ClipBundle, data: PairSplit, batch_size: int = 64,
-                  prompt_template: str = PROMPT_TEMPLATE, negative_template: str = NEGATIVE_TEMPLATE,
-                  zero_shot: str = "contrast") -> dict[str, float]:
-    """Retrieval recall@1/5 and zero-shot AUROC per class on one split.
-
-    Args:
-        bundle: the CLIP to evaluate.
-        data: :class:`PairSplit` (e.g. the val split).
-        batch_size: encoding batch size.
-        prompt_template, negative_template: zero-shot prompts (``{}`` = class name).
-        zero_shot: ``contrast`` or ``similarity`` (see :func:`zero_shot_scores`).
-
-    Returns:
-        ``i2t_recall_at_1/5``, ``t2i_recall_at_1/5``, ``zs_auroc.{class}`` (classes with both label
-        values), ``zs_auroc_mean`` over those, ``n_eval``.
-    """
-    vlm = VLMAdapter(bundle, batch_size=batch_size, progress=False)
-    img = vlm.encode_images(data.images)  # (N, d)
-    txt = vlm.encode_texts(data.reports)  # (N, d)
-    out = retrieval_recall(img, txt, ks=(1, 5))
-    pos = vlm.encode_texts(class_prompts(data.classes, prompt_template))  # (C, d)
-    neg = vlm.encode_texts(class_prompts(data.classes, negative_template)) if zero_shot == "contrast" else None
-    scores = zero_shot_scores(img, pos, neg, zero_shot).numpy()
-    aucs = per_class_auroc(data.labels, scores, data.classes)
-    valid = {c: a for c, a in aucs.items() if not math.isnan(a)}
-    out.update({f"zs_auroc.{c}": a for c, a in valid.items()})
-    out["zs_auroc_mean"] = float(np.mean(list(valid.values()))) if valid else float("nan")
-    out["n_eval"] = float(len(data.reports))
-    return out
-
-
-# ---- training -----------------------------------------------------------------------------------
 LOADER_INTERPOLATION = "bilinear"  # training.data.transforms.resize: bilinear, antialiased when shrinking
 
 
@@ -281,158 +159,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def split_sentences(report: str) -> list[str]:
-    """Sentences of a report (split after ``.``/``!``/``?`` and at line breaks); the whole text if none.
-
-    Example:
-        >>> split_sentences("PA view.\\nNo effusion. A 3 cm mass in the left upper lobe.")
-        ['PA view.', 'No effusion.', 'A 3 cm mass in the left upper lobe.']
-    """
-    parts = [t.strip() for t in _SENTENCE_END.split(report) if t and t.strip()]
-    return parts or [report.strip()]
-
-
-def multi_positive_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                             keys: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric contrastive (InfoNCE) loss in which pairs with the same text key are all positives.
-
-    With all keys distinct (or ``keys=None``) this is open_clip's ``ClipLoss``: the mean of the image ->
-    text and text -> image cross-entropies with the diagonal as target (Radford et al. 2021). Identical
-    texts in one batch (e.g. the sentence "No pneumothorax." drawn for several images) would otherwise
-    be contradictory targets; here each row's target spreads uniformly over the columns that share its
-    key (the matrix is symmetric, so the same target serves both directions).
-
-    Args:
-        image_emb: (B, d) L2-normalised image embeddings.
-        text_emb: (B, d) L2-normalised text embeddings; row i pairs with image i.
-        logit_scale: scalar temperature (already exponentiated).
-        keys: (B,) int64 text identity per pair, or None.
-
-    Returns:
-        Scalar loss.
-
-    Raises:
-        ValueError: shapes that do not pair up.
-    """
-    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
-        raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must be equal (B, d)")
-    logits = logit_scale * image_emb @ text_emb.T  # (B, B) image x text
-    if keys is None:
-        target = torch.eye(len(logits), device=logits.device, dtype=logits.dtype)
-    else:
-        if keys.shape != (len(logits),):
-            raise ValueError(f"keys must have shape ({len(logits)},), got {tuple(keys.shape)}")
-        same = (keys[:, None] == keys[None, :]).to(logits.dtype)  # (B, B) symmetric
-        target = same / same.sum(1, keepdim=True)
-    loss_i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
-    return 0.5 * (loss_i2t + loss_t2i)
-
-
-def augment_images(images: torch.Tensor, generator: torch.Generator, max_rotate_deg: float = 7.0,
-                   max_scale: float = 0.1, max_shift: float = 0.06, max_contrast: float = 0.15,
-                   max_brightness: float = 0.05) -> torch.Tensor:
-    """Random affine and intensity jitter of grey images in [0, 1] (one draw per image).
-
-    Args:
-        images: (B, C, H, W) in [0, 1].
-        generator: the random source (training stays seeded).
-        max_rotate_deg, max_scale, max_shift: rotation (degrees), relative zoom, shift (fraction of the side).
-        max_contrast, max_brightness: multiplicative contrast and additive brightness jitter.
-
-    Returns:
-        (B, C, H, W) in [0, 1]; border pixels are repeated where the image moves in.
-    """
-    b = images.shape[0]
-
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator) * 2 - 1  # U(-1, 1)
-
-    angle = uniform(b) * math.radians(max_rotate_deg)
-    scale = 1 + uniform(b) * max_scale
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = torch.cos(angle) / scale
-    theta[:, 0, 1] = -torch.sin(angle) / scale
-    theta[:, 1, 0] = torch.sin(angle) / scale
-    theta[:, 1, 1] = torch.cos(angle) / scale
-    theta[:, :, 2] = uniform(b, 2) * 2 * max_shift  # grid units span 2 per side
-    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
-    out = F.grid_sample(images.float(), grid, padding_mode="border", align_corners=False)
-    contrast = (1 + uniform(b, 1, 1, 1) * max_contrast).to(out)
-    brightness = (uniform(b, 1, 1, 1) * max_brightness).to(out)
-    return ((out - 0.5) * contrast + 0.5 + brightness).clamp(0, 1)
-
-
-def _hf_text_tower(model: torch.nn.Module) -> Any:
-    from open_clip.hf_model import HFTextEncoder
-
-    text = getattr(model, "text", None)
-    return text if isinstance(text, HFTextEncoder) else None
-
-
-@torch.no_grad()
-def pooled_text_features(bundle: ClipBundle, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Pooled (not projected) features of a bundle's HF text tower, texts batched by length.
-
-    Args:
-        bundle: an open_clip bundle whose model has an HF text tower (``model.text``).
-        texts: M strings.
-        batch_size: encoding batch size.
-
-    Returns:
-        (M, W) pooled features (W the tower's width), in the order of ``texts``.
-
-    Raises:
-        ValueError: the model has no HF text tower.
-    """
-    tower = _hf_text_tower(bundle.model)
-    if tower is None:
-        raise ValueError(f"{type(bundle.model).__name__} has no HF text tower (model.text); valid: open_clip models "
-                         "whose text_cfg names hf_model_name (e.g. cxr-minilm-vit)")
-    was_training = tower.training
-    tower.eval()
-    device = bundle.device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
-    out: torch.Tensor | None = None
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            ids = bundle.tokenizer([texts[i] for i in idx]).to(device)  # (b, L)
-            mask = (ids != tower.config.pad_token_id).long()
-            pooled = tower.pooler(tower.transformer(input_ids=ids, attention_mask=mask), mask)  # (b, W)
-            if out is None:
-                out = torch.zeros(len(texts), pooled.shape[1], device=device)
-            out[torch.as_tensor(idx, device=device)] = pooled.float()
-    finally:
-        tower.train(was_training)
-    return out if out is not None else torch.zeros(0, 0)
-
-
-@torch.no_grad()
-def whiten_projection_(proj: torch.nn.Linear, features: torch.Tensor) -> None:
-    """Initialise a bias-free linear text projection as PCA whitening of ``features`` (in place).
-
-    Rows are the top principal directions of the centred features, scaled by the inverse of their
-    standard deviations; the features' mean direction u is then projected out (``W <- W (I - u u^T)``),
-    so the shared component of all reports (cosine ~0.6 between MiniLM report features) maps to zero and
-    the projected embeddings start spread out. Rows beyond the features' rank keep their random init.
-
-    Args:
-        proj: ``nn.Linear(W, d, bias=False)``.
-        features: (N, W) pooled features of the training texts, N >= 2.
-    """
-    x = features.float().to(proj.weight.device)
-    mean = x.mean(0)
-    _, sv, vh = torch.linalg.svd(x - mean, full_matrices=False)  # vh (r, W) principal directions
-    k = min(proj.out_features, int((sv > sv[0] * 1e-6).sum()))
-    w = vh[:k] * (math.sqrt(len(x)) / sv[:k, None])  # (k, W): unit variance per output
-    u = mean / mean.norm().clamp_min(1e-12)
-    w = w - (w @ u)[:, None] * u[None, :]
-    proj.weight[:k] = w.to(proj.weight.dtype)
 
 
 def train_clip(manifest: str | os.PathLike, config: ClipTrainConfig | None = None,
@@ -599,3 +325,23 @@ def _select(tokens: Any, idx: torch.Tensor, device: str | torch.device) -> Any:
 def config_dict(cfg: ClipTrainConfig) -> dict[str, Any]:
     """The configuration as a plain dict."""
     return asdict(cfg)
+
+
+# Names this module held before the split that are neither its own nor public: the sentence pattern (now in
+# training.clip.augment) and two imports it no longer needs. They stay importable from here (PEP 562).
+_FORMER = {"_SENTENCE_END": ("training.clip.augment", "_SENTENCE_END"), "re": ("re", None),
+           "Sequence": ("typing", "Sequence")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FORMER:
+        import importlib
+
+        module, attr = _FORMER[name]
+        found = importlib.import_module(module)
+        return found if attr is None else getattr(found, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FORMER])
