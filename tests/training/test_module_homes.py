@@ -37,7 +37,6 @@ HOMES = {
         "evaluate_clip": "training.clip.evaluation",
         "multi_positive_clip_loss": "training.clip.objectives",
         "split_sentences": "training.clip.augment", "augment_images": "training.clip.augment",
-        "_SENTENCE_END": "training.clip.augment",
         "pooled_text_features": "training.clip.locked_text", "whiten_projection_": "training.clip.locked_text",
         "_hf_text_tower": "training.clip.locked_text",
         "prompt_name": "training.prompts", "class_prompts": "training.prompts",

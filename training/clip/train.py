@@ -325,23 +325,3 @@ def _select(tokens: Any, idx: torch.Tensor, device: str | torch.device) -> Any:
 def config_dict(cfg: ClipTrainConfig) -> dict[str, Any]:
     """The configuration as a plain dict."""
     return asdict(cfg)
-
-
-# Names this module held before the split that are neither its own nor public: the sentence pattern (now in
-# training.clip.augment) and two imports it no longer needs. They stay importable from here (PEP 562).
-_FORMER = {"_SENTENCE_END": ("training.clip.augment", "_SENTENCE_END"), "re": ("re", None),
-           "Sequence": ("typing", "Sequence")}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FORMER:
-        import importlib
-
-        module, attr = _FORMER[name]
-        found = importlib.import_module(module)
-        return found if attr is None else getattr(found, attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_FORMER])
