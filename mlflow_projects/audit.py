@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from interpret.audit import ANNOTATION_METHODS, ATTENTION_METHODS, SCHEMA_VERSION, AuditConfig, load_gates, run_audit
 from mlflow_projects.common import (CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
-                                    choice_of, load_classifier, nonneg_float, nonneg_int, positive_int,
+                                    choice_of, load_classifier, log_config, nonneg_float, nonneg_int, positive_int,
                                     resolve_clip, resolve_model_uri, setup_tracking, to_tag, unit_float,
                                     version_audit)
 
@@ -206,7 +206,7 @@ def publish_audit(folder: str | Path) -> str:
             state["run_id"] = run_id
             state_path.write_text(json.dumps(state, indent=1))
             cfg = summary.get("config", {})
-            mlflow.log_params({k: ("" if v is None else str(v))[:500] for k, v in cfg.items()})
+            log_config(cfg)  # the shared way: no clash with the params `mlflow run` logged
             mlflow.log_metrics(summary.get("metrics", {}))
             tags = {"audit.status": summary["status"], "model.uri": model["uri"],
                     "data.manifest": summary["data"]["manifest"], "data.fingerprint": summary["data"]["fingerprint"],
