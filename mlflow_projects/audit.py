@@ -16,7 +16,6 @@ cannot be resolved) exits with status 2 and one line saying what is wrong, befor
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interpret.audit import ANNOTATION_METHODS, ATTENTION_METHODS, SCHEMA_VERSION, AuditConfig, load_gates, run_audit
-from mlflow_projects.common import (CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
+from mlflow_projects.common import (entry_parser, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
                                     choice_of, load_classifier, log_config, nonneg_float, nonneg_int, positive_int,
                                     resolve_clip, resolve_model_uri, setup_tracking, to_tag, unit_float,
                                     version_audit)
@@ -114,7 +113,7 @@ def resolve_inputs(cfg: AuditConfig) -> Resolved:
                                 "file, e.g. .../manifest.parquet)" if manifest.is_dir() else ""))
     if cfg.reports and not Path(cfg.reports).is_file():
         raise FileNotFoundError(f"reports file not found: {Path(cfg.reports).resolve()}")
-    ident = resolve_model_uri(cfg.model_uri)
+    ident = resolve_model_uri(cfg.model_uri, fallback=False)  # audit exactly the version named
     import torch
 
     torch.manual_seed(cfg.seed)  # an untrained CLIP ('scratch') is initialised the same way on every run
@@ -234,7 +233,7 @@ def publish_audit(folder: str | Path) -> str:
 
 # ---- entry point -----------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("audit", __doc__)
     p.add_argument("--resume", default="", metavar="FOLDER",
                    help="log an audit folder written while the tracking server was unreachable; nothing is recomputed")
     p.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
@@ -289,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = compute_audit(cfg, resolved)
     try:
         run_id = publish_audit(folder)
+    except FileNotFoundError as exc:  # --resume of a folder that is not an audit folder
+        print(f"audit: error: {exc}", file=sys.stderr)
+        return EX_USAGE
     except TrackingUnavailable as exc:
         log.error("%s\nThe audit is complete and saved in %s (report: %s).\nLog it later with:\n"
                   "  python -m mlflow_projects.audit --resume %s", exc, folder.resolve(),

@@ -16,7 +16,6 @@ written to the envs too, for containers. Prints the model tag and the Bento tag;
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -93,7 +92,9 @@ def build_bento(model_tag: str, version: str | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from mlflow_projects.common import entry_parser
+
+    p = entry_parser("build_bento", __doc__)
     p.add_argument("--model-uri", default=os.environ.get("CXR_MODEL_URI", "models:/cxr-classifier@champion"))
     p.add_argument("--no-build", action="store_true", help="only import the model into the BentoML store")
     p.add_argument("--version", default=None, help="Bento version (default: generated)")

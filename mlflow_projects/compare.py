@@ -12,7 +12,6 @@ or alias, or a version without an audit, exits with status 2 and a one-line mess
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Sequence
 import mlflow
 
 from interpret.audit.diff import compare_summaries, comparison_text
-from mlflow_projects.common import DEFAULT_TRACKING_URI, parse_model_uri, parse_version, version_audit
+from mlflow_projects.common import entry_parser, DEFAULT_TRACKING_URI, parse_model_uri, parse_version, version_audit
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def compare_versions(ref_a: str, ref_b: str, name: str = DEFAULT_NAME) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the comparison of two versions; ``--json FILE`` also writes it. Returns 0, or 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("compare", __doc__)
     p.add_argument("a", help="first version: VERSION, @ALIAS, NAME/VERSION, NAME@ALIAS or models:/...")
     p.add_argument("b", help="second version (same forms)")
     p.add_argument("--name", default=DEFAULT_NAME, help="registered model of bare versions and aliases")

@@ -18,7 +18,6 @@ each with its standard error.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ensure_data, existing_file, finite_metrics,
+from mlflow_projects.common import (entry_parser, DEFAULT_DATA, EXPERIMENTS, ensure_data, existing_file, finite_metrics,
                                     load_classifier, log_config, manifest_arg, nonneg_int, positive_int, print_table,
                                     quiet_console, resolve_clip, resolve_model_uri, run_cli, start_run, unit_float)
 
@@ -58,7 +57,7 @@ class BenchConfig:
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="concept_benchmark", description=__doc__.splitlines()[0])
+    p = entry_parser("concept_benchmark", __doc__)
     p.add_argument("--data", type=manifest_arg, default=d.data, help="manifest of the probing set (a phantom is generated when the default is missing)")
     p.add_argument("--model-uri", default=d.model_uri, help="registered classifier whose final-layer units are annotated")
     p.add_argument("--clip", default=d.clip, help="VLM: models:/ URI, open_clip spec, local-dir:PATH or scratch")

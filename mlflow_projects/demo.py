@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from mlflow_projects.common import run_cli
+from mlflow_projects.common import entry_parser, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class DemoResult:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from mlflow_projects.common import DEFAULT_GATES, nonneg_int, positive_int
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("demo", __doc__)
     p.add_argument("--out", default="outputs/demo", help="folder for the phantom, audit folder and logs")
     # Defaults measured on the phantom (1000 images, seed 0, resnet18, 10 epochs, lr 1e-3). At 96 px: val mean AUROC
     # 0.736, but layer4 is 3x3 and its CAMs do not point at the findings (pointing game 0.085 vs chance 0.103 on the

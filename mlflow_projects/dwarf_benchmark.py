@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics, int_at_least, log_config,
+from mlflow_projects.common import (entry_parser, DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics, int_at_least, log_config,
                                     manifest_arg, nonneg_float, nonneg_int, positive_float, positive_int, print_table,
                                     quiet_console, resolve_clip, run_cli, show_progress, start_run, unit_float)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("dwarf_benchmark", __doc__)
     p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA,
                    help="manifest with masks or boxes (a phantom is generated when the default is missing)")
     p.add_argument("--epochs", type=positive_int, default=4, help="DWARF cycles (one epoch per disease each)")

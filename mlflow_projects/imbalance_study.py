@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from mlflow_projects.common import (EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, ensure_data,
+from mlflow_projects.common import (entry_parser, EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, ensure_data,
                                     finite_metrics, log_config, log_table, print_table, quiet_console, run_cli,
                                     show_progress, start_run, train_one)
 
@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None, return_all: bool = False):
     """
     from training.losses import list_losses
 
-    p = argparse.ArgumentParser(prog="imbalance_study", description=__doc__.split("\n")[0])
+    p = entry_parser("imbalance_study", __doc__)
     add_classifier_arguments(p)
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of the losses")
     p.add_argument("--experiment", default=EXPERIMENTS["imbalance_study"])

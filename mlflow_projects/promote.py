@@ -26,7 +26,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from interpret.audit.gates import GateResult, evaluate_gates, gates_passed, load_gates, short_summary
-from mlflow_projects.common import (CANDIDATE, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, AuditNotFound,
+from mlflow_projects.common import (entry_parser, CANDIDATE, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, AuditNotFound,
                                     existing_file, get_version, latest_audit, parse_version)
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def promote(name: str, version: str | None = None, gates: str | Path = DEFAULT_G
 
 # ---- entry point -----------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("promote", __doc__)
     p.add_argument("--name", default="cxr-classifier", help="registered model name")
     p.add_argument("--version", default="", help="version number or @alias (default: the @candidate version)")
     p.add_argument("--gates", type=existing_file, default=DEFAULT_GATES, help="gates YAML file")

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_projects.common import (EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, choice_of,
+from mlflow_projects.common import (entry_parser, EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, choice_of,
                                     ensure_data, log_config, nonneg_float, nonneg_int, positive_float, positive_int,
                                     print_table, quiet_console, register_version, run_cli, show_progress, start_run,
                                     train_one)
@@ -38,7 +38,7 @@ EXPERIMENT = EXPERIMENTS["train_classifier"]
 def build_parser() -> argparse.ArgumentParser:
     from training.losses import list_losses
 
-    p = argparse.ArgumentParser(prog="train_classifier", description=__doc__.split("\n")[0])
+    p = entry_parser("train_classifier", __doc__)
     add_classifier_arguments(p)
     p.add_argument("--loss", type=choice_of(list_losses(), "loss"), default="bce")
     p.add_argument("--pretrained", default="", help="local weights file for the backbone ('' = random init)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, choice_of, ensure_data, finite_metrics, int_at_least,
+from mlflow_projects.common import (entry_parser, DEFAULT_DATA, EXPERIMENTS, choice_of, ensure_data, finite_metrics, int_at_least,
                                     log_config, manifest_arg, nonneg_int, positive_float, positive_int, print_table,
                                     quiet_console, register_version, run_cli, show_progress, start_run)
 
@@ -64,7 +64,7 @@ def clip_model_spec(text: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> ClipRunConfig:
     from training.clip.train import ZERO_SHOT_MODES
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("train_clip", __doc__)
     p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA, help="manifest with reports (default: the phantom, generated if missing)")
     p.add_argument("--model", type=clip_model_spec, default="cxr-minilm-rn")
     p.add_argument("--epochs", type=positive_int, default=60)

@@ -15,7 +15,6 @@ disease and their means (the VLM stage is logged too, prefixed ``vlm.``); (5) ga
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics,
+from mlflow_projects.common import (entry_parser, DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics,
                                     int_at_least, log_config, manifest_arg, nonneg_int, positive_float,
                                     positive_int, print_table, quiet_console, register_version, resolve_clip, show_progress,
                                     run_cli, start_run, unit_float)
@@ -86,7 +85,7 @@ def check_classes(classes: Sequence[str] | None, manifest: Path) -> None:
 
 # ---- entry point -----------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> DwarfRunConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = entry_parser("train_dwarf", __doc__)
     p.add_argument("--data", type=manifest_arg, default=DEFAULT_DATA,
                    help="manifest (default: the phantom, generated with masks if missing)")
     p.add_argument("--clip", default=DEFAULT_CLIP,

@@ -27,7 +27,7 @@ from mlflow_projects.common.settings import (CANDIDATE, CHAMPION, DEFAULT_ARTIFA
     DEFAULT_GATES, DEFAULT_TRACKING_URI, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, PROJECT_ROOT, SCRATCH_CLIP)
 from mlflow_projects.common.tracking import (artifact_root, check_manifest, ensure_data, ensure_experiment,
     manifest_arg, setup_tracking, start_run, tracking_uri)
-from mlflow_projects.common.cli import (choice_of, existing_file, int_at_least, nonneg_float, nonneg_int,
+from mlflow_projects.common.cli import (ArgumentParser, choice_of, entry_parser, existing_file, int_at_least, nonneg_float, nonneg_int,
     positive_float, positive_int, quiet_console, quiet_third_party, run_cli, show_progress, unit_float)
 from mlflow_projects.common.registry import (AuditNotFound, CONCEPTS_ARTIFACT, FALLBACK_ALIAS, ModelIdentity,
     RegistryError, SUMMARY_ARTIFACT, find_passing_audit, get_version, latest_audit, parse_model_uri, parse_version,
@@ -38,6 +38,7 @@ from mlflow_projects.common.classifier_run import (ClassifierRunConfig, add_clas
     classifier_image_size, plot_roc, train_one)
 
 __all__ = [
+    "ArgumentParser", "entry_parser",
     "AuditNotFound", "CANDIDATE", "CHAMPION", "CLIP_SPECS", "CONCEPTS_ARTIFACT", "ClassifierRunConfig",
     "DEFAULT_ARTIFACT_ROOT", "DEFAULT_DATA", "DEFAULT_GATES", "DEFAULT_TRACKING_URI", "DWARF_MIN_IMAGE_SIZE",
     "EXPERIMENTS", "FALLBACK_ALIAS", "ModelIdentity", "PROJECT_ROOT", "RegistryError", "SCRATCH_CLIP",

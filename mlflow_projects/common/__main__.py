@@ -1,12 +1,12 @@
 """``python -m mlflow_projects.common setup``: create the tracking store and the experiments."""
 from __future__ import annotations
 
-import argparse
 import logging
 
 import mlflow
 from mlflow import MlflowClient
 
+from mlflow_projects.common.cli import ArgumentParser
 from mlflow_projects.common.settings import EXPERIMENTS
 from mlflow_projects.common.tracking import _create_sqlite_store, _local_store, ensure_experiment, tracking_uri
 
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     ``mlflow run . -e NAME --experiment-name EXPERIMENT`` keeps artifacts there. Returns 0."""
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m mlflow_projects.common",
+    p = ArgumentParser(prog="python -m mlflow_projects.common",
                                 description="Set up MLflow tracking for the entry points: the store "
                                             "(MLFLOW_TRACKING_URI, default sqlite mlflow.db) and one "
                                             "experiment per entry point, artifacts under CXR_ARTIFACT_ROOT "

@@ -12,6 +12,21 @@ from typing import Iterable
 log = logging.getLogger("mlflow_projects.common")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see --help)`` and exit status 2 (argparse prints
+    its whole usage block first, which buries the message)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def entry_parser(name: str, doc: str | None, **kwargs) -> ArgumentParser:
+    """The parser of entry point ``name``: ``prog`` is ``name`` (the name errors start with), the description
+    is the first paragraph of the module docstring, errors are one line (:class:`ArgumentParser`)."""
+    first = " ".join((doc or "").strip().split("\n\n")[0].split())
+    return ArgumentParser(prog=name, description=first, **kwargs)
+
+
 # ---- argparse types: MLproject does not validate int/float parameters, so we do. -------------
 def positive_int(text: str) -> int:
     try:

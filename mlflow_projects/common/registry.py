@@ -177,11 +177,12 @@ def get_version(name: str, version: str | None = None, alias: str | None = None,
     raise RegistryError(f"{name} has no alias {alias!r}; aliases: {listed}")
 
 
-def resolve_model_uri(uri: str, client=None) -> ModelIdentity:
+def resolve_model_uri(uri: str, client=None, fallback: bool = True) -> ModelIdentity:
     """Resolve ``models:/name@alias``, ``models:/name/version`` or any other MLflow model URI.
 
-    ``@champion`` without a champion version falls back to ``@candidate`` with a warning (the
-    identity's ``fallback`` is then True). Any other URI (``runs:/``, ``models:/m-<id>``, a folder) is
+    With ``fallback`` (what the service wants), ``@champion`` without a champion version falls back to
+    ``@candidate`` with a warning (the identity's ``fallback`` is then True); without it (the audit: a
+    version is audited only when named), a missing ``@champion`` is an error like any unknown alias. Any other URI (``runs:/``, ``models:/m-<id>``, a folder) is
     returned unresolved with ``name = version = alias = None``.
 
     Raises:
@@ -198,17 +199,17 @@ def resolve_model_uri(uri: str, client=None) -> ModelIdentity:
         aliases = list(getattr(mv, "aliases", []) or [])
         return ModelIdentity(name, str(mv.version), aliases[0] if aliases else None,
                              f"models:/{name}/{mv.version}", uri, mv.run_id)
-    fallback = False
+    fell_back = False
     try:
         mv = get_version(name, alias=alias, client=client)
     except RegistryError:
-        if alias != CHAMPION or FALLBACK_ALIAS not in _aliases(_registered_model(client, name)):
+        if not fallback or alias != CHAMPION or FALLBACK_ALIAS not in _aliases(_registered_model(client, name)):
             raise
         mv = get_version(name, alias=FALLBACK_ALIAS, client=client)
-        log.warning("no version of %s has alias 'champion'; serving @%s (version %s) instead", name,
+        log.warning("no version of %s has alias 'champion'; using @%s (version %s) instead", name,
                     FALLBACK_ALIAS, mv.version)
-        alias, fallback = FALLBACK_ALIAS, True
-    return ModelIdentity(name, str(mv.version), alias, f"models:/{name}/{mv.version}", uri, mv.run_id, fallback)
+        alias, fell_back = FALLBACK_ALIAS, True
+    return ModelIdentity(name, str(mv.version), alias, f"models:/{name}/{mv.version}", uri, mv.run_id, fell_back)
 
 
 def latest_audit(client, name: str, version: str) -> tuple[str, dict]:

@@ -131,6 +131,8 @@ def test_audit_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_phantom):
         (["--model-uri", "models:/cxr-classifier/1", "--data", str(tmp_path / "missing.parquet")], "missing.parquet"),
         (["--model-uri", "models:/cxr-classifier/1", "--gates", str(tmp_path / "nogates.yaml")], "nogates.yaml"),
         (["--model-uri", "models:/cxr-classifier/1", "--clip", "models:/cxr-clip@candidate"], "cxr-clip"),
+        (["--model-uri", "models:/cxr-classifier@champion"], "champion"),                # no fallback: named only
+        (["--resume", str(tmp_path / "not-an-audit")], "not-an-audit"),
     ]
     for i, (args, expect) in enumerate(cases):
         out = tmp_path / f"out{i}"

@@ -49,7 +49,13 @@ def test_import_build_and_serve_from_store(built, registry, tmp_path):
     assert str(model.tag) in {str(m.tag) for m in bento.info.models}
     envs = [e if isinstance(e, dict) else {"name": e.name, "value": e.value} for e in bento.info.envs]
     assert {"name": "CXR_BENTO_MODEL", "value": str(model.tag)} in envs  # for containers, which apply envs
-    assert (Path(bento.path) / "src" / "mlflow_projects" / "serving" / "explain.py").is_file()
+    src, root = Path(bento.path) / "src", Path(__file__).resolve().parents[2]
+    for pkg in ("mlflow_projects", "interpret", "training"):  # a container has no editable install to fall back on
+        missing = [str(f.relative_to(root)) for f in (root / pkg).rglob("*.py")
+                   if "__pycache__" not in f.parts and not (src / f.relative_to(root)).is_file()]
+        assert not missing, f"the Bento lacks modules it may import: {missing}"
+    assert (src / "service.py").is_file() and (src / "mlflow_projects" / "gates.yaml").is_file()
+    assert not [p for p in src.rglob("service.py") if p != src / "service.py"]  # no earlier bento packed inside
 
     cfg = ServeConfig(local_model_dir=model.path, threads=1, feedback_dir=str(tmp_path / "fb"),
                       cache_dir=str(tmp_path / "cache"),
