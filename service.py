@@ -13,6 +13,7 @@ Routes: ``POST /predict``, ``POST /explain``, ``GET|POST /concepts``, ``POST /fe
 ``/livez``, ``/readyz`` (503 until the model is loaded), ``/metrics``. Middlewares:
 :func:`mlflow_projects.serving.middleware.middleware_stack`.
 """
+import sys
 import typing as t
 from pathlib import Path
 
@@ -22,8 +23,13 @@ from starlette.responses import JSONResponse
 
 from mlflow_projects.serving import (DEFAULT_HOST, ExplanationService, ServingError, middleware_stack,
                                      startup_config)
+from mlflow_projects.serving.settings import UnsafeBindError
 
-CONFIG = startup_config(Path(__file__).resolve().parent)
+try:
+    CONFIG = startup_config(Path(__file__).resolve().parent)
+except UnsafeBindError as exc:  # a refusal is a message, not a traceback through BentoML's loader
+    sys.stderr.write(f"cxr-explainer: {exc}\n")
+    raise SystemExit(2) from None
 get_routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # GET routes (bentoml.api is POST only)
 
 

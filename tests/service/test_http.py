@@ -188,3 +188,4 @@ def test_refuses_to_expose_an_anonymous_service(tmp_path):
     text = out.decode(errors="replace")
     assert proc.returncode != 0, text[-2000:]
     assert "refusing to serve on 0.0.0.0" in text and "CXR_API_KEYS" in text and "CXR_ALLOW_ANONYMOUS=1" in text
+    assert "Traceback" not in text, text[-3000:]
