@@ -23,13 +23,13 @@ from starlette.responses import JSONResponse
 
 from mlflow_projects.serving import (DEFAULT_HOST, ExplanationService, ServingError, middleware_stack,
                                      startup_config)
-from mlflow_projects.serving.settings import UnsafeBindError
 
 try:
     CONFIG = startup_config(Path(__file__).resolve().parent)
-except UnsafeBindError as exc:  # a refusal is a message, not a traceback through BentoML's loader
+except ValueError as exc:  # a refused bind (UnsafeBindError) or a bad CXR_* value: a message, not a traceback
     sys.stderr.write(f"cxr-explainer: {exc}\n")
     raise SystemExit(2) from None
+
 get_routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # GET routes (bentoml.api is POST only)
 
 

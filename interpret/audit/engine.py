@@ -37,8 +37,8 @@ from interpret.audit._util import Sections, _json_default
 from interpret.audit.concepts import concept_section
 from interpret.audit.gates import Gate, evaluate_gates, flat_metrics, gates_passed
 from interpret.audit.probe import Probe, file_fingerprint, load_probe, penultimate_layer
-from interpret.audit.sections import (attention_pass, dissection_section, importance_section, infer,
-                                      localization_summary, performance_section, save_gallery)
+from interpret.audit.sections import (attention_pass, dissection_section, gallery_cases, importance_section,
+                                      infer, localization_summary, performance_section, save_gallery)
 from interpret.audit.shortcuts import shortcut_section
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def explanation_rows(model, probe: Probe, cases: Sequence[tuple[str, str]], meth
 
     Returns:
         Rows ``image_id, class, class_index, method, map_png`` (8-bit grey PNG of the (S, S) map),
-        ``raw`` (flattened raw map), ``raw_shape``, ``top_units``, ``contributions``, ``concepts``.
+        ``raw`` (flattened raw map), ``raw_shape``, ``top_units``, ``contributions``, ``concepts``, and
+        ``map`` (the (S, S) float map, for the gallery; not stored).
     """
     from interpret import attention_maps
     from interpret.importance import top_units, unit_contributions
@@ -120,8 +121,9 @@ def explanation_rows(model, probe: Probe, cases: Sequence[tuple[str, str]], meth
         contrib = unit_contributions(model, x, [[c]]).contributions[0, 0]  # (K,)
         units = top_units(contrib, top_k, {int(k): list(v) for k, v in (annotations or {}).items()})
         r = raw[0, 0].detach().float().numpy()
-        rows.append({"image_id": iid, "class": cls, "class_index": c, "method": method,
-                     "map_png": _png_u8(maps[0, 0].detach().float().numpy()),
+        shown = maps[0, 0].detach().float().numpy()  # (S, S)
+        rows.append({"image_id": iid, "class": cls, "class_index": c, "method": method, "map": shown,
+                     "map_png": _png_u8(shown),
                      "raw": r.ravel().tolist(), "raw_shape": list(r.shape),
                      "top_units": [u["unit"] for u in units],
                      "contributions": [u["contribution"] for u in units],
@@ -210,12 +212,9 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
                                "n_pairs": int(len(ap.localization)), "pointing_tolerance_px": tol,
                                "maps": "ReLU -> bilinear upsampling -> min-max (interpret.attention.finalize_maps), "
                                        "the maps /explain serves"}
-    gallery_cases: list[tuple[str, str]] = []
+    picks = gallery_cases(ap.localization, cfg.gallery_n)
     if len(ap.localization):
         ap.localization.to_parquet(out / "localization.parquet", index=False)
-        gallery, gallery_cases = save_gallery(model, probe, ap.localization, cfg.attention, out / "heatmaps",
-                                              cfg.gallery_n)
-        summary["localization"]["gallery"] = gallery
         sections.ok("localization")
     else:
         pd.DataFrame(columns=["image_id", "class", "iobb", "ior", "pointing", "pointing_chance"]).to_parquet(
@@ -249,10 +248,16 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     imp_table.to_parquet(out / "neuron_importance.parquet", index=False)
     summary["importance"] = imp_summary
     sections.ok("importance")
-    pd.DataFrame(explanation_rows(model, probe, gallery_cases, cfg.attention, cfg.top_units, unit_concepts),
-                 columns=["image_id", "class", "class_index", "method", "map_png", "raw", "raw_shape",
-                          "top_units", "contributions", "concepts"]).to_parquet(out / "explanations.parquet",
-                                                                                index=False)
+    cases = list(dict.fromkeys((iid, cls) for cls, kinds in picks.items() for iids in kinds.values()
+                               for iid in iids))
+    rows = explanation_rows(model, probe, cases, cfg.attention, cfg.top_units, unit_concepts)
+    shown = {(r["image_id"], r["class"]): r.pop("map") for r in rows}
+    pd.DataFrame(rows, columns=["image_id", "class", "class_index", "method", "map_png", "raw", "raw_shape",
+                                "top_units", "contributions", "concepts"]).to_parquet(out / "explanations.parquet",
+                                                                                      index=False)
+    if picks:  # the gallery draws the stored maps: what the report shows is what was stored and is served
+        summary["localization"]["gallery"] = save_gallery(probe, ap.localization, picks, shown, cfg.attention,
+                                                          out / "heatmaps")
     steps.update()
 
     steps.set_postfix_str("shortcuts")

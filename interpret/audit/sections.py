@@ -127,12 +127,31 @@ def localization_summary(loc, classes: Sequence[str]) -> list[dict]:
     return rows
 
 
-def save_gallery(model, probe: Probe, loc, method: str, out: Path, n: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """``out/<class>_best.png`` and ``<class>_worst.png``: image, map overlay and boxes of the ``n``
-    highest and lowest soft-IoBB cases of each class.
+def gallery_cases(loc, n: int) -> dict[str, dict[str, list[str]]]:
+    """The ``n`` highest and lowest soft-IoBB cases of each class: ``{class: {"best": ids, "worst": ids}}``."""
+    picks: dict[str, dict[str, list[str]]] = {}
+    if n <= 0 or len(loc) == 0:
+        return picks
+    for cls, part in loc.groupby("class", sort=False):
+        part = part.sort_values("iobb", ascending=False)
+        picks[str(cls)] = {"best": [str(i) for i in part["image_id"].head(n)],
+                           "worst": [str(i) for i in part["image_id"].tail(n).iloc[::-1]]}
+    return picks
+
+
+def save_gallery(probe: Probe, loc, picks: dict[str, dict[str, list[str]]], maps, method: str,
+                 out: Path) -> list[str]:
+    """``out/<class>_best.png`` and ``<class>_worst.png``: image, map overlay and boxes of each pick.
+
+    Args:
+        probe: the probing set; loc: the localisation table (IoBB / IoR of each case).
+        picks: :func:`gallery_cases`.
+        maps: ``{(image_id, class): (S, S) map}``: the maps stored in ``explanations.parquet``, so the
+            pictures show exactly what is stored (and served).
+        method: the attention method (titles); out: the folder.
 
     Returns:
-        ``(file names, cases)``: the PNGs written and the ``(image_id, class)`` pairs they show.
+        The file names written.
     """
     import matplotlib
 
@@ -140,40 +159,32 @@ def save_gallery(model, probe: Probe, loc, method: str, out: Path, n: int) -> tu
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from interpret import attention_maps
-
     out.mkdir(parents=True, exist_ok=True)
     index = {iid: i for i, iid in enumerate(probe.image_ids)}
+    scores = loc.set_index(["image_id", "class"])
     written: list[str] = []
-    cases: list[tuple[str, str]] = []
-    if n <= 0 or len(loc) == 0:
-        return written, cases
-    for cls, part in loc.groupby("class", sort=False):
+    for cls, kinds in picks.items():
         c = probe.classes.index(cls)
-        part = part.sort_values("iobb", ascending=False)
-        picks = {"best": part.head(n), "worst": part.tail(n).iloc[::-1]}
-        for kind, rows in picks.items():
-            ids = [index[i] for i in rows["image_id"]]
-            cases += [(str(i), str(cls)) for i in rows["image_id"] if (str(i), str(cls)) not in cases]
-            maps = attention_maps(model, probe.images[ids], c, method=method)[:, 0].numpy()
-            fig, axes = plt.subplots(1, len(ids), figsize=(2.6 * len(ids), 2.9), dpi=90, squeeze=False)
+        for kind, iids in kinds.items():
+            fig, axes = plt.subplots(1, len(iids), figsize=(2.6 * len(iids), 2.9), dpi=90, squeeze=False)
             try:
-                for ax, i, m, (_, r) in zip(axes[0], ids, maps, rows.iterrows()):
+                for ax, iid in zip(axes[0], iids):
+                    i, r = index[iid], scores.loc[(iid, cls)]
                     ax.imshow(probe.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-                    ax.imshow(m, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+                    ax.imshow(maps[(iid, cls)], cmap="jet", alpha=0.4, vmin=0, vmax=1)
                     for b in probe.boxes[i][probe.box_labels[i] == c]:
                         ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
                                                edgecolor="lime", linewidth=1.2))
-                    ax.set_title(f"{probe.image_ids[i]}\nIoBB {r['iobb']:.2f}  IoR {r['ior']:.2f}", fontsize=7)
+                    ax.set_title(f"{iid}\nIoBB {r['iobb']:.2f}  IoR {r['ior']:.2f}", fontsize=7)
                     ax.axis("off")
-                fig.suptitle(f"{cls}: {kind} {len(ids)} ({method})", fontsize=9)
+                fig.suptitle(f"{cls}: {kind} {len(iids)} ({method})", fontsize=9)
                 fig.tight_layout()
                 name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', cls)}_{kind}.png"
                 fig.savefig(out / name)
                 written.append(name)
             finally:
                 plt.close(fig)
-    return written, cases
+    return written
 
 
 def dissection_section(feats, probe: Probe, quantile: float) -> dict:
