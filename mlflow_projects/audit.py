@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from interpret.audit import ANNOTATION_METHODS, ATTENTION_METHODS, SCHEMA_VERSION, AuditConfig, load_gates, run_audit
-from mlflow_projects.common import (entry_parser, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
-                                    choice_of, load_classifier, log_config, nonneg_float, nonneg_int, positive_int,
-                                    resolve_clip, resolve_model_uri, setup_tracking, to_tag, unit_float,
-                                    version_audit)
+from mlflow_projects.common import (CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
+                                    check_manifest, choice_of, entry_parser, load_classifier, log_config,
+                                    nonneg_float, nonneg_int, positive_int, resolve_clip, resolve_model_uri,
+                                    setup_tracking, to_tag, unit_float, version_audit)
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ def resolve_inputs(cfg: AuditConfig) -> Resolved:
             resolved (lists the valid names, versions or aliases).
     """
     gates = load_gates(cfg.gates)  # fail early on a missing or bad gates file
-    manifest = Path(cfg.data)
-    if manifest.is_dir() or not manifest.is_file():
-        raise FileNotFoundError(f"manifest not found: {manifest.resolve()}" + (" (a folder; give the manifest "
-                                "file, e.g. .../manifest.parquet)" if manifest.is_dir() else ""))
+    manifest = Path(check_manifest(cfg.data, default=""))  # missing, a folder or not Parquet: refused
     if cfg.reports and not Path(cfg.reports).is_file():
         raise FileNotFoundError(f"reports file not found: {Path(cfg.reports).resolve()}")
     ident = resolve_model_uri(cfg.model_uri, fallback=False)  # audit exactly the version named

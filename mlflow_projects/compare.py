@@ -21,7 +21,7 @@ from typing import Sequence
 import mlflow
 
 from interpret.audit.diff import compare_summaries, comparison_text
-from mlflow_projects.common import entry_parser, DEFAULT_TRACKING_URI, parse_model_uri, parse_version, version_audit
+from mlflow_projects.common import DEFAULT_TRACKING_URI, entry_parser, parse_model_uri, parse_version, version_audit
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mlflow_projects.common import (entry_parser, DEFAULT_DATA, EXPERIMENTS, ensure_data, existing_file, finite_metrics,
-                                    load_classifier, log_config, manifest_arg, nonneg_int, positive_int, print_table,
-                                    quiet_console, resolve_clip, resolve_model_uri, run_cli, start_run, unit_float)
+from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, ensure_data, entry_parser, existing_file,
+                                    finite_metrics, load_classifier, log_config, manifest_arg, nonneg_int,
+                                    positive_int, print_table, quiet_console, resolve_clip, resolve_model_uri,
+                                    run_cli, start_run, unit_float)
 
 log = logging.getLogger(__name__)
 

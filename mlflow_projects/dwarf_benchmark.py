@@ -20,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from mlflow_projects.common import (entry_parser, DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics, int_at_least, log_config,
-                                    manifest_arg, nonneg_float, nonneg_int, positive_float, positive_int, print_table,
-                                    quiet_console, resolve_clip, run_cli, show_progress, start_run, unit_float)
+from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, entry_parser,
+                                    finite_metrics, int_at_least, log_config, manifest_arg, nonneg_float,
+                                    nonneg_int, positive_float, positive_int, print_table, quiet_console,
+                                    resolve_clip, run_cli, show_progress, start_run, unit_float)
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from mlflow_projects.common import (entry_parser, EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, ensure_data,
-                                    finite_metrics, log_config, log_table, print_table, quiet_console, run_cli,
-                                    show_progress, start_run, train_one)
+from mlflow_projects.common import (ClassifierRunConfig, EXPERIMENTS, add_classifier_arguments, ensure_data,
+                                    entry_parser, finite_metrics, log_config, log_table, print_table, quiet_console,
+                                    run_cli, show_progress, start_run, train_one)
 
 log = logging.getLogger(__name__)
 

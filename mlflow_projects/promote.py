@@ -26,8 +26,8 @@ import mlflow
 from mlflow import MlflowClient
 
 from interpret.audit.gates import GateResult, evaluate_gates, gates_passed, load_gates, short_summary
-from mlflow_projects.common import (entry_parser, CANDIDATE, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, AuditNotFound,
-                                    existing_file, get_version, latest_audit, parse_version)
+from mlflow_projects.common import (AuditNotFound, CANDIDATE, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI,
+                                    entry_parser, existing_file, get_version, latest_audit, parse_version)
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_projects.common import (entry_parser, EXPERIMENTS, ClassifierRunConfig, add_classifier_arguments, choice_of,
-                                    ensure_data, log_config, nonneg_float, nonneg_int, positive_float, positive_int,
-                                    print_table, quiet_console, register_version, run_cli, show_progress, start_run,
-                                    train_one)
+from mlflow_projects.common import (ClassifierRunConfig, EXPERIMENTS, add_classifier_arguments, choice_of,
+                                    ensure_data, entry_parser, log_config, nonneg_float, nonneg_int, positive_float,
+                                    positive_int, print_table, quiet_console, register_version, run_cli,
+                                    show_progress, start_run, train_one)
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mlflow_projects.common import (entry_parser, DEFAULT_DATA, EXPERIMENTS, choice_of, ensure_data, finite_metrics, int_at_least,
-                                    log_config, manifest_arg, nonneg_int, positive_float, positive_int, print_table,
-                                    quiet_console, register_version, run_cli, show_progress, start_run)
+from mlflow_projects.common import (DEFAULT_DATA, EXPERIMENTS, choice_of, ensure_data, entry_parser, finite_metrics,
+                                    int_at_least, log_config, manifest_arg, nonneg_int, positive_float,
+                                    positive_int, print_table, quiet_console, register_version, run_cli,
+                                    show_progress, start_run)
 
 log = logging.getLogger(__name__)
 

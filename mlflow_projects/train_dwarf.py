@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from mlflow_projects.common import (entry_parser, DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, finite_metrics,
-                                    int_at_least, log_config, manifest_arg, nonneg_int, positive_float,
-                                    positive_int, print_table, quiet_console, register_version, resolve_clip, show_progress,
-                                    run_cli, start_run, unit_float)
+from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, entry_parser,
+                                    finite_metrics, int_at_least, log_config, manifest_arg, nonneg_int,
+                                    positive_float, positive_int, print_table, quiet_console, register_version,
+                                    resolve_clip, run_cli, show_progress, start_run, unit_float)
 
 log = logging.getLogger(__name__)
 
