@@ -298,6 +298,34 @@ def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.where((pos > 0) & (neg > 0), u / (pos * neg), np.nan)
 
 
+def _ap_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Average precision of each row, as ``sklearn.metrics.average_precision_score``.
+
+    ``AP = sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds, highest first (tied scores
+    form one threshold).
+
+    Args:
+        y: (R, N) binary labels; s: (R, N) scores.
+
+    Returns:
+        (R,) AP (NaN for a row without positives).
+    """
+    order = np.argsort(-s, axis=-1, kind="stable")                 # (R, N) highest score first
+    ys = np.take_along_axis(y, order, -1).astype(float)
+    ss = np.take_along_axis(s, order, -1)
+    tp = np.cumsum(ys, -1)                                          # (R, N) true positives above
+    rank = np.arange(1, y.shape[-1] + 1, dtype=float)               # (N,) predicted positives
+    end = np.ones_like(ys, dtype=bool)                              # last position of each tie group
+    end[:, :-1] = ss[:, 1:] != ss[:, :-1]
+    tp_end = np.where(end, tp, 0.0)
+    prev = np.zeros_like(tp)
+    prev[:, 1:] = np.maximum.accumulate(tp_end, -1)[:, :-1]         # tp at the previous threshold
+    pos = tp[:, -1]                                                 # (R,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (np.where(end, (tp - prev) * tp / rank, 0.0)).sum(-1) / pos
+    return np.where(pos > 0, ap, np.nan)
+
+
 def auroc_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> CI:
     """Bootstrap CI of the area under the ROC curve, resampled within positives and negatives.
 
@@ -332,6 +360,9 @@ def auroc_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.
 def ap_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> CI:
     """Bootstrap CI of average precision (``sklearn.metrics.average_precision_score``), stratified by ``y``.
 
+    Stratified as :func:`auroc_ci`. The estimate is sklearn's; resamples use the same step-wise sum,
+    vectorised over resamples (tied scores form one threshold, as in sklearn; tested equal).
+
     Args:
         y: (N,) binary labels (0/1 or bool).
         score: (N,) finite scores, higher = more likely positive.
@@ -351,5 +382,7 @@ def ap_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.95,
     if len(np.unique(y)) < 2:
         logger.info("ap_ci: only one class among %d labels; AP undefined here", len(y))
         return CI(float("nan"), float("nan"), float("nan"), len(y), int(n_resamples), float(confidence), 0)
-    return bootstrap_ci(lambda yy, ss: average_precision_score(yy, ss), y, s, n_resamples=n_resamples,
-                        confidence=confidence, seed=seed, strata=y)
+    ci = bootstrap_ci(_ap_rows, y, s, n_resamples=n_resamples, confidence=confidence, seed=seed,
+                      strata=y, vectorized=True)
+    return CI(float(average_precision_score(y, s)), ci.low, ci.high, ci.n, ci.n_resamples, ci.confidence,
+              ci.n_valid)
