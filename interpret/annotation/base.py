@@ -11,7 +11,7 @@ and is reached through :func:`interpret.annotation.concept_scores`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Annotator", "RepresentativeAnnotator", "register", "get_annotator", "list_methods",
-           "select_concepts", "template_scores", "as_tensor", "ON_NONPOSITIVE"]
+__all__ = ["Annotator", "Annotation", "RepresentativeAnnotator", "register", "get_annotator", "list_methods",
+           "select_concepts", "score_margin", "template_scores", "constant_units", "as_tensor", "ON_NONPOSITIVE"]
 
 _REGISTRY: dict[str, type["Annotator"]] = {}
 ON_NONPOSITIVE = ("empty", "best")
@@ -68,6 +68,24 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
+def constant_units(acts: torch.Tensor) -> torch.Tensor:
+    """(U,) bool: units whose activation never varies over the probing images ``acts`` (N, U)."""
+    return acts.amax(0) == acts.amin(0)
+
+
+class Annotation(NamedTuple):
+    """Scores of one method together with the evidence behind each unit's scores.
+
+    Attributes:
+        scores: (U, M) unit-concept scores.
+        evidence: (U,) int64, how many probing images the unit's scores rest on (each method's docstring
+            says which images: MAMMI's adaptive set, WWW's top-k, ...); 0 for a unit that never varies.
+    """
+
+    scores: torch.Tensor
+    evidence: torch.Tensor
+
+
 class Annotator:
     """Base class: validates inputs, then calls :meth:`compute`. Subclasses set ``params`` defaults in
     ``__init__`` and implement :meth:`compute` (or, for representative-set methods, only
@@ -92,10 +110,16 @@ class Annotator:
 
     def __call__(self, activations: Any, image_embeddings: Any, concept_embeddings: Any,
                  template_embedding: Any = None) -> torch.Tensor:
+        """Scores (U, M); see :func:`interpret.annotation.concept_scores`."""
+        return self.scores_and_evidence(activations, image_embeddings, concept_embeddings, template_embedding).scores
+
+    def scores_and_evidence(self, activations: Any, image_embeddings: Any, concept_embeddings: Any,
+                            template_embedding: Any = None) -> Annotation:
+        """Scores (U, M) and evidence (U,) in one pass (inputs as for :meth:`__call__`)."""
         acts = as_tensor(activations, "activations", 2)
         if not self.needs_embeddings:
             m = None if concept_embeddings is None else as_tensor(concept_embeddings, "concept_embeddings", 2)
-            return self.compute(acts, None, m, None)
+            return self.compute_with_evidence(acts, None, m, None)
         v = as_tensor(image_embeddings, "image_embeddings", 2)
         t = as_tensor(concept_embeddings, "concept_embeddings", 2)
         if v.shape[0] != acts.shape[0]:
@@ -111,12 +135,25 @@ class Annotator:
             tem = _normalise(tem.to(v.device))
         if acts.shape[0] == 0:
             raise ValueError("no probing images (N = 0)")
-        return self.compute(acts.to(v.device), _normalise(v), _normalise(t.to(v.device)), tem)
+        return self.compute_with_evidence(acts.to(v.device), _normalise(v), _normalise(t.to(v.device)), tem)
 
     def compute(self, acts: torch.Tensor, v: torch.Tensor | None, t: torch.Tensor | None,
                 tem: torch.Tensor | None) -> torch.Tensor:
         """Scores (U, M) from activations (N, U), unit-norm image (N, d) and concept (M, d) embeddings."""
         raise NotImplementedError
+
+    def evidence(self, acts: torch.Tensor) -> torch.Tensor:
+        """(U,) number of probing images each unit's scores rest on. Default: the top ``top_k`` images
+        (``min(top_k, N)``) for a method with a ``top_k``, else all N images; 0 for a constant unit."""
+        n = acts.shape[0]
+        k = min(int(getattr(self, "top_k", n)), n)
+        out = torch.full((acts.shape[1],), k, dtype=torch.long, device=acts.device)
+        return out.masked_fill(constant_units(acts), 0)
+
+    def compute_with_evidence(self, acts: torch.Tensor, v: torch.Tensor | None, t: torch.Tensor | None,
+                              tem: torch.Tensor | None) -> Annotation:
+        """:meth:`compute` and :meth:`evidence`; representative-set methods get both from one selection."""
+        return Annotation(self.compute(acts, v, t, tem), self.evidence(acts))
 
 
 def template_scores(sums: torch.Tensor, counts: torch.Tensor, t: torch.Tensor,
@@ -143,24 +180,35 @@ def template_scores(sums: torch.Tensor, counts: torch.Tensor, t: torch.Tensor,
 
 class RepresentativeAnnotator(Annotator):
     """Methods that score a unit by the template-adjusted mean cosine over its representative images
-    (MAMMI, WWW). Subclasses implement only :meth:`representatives`."""
+    (MAMMI, WWW). Subclasses implement only :meth:`representatives`. The evidence of a unit is the size
+    of its representative set (0 for a unit that never varies: it has no representatives)."""
 
     def representatives(self, acts: torch.Tensor) -> torch.Tensor:
         """Boolean selection (u, N) of representative images for a chunk of units ``acts`` (N, u)."""
         raise NotImplementedError
 
+    def evidence(self, acts: torch.Tensor) -> torch.Tensor:
+        """(U,) representative-set sizes, without scoring."""
+        counts = torch.zeros(acts.shape[1], dtype=torch.long, device=acts.device)
+        for lo in range(0, acts.shape[1], self.unit_chunk):
+            chunk = acts[:, lo:lo + self.unit_chunk]  # (N, u')
+            counts[lo:lo + chunk.shape[1]] = (self.representatives(chunk) & ~constant_units(chunk)[:, None]).sum(1)
+        return counts
+
     def compute(self, acts, v, t, tem):
+        return self.compute_with_evidence(acts, v, t, tem).scores
+
+    def compute_with_evidence(self, acts, v, t, tem):
         n, u = acts.shape
         sums = torch.zeros(u, v.shape[1], dtype=v.dtype, device=v.device)
         counts = torch.zeros(u, dtype=torch.long, device=v.device)
         for lo in range(0, u, self.unit_chunk):
             chunk = acts[:, lo:lo + self.unit_chunk]  # (N, u')
             sel = self.representatives(chunk)  # (u', N) bool
-            constant = chunk.amax(0) == chunk.amin(0)  # a unit that never varies says nothing
-            sel = sel & ~constant[:, None]
+            sel = sel & ~constant_units(chunk)[:, None]  # a unit that never varies says nothing
             sums[lo:lo + chunk.shape[1]] = masked_sum(sel, v)
             counts[lo:lo + chunk.shape[1]] = sel.sum(1)
-        return template_scores(sums, counts, t, tem)
+        return Annotation(template_scores(sums, counts, t, tem), counts)
 
 
 def masked_sum(sel: torch.Tensor, v: torch.Tensor, dense_above: float = 0.05,
@@ -230,6 +278,30 @@ def select_concepts(scores: Any, beta: float = 0.95, on_nonpositive: str = "empt
     order = torch.argsort(-filled, dim=1, stable=True)  # (U, M) best first, ties by index
     kept_sorted = torch.gather(keep, 1, order)
     return [order[i][kept_sorted[i]].tolist() for i in range(s.shape[0])]
+
+
+def score_margin(scores: Any) -> torch.Tensor:
+    """Per unit, the best concept score minus the second best (NaN entries ignored).
+
+    A small margin means the unit's best concept barely beats the runner-up, so the name is fragile.
+
+    Args:
+        scores: (U, M) tensor or array.
+
+    Returns:
+        (U,) float64 margins, >= 0; NaN for a unit with fewer than two finite scores.
+
+    Example:
+        >>> score_margin(torch.tensor([[0.25, 0.5, 0.125], [0.3, float("nan"), float("nan")]])).tolist()
+        [0.25, nan]
+    """
+    s = as_tensor(scores, "scores", 2, dtype=torch.float64).cpu()
+    if s.shape[1] < 2:
+        return torch.full((s.shape[0],), float("nan"), dtype=torch.float64)
+    finite = torch.isfinite(s)
+    top2 = torch.where(finite, s, torch.full_like(s, -torch.inf)).topk(2, dim=1).values  # (U, 2)
+    margin = top2[:, 0] - top2[:, 1]
+    return torch.where(finite.sum(1) >= 2, margin, torch.full_like(margin, float("nan")))
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -22,6 +22,10 @@ Faithfulness notes (ambiguities resolved as the reference code does):
 - Scores are log-ratios whose sign carries no meaning, so :func:`select_concepts` is told to keep the
   best concept of a unit even when its score is negative (``on_nonpositive="best"``); CLIP-Dissect itself
   reports only the arg-max concept (``beta = 1``).
+- Evidence (the ``evidence`` column of :func:`interpret.annotation.annotate`): the ``k = min(top_k, N)``
+  top-activating images whose concept probabilities the soft-WPMI multiplies, the same for every unit
+  (0 for a unit that never varies: its "top" images are arbitrary ties). ``log p(t_j)`` uses every
+  unit's top images but describes no unit in particular, so it is not counted.
 """
 from __future__ import annotations
 

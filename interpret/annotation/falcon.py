@@ -14,6 +14,9 @@ the unit's *least* activating images (e.g. "lung", in every report) are cancelle
 Extra parameters (required): ``report_embeddings`` (R, d) (same CLIP, L2-normalised) and
 ``report_concepts``: an (R, M) 0/1 incidence matrix, or R lists of concept indices (see
 :func:`interpret.concepts.concept_incidence`).
+
+Evidence: the ``min(top_k, N)`` top-activating images whose reports describe the unit (the bottom images
+of the contrastive term only cancel concepts; they are not counted); 0 for a unit that never varies.
 """
 from __future__ import annotations
 

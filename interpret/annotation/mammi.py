@@ -1,17 +1,26 @@
-"""MAMMI: mask-free neuron concept annotation (MICCAI 2024).
+"""MAMMI: mask-free neuron concept annotation (MICCAI 2024), and ``mammi_floor``, its selection with an
+evidence floor.
 
 Per unit ``i`` an adaptive threshold ``tau_i = max(A_i) - (1 - alpha) * (max(A_i) - min(A_i))``
 selects the representative images ``{k : A_ik > tau_i}``; the unit-concept score is the
 template-adjusted mean cosine ``s_ij = mean_o [cos(v_o, t_j) - cos(v_o, t_tem)]`` over them, computed
 for all units at once (row-normalised selection (U, N) x image embeddings (N, d) x (T - t_tem)^T).
+
+The adaptive set keeps the far tail of the activation range: on a real layer most units get a handful
+of representatives (on the demo's layer4 the median was 3 and 93 % of units had fewer than 10), so a
+unit's description rests on one or two images and many units share the identical description.
+``mammi_floor`` is *not* the paper's method: it takes the adaptive set united with the unit's
+``min_images`` top-activating images, so every varying unit rests on at least ``min(min_images, N)``
+images while units with a wide adaptive set keep it unchanged. The paper's ``mammi`` stays the default.
 """
 from __future__ import annotations
 
 import torch
 
-from interpret.annotation.base import RepresentativeAnnotator, check_fraction, register
+from interpret.annotation.base import RepresentativeAnnotator, check_fraction, check_positive_int, register
+from interpret.annotation.www import topk_representatives
 
-__all__ = ["Mammi", "adaptive_representatives"]
+__all__ = ["Mammi", "MammiFloor", "adaptive_representatives", "floor_representatives"]
 
 
 def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93) -> torch.Tensor:
@@ -35,9 +44,29 @@ def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93) -> torch.T
     return ((acts > tau) | (acts == hi)).T  # (U, N)
 
 
+def floor_representatives(acts: torch.Tensor, alpha: float = 0.93, min_images: int = 10) -> torch.Tensor:
+    """MAMMI's adaptive set united with the ``min_images`` top-activating images of each unit.
+
+    Args:
+        acts: (N, U) pooled activations.
+        alpha: MAMMI's adaptive threshold parameter.
+        min_images: the floor; every unit gets at least ``min(min_images, N)`` images (ties at the
+            k-th value broken by ``torch.topk``).
+
+    Returns:
+        (U, N) boolean selection, a superset of :func:`adaptive_representatives`.
+
+    Example:
+        >>> acts = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+        >>> adaptive_representatives(acts).sum().item(), floor_representatives(acts, min_images=3).sum().item()
+        (1, 3)
+    """
+    return adaptive_representatives(acts, alpha) | topk_representatives(acts, min_images)
+
+
 @register("mammi")
 class Mammi(RepresentativeAnnotator):
-    """MAMMI scores (see module docstring).
+    """MAMMI scores (see module docstring). Evidence: the size of the adaptive set.
 
     Args:
         alpha: adaptive threshold parameter (0.93).
@@ -50,3 +79,22 @@ class Mammi(RepresentativeAnnotator):
 
     def representatives(self, acts: torch.Tensor) -> torch.Tensor:
         return adaptive_representatives(acts, self.alpha)
+
+
+@register("mammi_floor")
+class MammiFloor(Mammi):
+    """MAMMI's adaptive threshold, but at least ``min_images`` images (:func:`floor_representatives`);
+    same score. Evidence: the size of the united set, ``>= min(min_images, N)`` for a varying unit.
+
+    Args:
+        alpha: adaptive threshold parameter (0.93).
+        min_images: evidence floor (10).
+        unit_chunk: units processed together.
+    """
+
+    def __init__(self, alpha: float = 0.93, min_images: int = 10, unit_chunk: int = 256) -> None:
+        super().__init__(alpha, unit_chunk)
+        self.min_images = check_positive_int(min_images, "min_images")
+
+    def representatives(self, acts: torch.Tensor) -> torch.Tensor:
+        return floor_representatives(acts, self.alpha, self.min_images)

@@ -6,6 +6,9 @@ boxes are needed, so there are no embeddings here).
 Scores are the IoU where it exceeds the threshold and 0 elsewhere, so ``select_concepts(scores,
 beta=1.0)`` (the default of :func:`interpret.annotation.annotate` for ``tsi``) yields the best concept of
 each unit above the threshold and nothing for the others.
+
+Evidence: the IoU is computed over the whole probing set, so a unit's evidence is N, the number of
+probing images (0 for a unit that never varies).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def topk_representatives(acts: torch.Tensor, top_k: int = 40) -> torch.Tensor:
 
 @register("www")
 class Www(RepresentativeAnnotator):
-    """Fixed top-k representative images, MAMMI score.
+    """Fixed top-k representative images, MAMMI score. Evidence: ``min(top_k, N)`` (0 for a constant unit).
 
     Args:
         top_k: images per unit (40).

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 import interpret
-from interpret.annotation import annotate, concept_scores, list_methods, select_concepts
-from interpret.annotation.mammi import adaptive_representatives
+from interpret.annotation import (ANNOTATION_COLUMNS, annotate, concept_scores, evidence_summary, list_methods,
+                                  score_margin, select_concepts, served_unit_concepts)
+from interpret.annotation.mammi import adaptive_representatives, floor_representatives
 
 
 def _unit(x):
@@ -39,10 +42,10 @@ def _reference_mammi(acts, v, t, tem, alpha=0.93):
 
 
 def test_registry_and_lazy_export():
-    assert list_methods() == ["clip_dissect", "falcon", "mammi", "tsi", "www"]
+    assert list_methods() == ["clip_dissect", "falcon", "mammi", "mammi_floor", "tsi", "www"]
     assert interpret.concept_scores is concept_scores and interpret.select_concepts is select_concepts
     acts, v, t, tem = _random()
-    with pytest.raises(ValueError, match="valid: clip_dissect, falcon, mammi, tsi, www"):
+    with pytest.raises(ValueError, match="valid: clip_dissect, falcon, mammi, mammi_floor, tsi, www"):
         concept_scores("netdissect", acts, v, t, tem)
     with pytest.raises(ValueError, match="alpha"):
         concept_scores("mammi", acts, v, t, tem, alpha=1.5)
@@ -196,10 +199,130 @@ def test_annotate_table_and_chunk_invariance():
     names = [f"c{j}" for j in range(t.shape[0])]
     table = annotate("mammi", acts, v, t, tem, concepts=names, layer="features")
     scores = concept_scores("mammi", acts, v, t, tem)
-    assert list(table.columns) == ["layer", "unit", "method", "concepts", "indices", "scores"]
+    assert list(table.columns) == list(ANNOTATION_COLUMNS) == ["layer", "unit", "method", "concepts", "indices",
+                                                               "scores", "evidence", "margin", "sufficient"]
     assert table["indices"].tolist() == select_concepts(scores)
     assert table["concepts"][0] == [names[j] for j in table["indices"][0]]
     torch.testing.assert_close(torch.tensor(table["scores"][0]), scores[0, table["indices"][0]])
     for method in ("mammi", "www"):
         torch.testing.assert_close(concept_scores(method, acts, v, t, tem, unit_chunk=1),
                                    concept_scores(method, acts, v, t, tem, unit_chunk=1000))
+
+
+# --- evidence, margin, the evidence floor and what may be served -------------------------------------------
+
+def _hand_case():
+    """Unit 0: activations 0, 1, 9, 10 -> MAMMI keeps image 3 only (tau 9.3). Unit 1: 0, 5, 9.5, 10 -> images
+    2 and 3. Unit 2: constant -> no representatives. Scores worked out in test_mammi_hand_worked."""
+    acts = torch.tensor([[0.0, 0.0, 1.0], [1.0, 5.0, 1.0], [9.0, 9.5, 1.0], [10.0, 10.0, 1.0]])
+    v = _unit([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    t = _unit([[1.0, 0.0], [0.0, 1.0]])
+    tem = _unit([1.0, 1.0])
+    return acts, v, t, tem
+
+
+def test_evidence_and_margin_hand_worked():
+    acts, v, t, tem = _hand_case()
+    table = annotate("mammi", acts, v, t, tem, concepts=["a", "b"], layer="f", min_evidence=2)
+    r = 1 / math.sqrt(2)
+    assert table["evidence"].tolist() == [1, 2, 0]
+    assert table["sufficient"].tolist() == [False, True, False]
+    # unit 0 scores (1 - r, -r): margin 1; unit 1 scores (0, r/2 - (1 + r)/2 = -1/2): margin 1/2; unit 2 NaN
+    np.testing.assert_allclose(table["margin"][:2], [1.0, 0.5], atol=1e-6)
+    assert np.isnan(table["margin"][2])
+    assert table["concepts"].tolist() == [["a"], [], []]
+    # the default floor is 10 images: none of these units is sufficient
+    assert not annotate("mammi", acts, v, t, tem)["sufficient"].any()
+    with pytest.raises(ValueError, match="min_evidence"):
+        annotate("mammi", acts, v, t, tem, min_evidence=0)
+
+
+def test_score_margin_rules():
+    nan = float("nan")
+    s = torch.tensor([[0.5, 0.25, 0.125], [nan, 0.5, nan], [0.25, nan, 0.5], [0.5, 0.5, 0.0]])
+    m = score_margin(s)
+    assert m[0] == 0.25 and math.isnan(m[1]) and m[2] == 0.25 and m[3] == 0.0
+    assert torch.isnan(score_margin(torch.ones(2, 1))).all()
+
+
+@pytest.mark.parametrize("method,params,expected", [
+    ("www", {"top_k": 7}, 7), ("www", {"top_k": 500}, 60), ("clip_dissect", {"top_k": 12}, 12),
+    ("falcon", {"top_k": 5}, 5), ("tsi", {}, 60)])
+def test_evidence_of_fixed_size_methods(method, params, expected):
+    acts, v, t, tem = _random(n=60, u=4, m=3)
+    acts[:, 3] = 2.0  # a constant unit rests on no images
+    if method == "falcon":
+        params = {**params, "report_embeddings": v[:10], "report_concepts": [[j % 3] for j in range(10)]}
+    if method == "tsi":
+        params = {"iou": torch.rand(4, 3)}
+    table = annotate(method, acts, v, t, tem, **params)
+    assert table["evidence"].tolist() == [expected] * 3 + [0]
+
+
+def test_mammi_evidence_is_the_adaptive_set_size():
+    acts, v, t, tem = _random(n=200, u=9)
+    table = annotate("mammi", acts, v, t, tem, unit_chunk=4)
+    assert table["evidence"].tolist() == adaptive_representatives(acts).sum(1).tolist()
+
+
+def test_mammi_floor_gives_every_unit_at_least_k_images():
+    acts, v, t, tem = _random(n=200, u=9)
+    acts[:, 0] = 0.0
+    acts[5, 0] = 1.0  # unit 0 fires on one image only: MAMMI rests it on that image
+    paper = annotate("mammi", acts, v, t, tem)
+    floor = annotate("mammi_floor", acts, v, t, tem, min_images=10)
+    assert paper["evidence"][0] == 1 and not paper["sufficient"][0]
+    assert (floor["evidence"] >= 10).all() and floor["sufficient"].all()
+    adaptive, floored = adaptive_representatives(acts), floor_representatives(acts, min_images=10)
+    assert (floored >= adaptive).all()  # a superset of the paper's set ...
+    top10 = torch.topk(acts, 10, dim=0).indices.T  # (U, 10)
+    assert torch.gather(floored, 1, top10).all()  # ... that holds the top 10
+    assert floored.sum(1).tolist() == floor["evidence"].tolist()
+    # a unit whose adaptive set is already wider keeps exactly that set (and its scores)
+    wide = adaptive.sum(1) >= 10
+    assert (floored[wide] == adaptive[wide]).all()
+    s_paper, s_floor = concept_scores("mammi", acts, v, t, tem), concept_scores("mammi_floor", acts, v, t, tem)
+    torch.testing.assert_close(s_paper[wide], s_floor[wide])
+    # the floor is MAMMI's score over the united set: check unit 0 by hand
+    sel = floored[0]
+    ref = (v[sel] @ t.T - (v[sel] @ tem)[:, None]).mean(0)
+    torch.testing.assert_close(s_floor[0], ref, atol=1e-6, rtol=1e-6)
+    # fewer images than the floor: all of them
+    assert annotate("mammi_floor", acts[:6], v[:6], t, tem, min_images=10)["evidence"].tolist()[1:] == [6] * 8
+    with pytest.raises(ValueError, match="min_images"):
+        concept_scores("mammi_floor", acts, v, t, tem, min_images=0)
+
+
+def test_served_unit_concepts_keeps_only_sufficient_unflagged_first_method():
+    acts, v, t, tem = _hand_case()
+    one = annotate("mammi", acts, v, t, tem, concepts=["a", "b"], layer="f")
+    assert one["evidence"][0] == 1 and not one["sufficient"][0]
+    assert served_unit_concepts(one, "f") == {}  # one representative image: not served
+    assert served_unit_concepts(one, "f", min_evidence=1) == {
+        0: {"concepts": ["a"], "scores": [pytest.approx(1 - 1 / math.sqrt(2))], "evidence": 1, "method": "mammi"},
+        1: {"concepts": [], "scores": [], "evidence": 2, "method": "mammi"}}
+    table = pd.DataFrame({"layer": ["f", "f", "f", "g", "f"], "unit": [0, 1, 2, 0, 0],
+                          "method": ["mammi", "mammi", "mammi", "mammi", "www"],
+                          "concepts": [["heart"], ["rib"], ["fluid"], ["lung"], ["effusion"]],
+                          "scores": [[0.3], [0.2], [0.1], [0.4], [0.5]], "evidence": [12, 3, 40, 50, 40],
+                          "vlm_blind": [False, False, True, False, False]})
+    served = served_unit_concepts(table, "f")
+    assert served == {0: {"concepts": ["heart"], "scores": [0.3], "evidence": 12, "method": "mammi"}}
+    assert set(served_unit_concepts(table, "f", min_evidence=2)) == {0, 1}
+    assert served_unit_concepts(table.drop(columns="evidence"), "f") == {}  # no evidence recorded: nothing
+    assert served_unit_concepts(None, "f") == {} and served_unit_concepts(table, None) == {}
+    with pytest.raises(ValueError, match="min_evidence"):
+        served_unit_concepts(table, "f", min_evidence=0)
+
+
+def test_evidence_summary():
+    acts, v, t, tem = _hand_case()
+    table = annotate("mammi", acts, v, t, tem, layer="f", min_evidence=2)
+    summary = evidence_summary(table, min_evidence=2)
+    assert summary["n_units"] == 3 and summary["evidence_min"] == 0 and summary["evidence_median"] == 1.0
+    assert summary["below_min_evidence"] == pytest.approx(2 / 3) and summary["n_sufficient"] == 1
+    assert summary["n_annotated"] == 1 and summary["n_distinct_scores"] == 1
+    # units resting on the same images share one description
+    same = pd.DataFrame({"evidence": [1, 1, 5], "scores": [[0.39741], [0.39741], [0.2]], "margin": [0.1, 0.1, 0.0]})
+    assert evidence_summary(same)["n_distinct_scores"] == 2
+    assert evidence_summary(same.iloc[:0])["evidence_min"] is None
