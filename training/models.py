@@ -11,7 +11,10 @@ Every model built by :func:`create_model` shares one layout (docs/ARCHITECTURE.m
   ``feature_layer`` (a dotted name usable with ``model.get_submodule``);
 - ``head`` is an ``nn.Linear(K, C)`` applied after global average pooling, so CAM
   (``head.weight @ features``) is exact;
-- metadata: ``arch``, ``class_names``, ``thresholds`` (per class, default 0.5), ``input_spec``.
+- metadata: ``arch``, ``class_names``, ``thresholds`` (per class, default 0.5; NaN = no threshold: the
+  class had too few validation positives, see :func:`training.metrics.choose_thresholds`),
+  ``threshold_positives`` (validation positives per class the thresholds rest on; None when unknown, as
+  in checkpoints written before it existed), ``min_val_positives``, ``input_spec``.
 
 torchvision's DenseNet applies a functional ``relu(inplace=True)`` after ``norm5`` in its own
 ``forward``; we never call that ``forward``. The final ReLU is a module (``features.relu``) that is not
@@ -90,7 +93,9 @@ class CXRClassifier(nn.Module):
         config: keyword arguments that rebuild the architecture (stored in checkpoints).
 
     Attributes:
-        class_names: list[str]; thresholds: list[float] per class (default 0.5);
+        class_names: list[str]; thresholds: list[float] per class (default 0.5; NaN = none fitted);
+        threshold_positives: list[int] | None, validation positives per class behind the thresholds;
+        min_val_positives: int | None, the minimum a threshold needed;
         input_spec: ``{size, channels, range, mean, std}``; feature_layer: str.
     """
 
@@ -109,6 +114,8 @@ class CXRClassifier(nn.Module):
         self.feature_layer = feature_layer
         self.class_names: list[str] = classes
         self.thresholds: list[float] = [0.5] * len(classes)
+        self.threshold_positives: list[int] | None = None  # set with thresholds chosen on validation
+        self.min_val_positives: int | None = None
         self.image_size = int(image_size)
         self.config: dict[str, Any] = dict(config or {})
         self._input_checked = False
@@ -431,8 +438,17 @@ def probabilities(logits):
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow in exp
 
 
+def _optional_ints(values: Any) -> list[int] | None:
+    return None if values is None else [int(v) for v in values]
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def save_checkpoint(model: CXRClassifier, path: str | os.PathLike, **metadata: Any) -> Path:
-    """Write ``{format, arch, config, classes, thresholds, input_spec, feature_layer, metadata, state_dict}``.
+    """Write ``{format, arch, config, classes, thresholds, threshold_positives, min_val_positives, input_spec,
+    feature_layer, metadata, state_dict}`` (a missing threshold is stored as NaN).
 
     Args:
         model: a model from :func:`create_model`.
@@ -446,6 +462,8 @@ def save_checkpoint(model: CXRClassifier, path: str | os.PathLike, **metadata: A
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {"format": CHECKPOINT_FORMAT, "arch": model.arch, "config": dict(model.config),
             "classes": list(model.class_names), "thresholds": [float(t) for t in model.thresholds],
+            "threshold_positives": _optional_ints(getattr(model, "threshold_positives", None)),
+            "min_val_positives": _optional_int(getattr(model, "min_val_positives", None)),
             "input_spec": model.input_spec, "feature_layer": model.feature_layer, "metadata": dict(metadata),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     torch.save(ckpt, path)
@@ -469,6 +487,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint (written by save_checkpoint)")
     model = create_model(ckpt["arch"], classes=ckpt["classes"], **ckpt.get("config", {}))
     model.load_state_dict(ckpt["state_dict"], strict=True)
-    model.thresholds = [float(t) for t in ckpt["thresholds"]]
+    from training.metrics import thresholds_from_json  # None (JSON null) or NaN: no threshold
+
+    model.thresholds = thresholds_from_json(ckpt["thresholds"])
+    model.threshold_positives = _optional_ints(ckpt.get("threshold_positives"))  # absent in older checkpoints
+    model.min_val_positives = _optional_int(ckpt.get("min_val_positives"))
     model.checkpoint_metadata = dict(ckpt.get("metadata", {}))
     return model.to(map_location).eval()

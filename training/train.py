@@ -9,8 +9,10 @@
 - resumable: ``checkpoint_dir/last.pt`` after every epoch (model, optimiser, schedule, scaler, RNG,
   history, best weights); ``resume=True`` continues from it; ``checkpoint_dir/best.pt`` is a
   :func:`training.models.save_checkpoint` file of the best model;
-- per-class thresholds chosen on validation (max F1, :func:`training.metrics.choose_thresholds`) and
-  stored on the model; validation metrics from :func:`training.metrics.classification_metrics`.
+- per-class thresholds chosen on validation (max F1, :func:`training.metrics.choose_thresholds`; none,
+  NaN, for a class with fewer than ``min_val_positives`` validation positives) and stored on the model
+  with the validation positives each rests on (``model.threshold_positives``); validation metrics from
+  :func:`training.metrics.classification_metrics`.
 
 Datasets are any ``Dataset`` of dicts with ``image`` (1, S, S) in [0, 1] and ``labels`` (C,) (NaN =
 unknown), e.g. :class:`training.data.dataset.ManifestDataset`.
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from training.losses import create_loss, list_losses
-from training.metrics import choose_thresholds, classification_metrics, summarize
+from training.metrics import MIN_VAL_POSITIVES, choose_thresholds, classification_metrics, positive_counts, summarize
 from training.models import CXRClassifier, save_checkpoint
 from training.runtime import collate, label_matrix, resolve_device, seed_everything, warmup_cosine
 
@@ -72,6 +74,7 @@ class TrainConfig:
     resume: bool = False  # continue from checkpoint_dir/last.pt when it exists
     progress: bool = True  # tqdm bars
     eval_batch_size: int | None = None  # default: 2 * batch_size
+    min_val_positives: int = MIN_VAL_POSITIVES  # fewer validation positives: the class gets no threshold
 
 
 @dataclass
@@ -84,7 +87,9 @@ class TrainResult:
             ``train_images_per_s``, ``val_auroc.<class>`` ...).
         best_epoch: epoch (1-based) of the best validation score.
         best_score: its validation mean AUROC (or negated loss, see module docstring).
-        thresholds: (C,) chosen on validation.
+        thresholds: (C,) chosen on validation; NaN for a class with fewer than ``min_val_positives``
+            validation positives.
+        threshold_positives: (C,) validation positives per class the thresholds rest on.
         val_table: :func:`training.metrics.classification_metrics` of the best model on validation.
         val_probs, val_targets: (N, C) validation probabilities and task targets.
         classes: output names; pos_counts, neg_counts: training-split counts the loss used.
@@ -103,6 +108,7 @@ class TrainResult:
     pos_counts: np.ndarray
     neg_counts: np.ndarray
     stopped_early: bool = False
+    threshold_positives: np.ndarray | None = None
 
 
 # ---- tasks and counts ------------------------------------------------------------------------
@@ -297,6 +303,9 @@ def fit(model: CXRClassifier, train_ds: Dataset, val_ds: Dataset, config: TrainC
         raise ValueError(f"unknown loss {cfg.loss!r}; valid: {', '.join(list_losses())}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs}, {cfg.batch_size}")
+    mvp = cfg.min_val_positives
+    if isinstance(mvp, bool) or not isinstance(mvp, int) or mvp < 1:
+        raise ValueError(f"min_val_positives must be an integer >= 1, got {cfg.min_val_positives!r}")
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise ValueError(f"empty split: {len(train_ds)} training and {len(val_ds)} validation items")
     pos, neg = train_counts(train_ds, cfg.task)
@@ -406,12 +415,20 @@ def fit(model: CXRClassifier, train_ds: Dataset, val_ds: Dataset, config: TrainC
     model.load_state_dict(best_state)
     model = model.to(memory_format=torch.contiguous_format)
     probs, targets = predict(model, val_ds, eval_bs, device, cfg.task)
-    thresholds = choose_thresholds(targets, probs)
+    thresholds = choose_thresholds(targets, probs, min_positives=cfg.min_val_positives)
+    threshold_positives = positive_counts(targets)
     model.thresholds = [float(t) for t in thresholds]
+    model.threshold_positives = [int(n) for n in threshold_positives]
+    model.min_val_positives = int(cfg.min_val_positives)
+    unfit = [f"{c} ({int(n)})" for c, t, n in zip(classes, thresholds, threshold_positives) if np.isnan(t)]
+    if unfit:
+        log.warning("no threshold for %d class(es) with fewer than %d validation positives: %s (no call is made "
+                    "for them)", len(unfit), cfg.min_val_positives, ", ".join(unfit))
     table = classification_metrics(targets, probs, thresholds, classes)
     model = model.cpu().eval()
     if ckpt_dir is not None:
         save_checkpoint(model, ckpt_dir / "best.pt", epoch=best_epoch, val_score=float(best_score))
     return TrainResult(model=model, history=history, best_epoch=best_epoch, best_score=float(best_score),
                        thresholds=thresholds, val_table=table, val_probs=probs, val_targets=targets,
-                       classes=classes, pos_counts=pos, neg_counts=neg, stopped_early=stopped_early)
+                       classes=classes, pos_counts=pos, neg_counts=neg, stopped_early=stopped_early,
+                       threshold_positives=threshold_positives)

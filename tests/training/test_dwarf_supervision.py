@@ -180,7 +180,9 @@ def test_dice_and_max_dice():
 def test_classification_table_and_thresholds():
     y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
     p = np.array([[0.9, 0.2], [0.2, 0.7], [0.8, 0.6], [0.1, 0.4]])
-    thr = choose_thresholds(y, p)
+    unfit = choose_thresholds(y, p)  # 2 positives per class < 5 (the default): no thresholds, no F1 / MCC
+    assert np.isnan(unfit).all() and classification_table(y, p, unfit, ["A", "B"])[["f1", "mcc"]].isna().all().all()
+    thr = choose_thresholds(y, p, min_positives=2)
     table = classification_table(y, p, thr, ["A", "B"])
     assert list(table.columns) == ["auc", "f1", "mcc"]
     assert table.loc["A", "auc"] == 1.0 and table.loc["A", "f1"] == 1.0 and table.loc["A", "mcc"] == 1.0

@@ -77,6 +77,27 @@ def test_checkpoint_round_trip(tmp_path):
     assert back.input_spec == model.input_spec and back.checkpoint_metadata == {"epoch": 3}
 
 
+def test_checkpoint_keeps_missing_thresholds_and_their_positives(tmp_path):
+    """A class without a threshold (NaN) stays without one, with the validation positives behind each; a
+    checkpoint written before these fields existed still loads (positives unknown: None)."""
+    import math
+
+    model = create_model("test_resnet", classes=CLASSES, image_size=32).eval()
+    model.thresholds, model.threshold_positives, model.min_val_positives = [0.3, float("nan"), 0.7], [9, 1, 6], 5
+    back = load_checkpoint(save_checkpoint(model, tmp_path / "c.pt"))
+    assert back.thresholds[0] == 0.3 and math.isnan(back.thresholds[1]) and back.thresholds[2] == 0.7
+    assert back.threshold_positives == [9, 1, 6] and back.min_val_positives == 5
+    old = torch.load(tmp_path / "c.pt", weights_only=True)
+    for key in ("threshold_positives", "min_val_positives"):
+        del old[key]
+    old["thresholds"] = [0.3, 0.5, 0.7]
+    torch.save(old, tmp_path / "old.pt")
+    back = load_checkpoint(tmp_path / "old.pt")
+    assert back.thresholds == [0.3, 0.5, 0.7] and back.threshold_positives is None and back.min_val_positives is None
+    fresh = create_model("test_resnet", classes=CLASSES)
+    assert fresh.threshold_positives is None and fresh.min_val_positives is None
+
+
 def test_pretrained_rgb_resnet_weights_summed_over_channels(tmp_path):
     """A torchvision-style (3-channel, 1000-class) state dict loads; the grey conv is the channel sum."""
     net = tv_resnet.resnet18(weights=None)

@@ -155,3 +155,24 @@ def test_load_splits_and_class_distribution(tiny_phantom, tmp_path):
     with pytest.raises(ValueError, match=r"'train' and 'val' splits \(got train=\d+, val=0\)"):
         load_splits(no_val, 32)
     assert class_distribution({}, classes).empty and isinstance(dist, pd.DataFrame)
+
+
+def test_class_with_one_validation_positive_gets_no_threshold(tmp_path):
+    """One validation positive is no evidence for a threshold: NaN, the count stored with the model and in
+    best.pt, no F1 / MCC for the class; ``min_val_positives=1`` would fit one."""
+    val = Stripes(20, 1)
+    val.labels[:, 1] = 0
+    val.labels[3, 1] = 1  # class B: exactly one validation positive
+    result = fit(_model(), Stripes(40, 0), val, _cfg(epochs=1, checkpoint_dir=str(tmp_path)))
+    n_a = int(val.labels[:, 0].sum())
+    assert n_a >= 5 and np.isfinite(result.thresholds[0]) and math.isnan(result.thresholds[1])
+    assert result.threshold_positives.tolist() == [n_a, 1]
+    assert result.model.threshold_positives == [n_a, 1] and result.model.min_val_positives == 5
+    assert math.isnan(result.model.thresholds[1])
+    assert math.isnan(result.val_table.loc["B", "f1"]) and math.isnan(result.val_table.loc["B", "mcc"])
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert math.isnan(best.thresholds[1]) and best.threshold_positives == [n_a, 1] and best.min_val_positives == 5
+    lenient = fit(_model(), Stripes(40, 0), val, _cfg(epochs=1, min_val_positives=1))
+    assert np.isfinite(lenient.thresholds).all() and lenient.model.min_val_positives == 1
+    with pytest.raises(ValueError, match="min_val_positives must be an integer >= 1, got 0"):
+        fit(_model(), Stripes(40, 0), val, _cfg(epochs=1, min_val_positives=0))

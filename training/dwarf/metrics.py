@@ -6,7 +6,8 @@ the binarised map ``M >= t`` against the mask is averaged over the images where 
 accumulated batch by batch (:class:`MaxDiceAccumulator`) so maps never need to be held all at once.
 
 Classification metrics (AUC, F1, MCC, max-F1 thresholds) are the project's shared ones in
-:mod:`training.metrics`, renamed to the DWARF paper's column names.
+:mod:`training.metrics`, renamed to the DWARF paper's column names: a disease with fewer than
+``min_positives`` validation positives gets no threshold (NaN) and no F1 / MCC (NaN).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import pandas as pd
 import torch
 
 from training.dwarf.model import minmax_normalize
+from training.metrics import MIN_VAL_POSITIVES, classification_metrics
 from training.metrics import choose_thresholds as shared_choose_thresholds
-from training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,11 @@ def max_dice(maps: torch.Tensor, masks: torch.Tensor, thresholds: Sequence[float
 
 
 # ---- classification --------------------------------------------------------------------------
-def choose_thresholds(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
+def choose_thresholds(y_true: np.ndarray, y_prob: np.ndarray, min_positives: int = MIN_VAL_POSITIVES) -> np.ndarray:
     """Per-class threshold maximising F1 on (N, C) validation labels/probabilities
-    (:func:`training.metrics.choose_thresholds`; 0.5 for classes without positives)."""
-    return np.asarray(shared_choose_thresholds(y_true, y_prob), dtype=float)
+    (:func:`training.metrics.choose_thresholds`; NaN for classes with fewer than ``min_positives``
+    known positives)."""
+    return np.asarray(shared_choose_thresholds(y_true, y_prob, min_positives=min_positives), dtype=float)
 
 
 def classification_table(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray,
@@ -108,7 +110,7 @@ def classification_table(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.
 
     Returns:
         DataFrame indexed by class with columns ``auc``, ``f1``, ``mcc`` (AUC NaN for a class with one
-        label value only; F1/MCC 0 when undefined).
+        label value only; F1/MCC 0 when undefined, NaN for a class without a threshold).
     """
     table = classification_metrics(y_true, y_prob, thresholds, list(classes))
     return table[["auroc", "f1", "mcc"]].rename(columns={"auroc": "auc"})

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.dwarf.metrics import choose_thresholds, classification_table
+from training.metrics import MIN_VAL_POSITIVES, positive_counts
 from training.dwarf.model import DwarfModel, build_dwarf
 from training.dwarf.train import TrainConfig, evaluate, label_matrix, matched_epochs, train
 
@@ -29,29 +30,41 @@ BENCH_METHODS = ("pretrained", "gain", "dwarf")
 class Scores:
     """Per-class scores on the test split with thresholds chosen on validation."""
 
-    table: pd.DataFrame  # index class; columns auc, f1, mcc, max_dice, max_dice_raw, threshold
-    thresholds: np.ndarray  # (C,)
+    table: pd.DataFrame  # index class; columns auc, f1, mcc, max_dice, max_dice_raw, threshold, threshold_positives
+    thresholds: np.ndarray  # (C,) NaN where a class had fewer than min_positives validation positives
+    threshold_positives: np.ndarray | None = None  # (C,) validation positives each threshold rests on
+    min_positives: int = MIN_VAL_POSITIVES
 
     def means(self) -> dict[str, float]:
-        return {f"{k}_mean": float(np.nanmean(self.table[k].to_numpy(dtype=float)))
-                for k in ("auc", "f1", "mcc", "max_dice", "max_dice_raw")}
+        """Means over classes, NaN skipped (NaN when no class has a value)."""
+        out = {}
+        for k in ("auc", "f1", "mcc", "max_dice", "max_dice_raw"):
+            values = self.table[k].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            out[f"{k}_mean"] = float(values.mean()) if values.size else float("nan")
+        return out
 
 
 def score(model: DwarfModel, val: Dataset, test: Dataset, device: str | None = None, progress: bool = False,
-          use_raw_maps: bool = False) -> Scores:
+          use_raw_maps: bool = False, min_positives: int = MIN_VAL_POSITIVES) -> Scores:
     """Thresholds from ``val`` (max F1), then AUC/F1/MCC and Max Dice on ``test``.
 
     Args:
         use_raw_maps: report the raw maps as ``max_dice`` (for models without trained experts).
+        min_positives: validation positives a disease needs for a threshold; with fewer it gets none
+            (NaN) and no F1 / MCC.
     """
     ev_val = evaluate(model, val, device=device, progress=progress)
-    thresholds = choose_thresholds(ev_val.labels, ev_val.probabilities)
+    thresholds = choose_thresholds(ev_val.labels, ev_val.probabilities, min_positives=min_positives)
+    positives = positive_counts(ev_val.labels)
     ev = evaluate(model, test, device=device, progress=progress)
     table = classification_table(ev.labels, ev.probabilities, thresholds, model.class_names)
     table["max_dice"] = ev.max_dice_raw if use_raw_maps else ev.max_dice
     table["max_dice_raw"] = ev.max_dice_raw
     table["threshold"] = thresholds
-    return Scores(table=table, thresholds=np.asarray(thresholds, dtype=float))
+    table["threshold_positives"] = positives
+    return Scores(table=table, thresholds=np.asarray(thresholds, dtype=float), threshold_positives=positives,
+                  min_positives=int(min_positives))
 
 
 def pretrain(bundle: Any, classes: Sequence[str], train_ds: Dataset, config: TrainConfig, epochs: int,
@@ -78,8 +91,10 @@ def finetune(base: DwarfModel, method: str, train_ds: Dataset, config: TrainConf
 
 
 def compare_methods(bundle: Any, classes: Sequence[str], train_ds: Dataset, val_ds: Dataset, test_ds: Dataset,
-                    config: TrainConfig, cycles: int, vlm_epochs: int, **model_kw: Any) -> pd.DataFrame:
-    """DWARF vs GAIN vs pretrained VLM on one data set (the DWARF paper's comparison).
+                    config: TrainConfig, cycles: int, vlm_epochs: int, min_positives: int = MIN_VAL_POSITIVES,
+                    **model_kw: Any) -> pd.DataFrame:
+    """DWARF vs GAIN vs pretrained VLM on one data set (the DWARF paper's comparison); ``min_positives`` as
+    in :func:`score`.
 
     Returns:
         One row per method: ``method``, ``n_diseases``, the means of :meth:`Scores.means` and
@@ -90,7 +105,8 @@ def compare_methods(bundle: Any, classes: Sequence[str], train_ds: Dataset, val_
     rows = []
     for method in BENCH_METHODS:
         model = base if method == "pretrained" else finetune(base, method, train_ds, config, cycles, labels)
-        s = score(model, val_ds, test_ds, device=config.device, use_raw_maps=method != "dwarf")
+        s = score(model, val_ds, test_ds, device=config.device, use_raw_maps=method != "dwarf",
+                  min_positives=min_positives)
         row = {"method": method, "n_diseases": len(classes), **s.means()}
         row.update({f"max_dice[{c}]": float(v) for c, v in s.table["max_dice"].items()})
         rows.append(row)
