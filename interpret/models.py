@@ -1,0 +1,246 @@
+"""Adapters that let the library treat other model families like a classifier.
+
+:class:`DwarfClassifierView` wraps a :class:`training.dwarf.model.DwarfModel` (whose ``forward`` returns a
+:class:`~training.dwarf.model.DwarfOutput`) so that code written for classifiers (``model(x) -> logits``:
+performance, deletion/insertion faithfulness, the parameter-randomisation sanity test) runs on it
+unchanged, while its attention maps come from the model itself through ``method="dwarf"``
+(:mod:`interpret.attention.dwarf`): the expert-refined maps, exactly what the service serves.
+
+What a DWARF model does *not* have: a GAP + linear head over a feature layer. ``feature_layer`` is
+``None`` and classifier attention methods (``cam``, ``gradcam``, ...) refuse the view
+(:func:`explained_with`), so dissection, concepts and unit importance do not apply.
+
+:func:`reinitialize` re-draws the parameters of one named block in place (the randomisation step of
+Adebayo et al. 2018, "Sanity Checks for Saliency Maps"); it works for classifiers and for the view.
+
+Example:
+    >>> from training.dwarf.model import load_dwarf
+    >>> view = DwarfClassifierView(load_dwarf("checkpoint.pt"))          # doctest: +SKIP
+    >>> view(images).shape, view.maps(images).shape                      # doctest: +SKIP
+    (torch.Size([8, 3]), torch.Size([8, 3, 224, 224]))
+    >>> from interpret import attention_maps
+    >>> attention_maps(view, images, targets=[0] * 8, method="dwarf")     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DwarfClassifierView", "QueryHead", "as_dwarf_view", "explained_with", "is_dwarf", "reinitialize"]
+
+
+class QueryHead(nn.Module):
+    """DWARF's classification head as a module: ``logit_c = <q_c, w_c> + b_c``, one weight row per query.
+
+    :class:`~training.dwarf.model.DwarfModel` keeps these as bare parameters (``cls_weight`` (C, D),
+    ``cls_bias`` (C,)); this module holds *the same* ``nn.Parameter`` objects (shared, not copied), so
+    ``view.get_submodule("cls_head")`` names the head and :meth:`reset_parameters` re-initialises the
+    wrapped model's head in place. ``copy.deepcopy`` keeps the sharing (parameters are memoised).
+
+    Args:
+        weight: the model's ``cls_weight`` (C, D).
+        bias: the model's ``cls_bias`` (C,).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def reset_parameters(self) -> None:
+        """DWARF's own initialisation: ``w ~ N(0, 1/D)``, ``b = 0`` (in place)."""
+        with torch.no_grad():
+            self.weight.normal_(0.0, self.weight.shape[-1] ** -0.5)
+            self.bias.zero_()
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        """``queries`` (B, C, D) decoder outputs -> logits (B, C)."""
+        return (queries * self.weight).sum(-1) + self.bias
+
+
+class DwarfClassifierView(nn.Module):
+    """A DWARF model seen as a classifier: ``forward(x) -> logits (B, C)``, ``maps(x) -> refined maps``.
+
+    The wrapped model is the submodule ``dwarf`` (so ``copy.deepcopy``, ``.to()``, ``.eval()``,
+    ``parameters()`` and :func:`reinitialize` reach every weight); its classification head is also
+    named ``cls_head`` (:class:`QueryHead`, sharing the parameters). Metadata (``class_names``,
+    ``thresholds``, ``input_spec``) is read from, and written to, the wrapped model.
+
+    Attributes:
+        kind: ``"dwarf"`` (classifiers have no ``kind``; test with :func:`is_dwarf`).
+        arch: ``"dwarf"``.
+        feature_layer: ``None``: no GAP + linear feature layer (no CAM, dissection, concepts, units).
+        attention_methods: ``("dwarf",)``: the only :func:`interpret.attention_maps` method for it.
+        randomisation_layers: dotted block names (for ``get_submodule`` / :func:`reinitialize`) from the
+            output down, for a cascading parameter-randomisation test: experts, classification head,
+            final decoder norm, decoder layers (last first), memory then query projection, ViT blocks
+            (last first), ViT patch embedding.
+        logit_only_layers: the blocks among ``randomisation_layers`` that the maps do not depend on by
+            construction (the maps are cross-attention weights, computed before the head): randomising
+            one of them alone changes the logits and leaves the maps exactly as they were.
+
+    Args:
+        dwarf: a :class:`training.dwarf.model.DwarfModel` (e.g. from :func:`training.dwarf.load_dwarf`).
+
+    Raises:
+        ValueError: ``dwarf`` is not a DWARF model.
+    """
+
+    kind = "dwarf"
+    arch = "dwarf"
+    feature_layer = None
+    attention_methods = ("dwarf",)
+
+    def __init__(self, dwarf: nn.Module) -> None:
+        super().__init__()
+        from training.dwarf.model import DwarfModel
+
+        if not isinstance(dwarf, DwarfModel):
+            raise ValueError(f"DwarfClassifierView wraps a training.dwarf.DwarfModel, got {type(dwarf).__name__}")
+        self.dwarf = dwarf
+        self.cls_head = QueryHead(dwarf.cls_weight, dwarf.cls_bias)
+        blocks = ["dwarf.experts"] if dwarf.experts is not None else []
+        blocks += ["cls_head", "dwarf.decoder.norm"]
+        blocks += [f"dwarf.decoder.layers.{i}" for i in reversed(range(len(dwarf.decoder.layers)))]
+        blocks += ["dwarf.memory_proj", "dwarf.query_proj"]
+        visual = "dwarf.encoder.visual"
+        blocks += [f"{visual}.transformer.resblocks.{i}"
+                   for i in reversed(range(len(dwarf.encoder.visual.transformer.resblocks)))]
+        blocks += [f"{visual}.conv1"]
+        self.randomisation_layers: list[str] = blocks
+        self.logit_only_layers: tuple[str, ...] = ("cls_head", "dwarf.decoder.norm")
+
+    # ---- metadata of the wrapped model ----
+    @property
+    def class_names(self) -> list[str]:
+        return self.dwarf.class_names
+
+    @property
+    def thresholds(self) -> list[float]:
+        return self.dwarf.thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: list[float]) -> None:
+        self.dwarf.thresholds = list(value)
+
+    @property
+    def threshold_positives(self) -> list[int] | None:
+        """Validation positives each threshold rests on (set by training / the loader; None if unknown)."""
+        return getattr(self.dwarf, "threshold_positives", None)
+
+    @threshold_positives.setter
+    def threshold_positives(self, value: list[int] | None) -> None:
+        self.dwarf.threshold_positives = None if value is None else [int(n) for n in value]
+
+    @property
+    def min_val_positives(self) -> int | None:
+        """Fewest validation positives a threshold was chosen with (None if unknown)."""
+        return getattr(self.dwarf, "min_val_positives", None)
+
+    @min_val_positives.setter
+    def min_val_positives(self, value: int | None) -> None:
+        self.dwarf.min_val_positives = None if value is None else int(value)
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return self.dwarf.input_spec
+
+    @property
+    def config(self):
+        """The wrapped model's :class:`training.dwarf.model.DwarfConfig`."""
+        return self.dwarf.config
+
+    # ---- the classifier interface ----
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 1, S, S) float in [0, 1] -> logits (B, C) (one head per disease query)."""
+        return self.dwarf(images).logits
+
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 1, S, S) in [0, 1] -> expert-refined maps (B, C, S, S) in [0, 1], at the input size.
+
+        These are the maps the registered pyfunc returns (``maps``) and the service serves for
+        ``method=dwarf``; gradients flow when enabled.
+        """
+        return self.dwarf(images).refined_maps
+
+    def extra_repr(self) -> str:
+        return f"classes={self.class_names}"
+
+
+def is_dwarf(model: Any) -> bool:
+    """True for a :class:`DwarfClassifierView` or a bare :class:`training.dwarf.model.DwarfModel`."""
+    if isinstance(model, DwarfClassifierView):
+        return True
+    from training.dwarf.model import DwarfModel
+
+    return isinstance(model, DwarfModel)
+
+
+def as_dwarf_view(model: nn.Module) -> DwarfClassifierView:
+    """``model`` as a :class:`DwarfClassifierView` (a bare ``DwarfModel`` is wrapped; a view is returned as is).
+
+    Raises:
+        ValueError: ``model`` is neither.
+    """
+    if isinstance(model, DwarfClassifierView):
+        return model
+    if is_dwarf(model):
+        return DwarfClassifierView(model)
+    raise ValueError(f"method 'dwarf' explains DWARF models (training.dwarf.DwarfModel or "
+                     f"interpret.models.DwarfClassifierView); got {type(model).__name__}, a classifier: use "
+                     f"one of 'cam', 'gradcam', 'gradcampp', 'integrated_gradients', 'smoothgrad'")
+
+
+def explained_with(model: Any) -> tuple[str, ...] | None:
+    """The only attention methods ``model`` accepts, or None for an ordinary classifier (any method)."""
+    if is_dwarf(model):
+        return tuple(getattr(model, "attention_methods", DwarfClassifierView.attention_methods))
+    return None
+
+
+def reinitialize(model: nn.Module, name: str, seed: int | None = None) -> nn.Module:
+    """Re-draw, in place, every parameter of the block ``name`` of ``model`` (one randomisation step).
+
+    Each module inside the block re-initialises itself: ``reset_parameters()`` where it has one (linear,
+    convolution, normalisation layers, :class:`QueryHead`), ``_reset_parameters()`` for
+    ``nn.MultiheadAttention`` (its ``in_proj`` weights are not covered by any ``reset_parameters``). The
+    remaining parameters held directly by a module with neither method (e.g. a ViT's class and position
+    embeddings, layer-scale factors) are drawn from ``N(0, 0.02)``. Deep-copy first to keep the original.
+
+    Args:
+        model: any ``nn.Module`` (a classifier or a :class:`DwarfClassifierView`).
+        name: dotted block name (``model.get_submodule(name)``; a typo raises), e.g. one of
+            ``model.randomisation_layers``.
+        seed: seed for the draw (the global RNG state is restored afterwards); None: the current RNG.
+
+    Returns:
+        ``model`` (modified in place).
+
+    Raises:
+        ValueError: ``name`` is not a submodule of ``model``.
+    """
+    try:
+        block = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ValueError(f"cannot re-initialise {name!r}: {exc}") from None
+    cuda = sorted({p.device.index or 0 for p in block.parameters() if p.is_cuda})
+    rng = torch.random.fork_rng(devices=cuda) if seed is not None else contextlib.nullcontext()
+    with rng, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        done: set[int] = set()
+        for module in block.modules():
+            own = list(module.parameters(recurse=False))
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            elif isinstance(module, nn.MultiheadAttention):
+                module._reset_parameters()
+            else:
+                for p in own:
+                    if id(p) not in done:
+                        p.normal_(0.0, 0.02)
+            done.update(id(p) for p in own)
+    return model
