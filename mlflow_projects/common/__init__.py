@@ -17,7 +17,7 @@ Modules: :mod:`~mlflow_projects.common.settings` (paths, defaults, experiments),
 :mod:`~mlflow_projects.common.cli` (argparse types, quiet console, one-line errors),
 :mod:`~mlflow_projects.common.registry` (registering, model references, audits of versions),
 :mod:`~mlflow_projects.common.reporting` (config, metrics and tables of a run),
-:mod:`~mlflow_projects.common.models` (a registered classifier, a CLIP by one rule),
+:mod:`~mlflow_projects.common.models` (a registered classifier, the audited model, a CLIP by one rule),
 :mod:`~mlflow_projects.common.classifier_run` (classifier training runs). ``python -m
 mlflow_projects.common setup`` creates the tracking store and the experiments.
 """
@@ -33,7 +33,7 @@ from mlflow_projects.common.registry import (AuditNotFound, CONCEPTS_ARTIFACT, F
     RegistryError, SUMMARY_ARTIFACT, find_passing_audit, get_version, latest_audit, parse_model_uri, parse_version,
     register_version, resolve_model_uri, to_tag, version_audit)
 from mlflow_projects.common.reporting import (finite_metrics, log_config, log_table, print_table, table_metrics)
-from mlflow_projects.common.models import (CLIP_SPECS, load_classifier, resolve_clip)
+from mlflow_projects.common.models import (CLIP_SPECS, load_audit_model, load_classifier, resolve_clip)
 from mlflow_projects.common.classifier_run import (ClassifierRunConfig, add_classifier_arguments,
     classifier_image_size, plot_roc, train_one)
 
@@ -44,7 +44,8 @@ __all__ = [
     "EXPERIMENTS", "FALLBACK_ALIAS", "ModelIdentity", "PROJECT_ROOT", "RegistryError", "SCRATCH_CLIP",
     "SUMMARY_ARTIFACT", "add_classifier_arguments", "artifact_root", "check_manifest", "choice_of",
     "classifier_image_size", "ensure_data", "ensure_experiment", "existing_file", "find_passing_audit",
-    "finite_metrics", "get_version", "int_at_least", "latest_audit", "load_classifier", "log_config",
+    "finite_metrics", "get_version", "int_at_least", "latest_audit", "load_audit_model", "load_classifier",
+    "log_config",
     "log_table", "manifest_arg", "nonneg_float", "nonneg_int", "parse_model_uri", "parse_version", "plot_roc",
     "positive_float", "positive_int", "print_table", "quiet_console", "quiet_third_party", "register_version",
     "resolve_clip", "resolve_model_uri", "run_cli", "setup_tracking", "show_progress", "start_run",

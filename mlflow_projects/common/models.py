@@ -1,4 +1,5 @@
-"""Models the entry points load: a registered classifier, and a CLIP by one rule (no silent fallback)."""
+"""Models the entry points load: a registered classifier, the model an audit audits (a classifier or a DWARF
+seen as one), and a CLIP by one rule (no silent fallback)."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,58 @@ def load_classifier(uri: str, dst: str | Path):
     meta_path = ckpt.parent / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return load_checkpoint(ckpt).eval(), meta
+
+
+def load_audit_model(uri: str, dst: str | Path):
+    """The model an audit audits: a registered classifier, or a registered DWARF seen as a classifier.
+
+    One loader for the audit glue. A ``cxr-dwarf`` version (``meta.json`` with ``kind: "dwarf"``, written by
+    :mod:`mlflow_projects.pyfunc_dwarf`) is rebuilt with :func:`training.dwarf.model.load_dwarf` and wrapped
+    in :class:`interpret.models.DwarfClassifierView` (``model(x) -> logits``, ``model.maps(x)``, maps with
+    ``interpret.attention_maps(..., method="dwarf")``, ``model.kind == "dwarf"``); anything else goes through
+    :func:`load_classifier`, unchanged.
+
+    Args:
+        uri: a pinned model URI (``models:/name/3``, ``runs:/...``) or a local model folder.
+        dst: folder the artifacts are downloaded to.
+
+    Returns:
+        ``(model, meta)``: the eval-mode model (a classifier, or a ``DwarfClassifierView``) and
+        ``artifacts/meta.json`` (empty dict if a classifier has none).
+
+    Raises:
+        FileNotFoundError: the folder holds neither a classifier (``artifacts/checkpoint.pt``) nor a DWARF
+            model (``artifacts/meta.json`` with ``kind: "dwarf"`` beside ``checkpoint.pt``); the message
+            names the folder and what was expected.
+        ValueError: a maps-returning pyfunc that is not a DWARF model (it cannot be audited).
+    """
+    src = Path(uri)
+    if not src.exists():
+        src = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    expected = ("a cxr-classifier model (artifacts/checkpoint.pt, artifacts/meta.json) or a cxr-dwarf model "
+                "(artifacts/meta.json with kind 'dwarf', artifacts/checkpoint.pt)")
+    metas = [p for p in (src / "artifacts" / "meta.json", *sorted(src.rglob("meta.json"))) if p.is_file()] \
+        if src.is_dir() else []
+    meta = json.loads(metas[0].read_text()) if metas else {}
+    if meta.get("kind") == "dwarf":
+        from interpret.models import DwarfClassifierView
+        from training.dwarf.model import load_dwarf
+
+        ckpt = metas[0].parent / "checkpoint.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{uri} ({src}): {metas[0]} says kind 'dwarf' but {ckpt} is missing; expected "
+                                    f"{expected}")
+        view = DwarfClassifierView(load_dwarf(str(ckpt), map_location="cpu")).eval()
+        view.threshold_positives = meta.get("threshold_positives")  # in meta.json only (train_dwarf sets them)
+        view.min_val_positives = meta.get("min_val_positives")
+        return view, meta
+    if meta.get("kind") not in (None, "classifier") or "maps" in (meta.get("outputs") or []):
+        raise ValueError(f"{uri} ({src}) is a {meta.get('kind') or 'maps-returning'} pyfunc the audit cannot load; "
+                         f"expected {expected}")
+    try:
+        return load_classifier(str(src), dst)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} ({src}) holds no model the audit can load; expected {expected}") from None
 
 
 CLIP_SPECS = ("models:/NAME/VERSION", "models:/NAME@ALIAS", "an open_clip model name", "local-dir:PATH",
