@@ -224,10 +224,9 @@ def _hand_case():
 def test_evidence_and_margin_hand_worked():
     acts, v, t, tem = _hand_case()
     table = annotate("mammi", acts, v, t, tem, concepts=["a", "b"], layer="f", min_evidence=2)
-    r = 1 / math.sqrt(2)
     assert table["evidence"].tolist() == [1, 2, 0]
     assert table["sufficient"].tolist() == [False, True, False]
-    # unit 0 scores (1 - r, -r): margin 1; unit 1 scores (0, r/2 - (1 + r)/2 = -1/2): margin 1/2; unit 2 NaN
+    # with r = 1/sqrt(2): unit 0 scores (1 - r, -r): margin 1; unit 1 scores (0, r/2 - (1 + r)/2 = -1/2): margin 1/2; unit 2 NaN
     np.testing.assert_allclose(table["margin"][:2], [1.0, 0.5], atol=1e-6)
     assert np.isnan(table["margin"][2])
     assert table["concepts"].tolist() == [["a"], [], []]

@@ -56,8 +56,8 @@ def planted_problem(seed: int = 0, n: int = 600, d: int = 64, null_units: int = 
                 report_embeddings=rep, report_concepts=rep_concepts, iou=iou)
 
 
-PARAMS = {"mammi": {}, "mammi_floor": {}, "www": {}, "clip_dissect": {}, "falcon": {"report_embeddings": None, "report_concepts": None},
-          "tsi": {"iou": None}}
+PARAMS = {"mammi": {}, "mammi_floor": {}, "www": {}, "clip_dissect": {},
+          "falcon": {"report_embeddings": None, "report_concepts": None}, "tsi": {"iou": None}}
 
 
 def method_accuracy(p: dict, method: str) -> float:
