@@ -4,8 +4,8 @@ chest X-ray model. Routes only: every decision lives in :mod:`mlflow_projects.se
     bentoml serve service:CXRExplainer --port 3000        # binds 127.0.0.1 unless --host / BENTOML_HOST
 
 Settings come from the environment (``CXR_MODEL_URI``, ``MLFLOW_TRACKING_URI``, ``CXR_API_KEYS``,
-``CXR_ALLOW_ANONYMOUS``, ``CXR_MAX_PIXELS``, ``CXR_MAX_BODY_BYTES``, ``CXR_WORKERS``, ``CXR_CACHE_SIZE``,
-``CXR_FEEDBACK_DIR``; see :class:`mlflow_projects.serving.settings.ServeConfig`). Importing this module
+``CXR_ALLOW_ANONYMOUS``, ``CXR_MAX_PIXELS``, ``CXR_MIN_IMAGE_SIDE``, ``CXR_MAX_BODY_BYTES``, ``CXR_WORKERS``,
+``CXR_CACHE_SIZE``, ``CXR_FEEDBACK_DIR``; see :class:`mlflow_projects.serving.settings.ServeConfig`). Importing this module
 refuses a non-loopback bind without API keys (:func:`mlflow_projects.serving.settings.check_bind_address`)
 and, inside a Bento, finds the model packaged with it (:mod:`mlflow_projects.serving.startup`).
 
@@ -74,7 +74,8 @@ class CXRExplainer:
 
     @bentoml.api(route="/predict")
     async def predict(self, image: Path = None) -> dict:
-        """Findings (name, probability, threshold, positive) for a PNG, JPEG or DICOM image."""
+        """Findings (name, probability, threshold, positive) for a PNG, JPEG or DICOM image; a class without a
+        threshold (too few validation positives) has ``threshold`` and ``positive`` null and a ``threshold_reason``."""
         try:
             return _ok(await self.core.apredict(_read(image)))  # type: ignore[return-value]
         except ServingError as exc:

@@ -2,11 +2,16 @@
 
 Model directory: ``artifacts/checkpoint.pt`` (:func:`training.models.load_checkpoint`),
 ``artifacts/model.onnx`` (input ``images``; outputs ``logits``, ``features``) and ``artifacts/meta.json``
-``{arch, classes, thresholds, input: {size, channels, range, mean, std}, feature_layer, head: "gap_linear"}``.
+``{arch, classes, thresholds, threshold_positives, min_val_positives, input: {size, channels, range, mean,
+std}, feature_layer, head: "gap_linear"}``: ``thresholds`` holds ``null`` for a class with too few validation
+positives for one (:func:`training.metrics.choose_thresholds`); ``threshold_positives`` (validation positives
+per class) and ``min_val_positives`` are ``null`` for models trained before they were recorded.
 
 ``predict(images (B, 1, S, S) float32 in [0, 1]) -> probabilities (B, C)``. Params:
 ``return_features`` (bool) returns ``{"probabilities": (B, C), "features": (B, K, h, w)}`` instead;
 ``backend`` ``"torch"`` (default) or ``"onnx"`` (ONNX Runtime on the exported graph); ``batch_size``.
+The pyfunc returns probabilities only and makes no calls: calls (and ``positive: null`` where a class has no
+threshold) are the service's.
 """
 from __future__ import annotations
 
@@ -89,8 +94,15 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def model_meta(model) -> dict[str, Any]:
-    """The ``meta.json`` of a classifier (also the source of the registry version tags)."""
-    return {"arch": model.arch, "classes": list(model.class_names), "thresholds": [float(t) for t in model.thresholds],
+    """The ``meta.json`` of a classifier (also the source of the registry version tags); JSON-safe: a class
+    without a threshold has ``null``."""
+    from training.metrics import thresholds_to_json
+
+    positives = getattr(model, "threshold_positives", None)
+    minimum = getattr(model, "min_val_positives", None)
+    return {"arch": model.arch, "classes": list(model.class_names), "thresholds": thresholds_to_json(model.thresholds),
+            "threshold_positives": None if positives is None else [int(n) for n in positives],
+            "min_val_positives": None if minimum is None else int(minimum),
             "input": model.input_spec, "feature_layer": model.feature_layer, "head": "gap_linear"}
 
 
@@ -115,7 +127,7 @@ def log_classifier_model(model, name: str = "model", onnx: bool = True):
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, meta = Path(tmp) / "checkpoint.pt", Path(tmp) / "meta.json"
         save_checkpoint(model, ckpt)
-        meta.write_text(json.dumps(model_meta(model), indent=2))
+        meta.write_text(json.dumps(model_meta(model), indent=2, allow_nan=False))
         artifacts = {"checkpoint": str(ckpt), "meta": str(meta)}
         if onnx:
             artifacts["onnx"] = str(export_onnx(model, Path(tmp) / "model.onnx", image_size=size))

@@ -1,8 +1,9 @@
 """MLflow pyfunc wrapper of a trained DWARF model (what the service loads for ``method=dwarf``).
 
 Model directory: ``artifacts/checkpoint.pt`` (:func:`training.dwarf.load_dwarf`) and
-``artifacts/meta.json`` ``{kind: "dwarf", classes, thresholds, input: {size, channels, range, mean, std},
-outputs: ["probabilities", "maps"]}``.
+``artifacts/meta.json`` ``{kind: "dwarf", classes, thresholds, threshold_positives, min_val_positives,
+input: {size, channels, range, mean, std}, outputs: ["probabilities", "maps"]}``; ``thresholds`` holds
+``null`` for a disease with too few validation positives for one (the service then makes no call for it).
 
 ``predict(images (B, 1, S, S) float32 in [0, 1]) -> {"probabilities": (B, C), "maps": (B, C, S, S)}``
 where ``maps`` are the expert-refined maps in [0, 1]. ``params={"return_raw": True}`` adds
@@ -66,8 +67,16 @@ class DwarfPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def model_meta(model) -> dict[str, Any]:
-    """The ``meta.json`` / version-tag metadata of a :class:`training.dwarf.DwarfModel`."""
-    return {"kind": "dwarf", "classes": list(model.class_names), "thresholds": [float(t) for t in model.thresholds],
+    """The ``meta.json`` / version-tag metadata of a :class:`training.dwarf.DwarfModel` (JSON-safe: a disease
+    without a threshold has ``null``; ``threshold_positives`` / ``min_val_positives`` are set by
+    ``train_dwarf`` on the model, ``null`` when absent)."""
+    from training.metrics import thresholds_to_json
+
+    positives = getattr(model, "threshold_positives", None)
+    minimum = getattr(model, "min_val_positives", None)
+    return {"kind": "dwarf", "classes": list(model.class_names), "thresholds": thresholds_to_json(model.thresholds),
+            "threshold_positives": None if positives is None else [int(n) for n in positives],
+            "min_val_positives": None if minimum is None else int(minimum),
             "input": model.input_spec, "outputs": ["probabilities", "maps"]}
 
 
@@ -89,7 +98,7 @@ def log_dwarf_model(model, name: str = "model", example_size: int | None = None)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, meta = Path(tmp) / "checkpoint.pt", Path(tmp) / "meta.json"
         torch.save(model.checkpoint(), ckpt)
-        meta.write_text(json.dumps(model_meta(model), indent=2))
+        meta.write_text(json.dumps(model_meta(model), indent=2, allow_nan=False))
         return mlflow.pyfunc.log_model(name=name, python_model=DwarfPyfunc(),
                                        artifacts={"checkpoint": str(ckpt), "meta": str(meta)},
                                        signature=signature, input_example=example)

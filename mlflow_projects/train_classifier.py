@@ -6,7 +6,9 @@ manifest's ``train`` / ``val`` (/ ``test``) splits (default: the phantom, genera
 resolved config, the class distribution per split, validation (and test) metrics per class as
 CSV/HTML, a validation ROC plot; (5) the pyfunc of :mod:`mlflow_projects.pyfunc_classifier`
 (checkpoint + ONNX checked against eager + meta, signature, input example) registered under
-``--registered-name`` with alias ``candidate`` and version tags ``classes``, ``thresholds``, ``input``.
+``--registered-name`` with alias ``candidate`` and version tags ``classes``, ``thresholds`` (JSON; ``null``
+for a class with fewer than ``--min-val-positives`` validation positives: no threshold is fitted on so
+little), ``threshold_positives``, ``min_val_positives``, ``input``.
 
     python -m mlflow_projects.train_classifier --data outputs/phantom/manifest.parquet --arch resnet18 \
         --loss focal --epochs 3 --image-size 128
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-6)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=0.5)
     p.add_argument("--patience", type=nonneg_int, default=0)
+    p.add_argument("--min-val-positives", type=positive_int, default=ClassifierRunConfig().min_val_positives,
+                   help="validation positives a class needs for a decision threshold; with fewer it gets none "
+                        "(null) and the service makes no call for it")
     p.add_argument("--augment", action="store_true")
     p.add_argument("--no-cache", action="store_true", help="read images from disk every epoch")
     p.add_argument("--device", default="")
@@ -71,7 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ClassifierRunConfig:
         image_size=a.image_size, batch_size=a.batch_size, seed=a.seed, task=a.task,
         pretrained=str(Path(pretrained).expanduser().resolve()) if pretrained else None,
         registered_name=a.registered_name.strip(), lr=a.lr, weight_decay=a.weight_decay,
-        warmup_epochs=a.warmup_epochs, patience=a.patience, augment=a.augment, cache=not a.no_cache,
+        warmup_epochs=a.warmup_epochs, patience=a.patience, min_val_positives=a.min_val_positives,
+        augment=a.augment, cache=not a.no_cache,
         device=a.device or None, num_workers=a.num_workers, phantom_n=a.phantom_n, experiment=a.experiment)
 
 
@@ -112,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         mlflow.log_artifact(str(export_onnx(model, tmp / "onnx" / "model.onnx")), "onnx")
         meta = model_meta(model)
         val_means = summarize(result.val_table)
-        tags = {"classes": meta["classes"], "thresholds": meta["thresholds"], "input": meta["input"],
-                "arch": cfg.arch, "loss": cfg.loss, "task": cfg.task, "feature_layer": meta["feature_layer"],
+        tags = {"classes": meta["classes"], "thresholds": meta["thresholds"],
+                "threshold_positives": meta["threshold_positives"], "min_val_positives": meta["min_val_positives"],
+                "input": meta["input"], "arch": cfg.arch, "loss": cfg.loss, "task": cfg.task,
+                "feature_layer": meta["feature_layer"],
                 "train_run_id": run.info.run_id,
                 "val_auroc_mean": round(val_means["auroc_mean"], 4) if np.isfinite(val_means["auroc_mean"]) else "nan"}
         mv = register_version(info.model_uri, cfg.registered_name, tags,

@@ -6,7 +6,8 @@ split; (2) CLIP (:func:`mlflow_projects.common.resolve_clip`; DWARF needs a ViT 
 (the default: an untrained ``cxr-tiny-vit``), a ``models:/`` URI of a registered ViT ``cxr-clip`` (e.g.
 trained with ``train_clip --model cxr-minilm-vit``), or an open_clip spec; anything that cannot be
 loaded is refused, never replaced by an untrained model; (3) the VLM stage (classification only) and cyclic DWARF fine-tuning, ``--epochs`` cycles of
-one epoch per disease; (4) thresholds chosen on ``val``, AUC / F1 / MCC / Max Dice on ``test`` per
+one epoch per disease; (4) thresholds chosen on ``val`` (none, ``null`` in the tags, for a disease with
+fewer than ``--min-val-positives`` validation positives), AUC / F1 / MCC / Max Dice on ``test`` per
 disease and their means (the VLM stage is logged too, prefixed ``vlm.``); (5) galleries
 ``gallery/<disease>.png`` (image, raw map, refined map, ground truth); (6) the pyfunc of
 :mod:`mlflow_projects.pyfunc_dwarf` registered as ``cxr-dwarf`` with alias ``candidate``.
@@ -16,6 +17,7 @@ disease and their means (the VLM stage is logged too, prefixed ``vlm.``); (5) ga
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ class DwarfRunConfig:
     heads: int = 4
     map_layers: int = 1
     gallery_n: int = 4
+    min_val_positives: int = 5  # = training.metrics.MIN_VAL_POSITIVES: fewer val positives, no threshold
     experiment: str = EXPERIMENT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -112,6 +115,9 @@ def parse_args(argv: Sequence[str] | None = None) -> DwarfRunConfig:
     p.add_argument("--heads", type=positive_int, default=4)
     p.add_argument("--map-layers", type=positive_int, default=1)
     p.add_argument("--gallery-n", type=nonneg_int, default=4)
+    p.add_argument("--min-val-positives", type=positive_int, default=DwarfRunConfig().min_val_positives,
+                   help="validation positives a disease needs for a decision threshold; with fewer it gets none "
+                        "(null) and the service makes no call for it")
     p.add_argument("--experiment", default=EXPERIMENT)
     a = p.parse_args(argv)
     if a.feedback and not Path(a.feedback).expanduser().is_dir():
@@ -121,7 +127,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DwarfRunConfig:
                           vlm_epochs=a.vlm_epochs, classes=[c.strip() for c in a.classes.split(",") if c.strip()] or None,
                           feedback=str(Path(a.feedback).expanduser().resolve()) if a.feedback else None, phantom_n=a.phantom_n, device=a.device or None,
                           d_model=a.d_model, decoder_layers=a.decoder_layers, heads=a.heads, map_layers=a.map_layers,
-                          gallery_n=a.gallery_n, experiment=a.experiment)
+                          gallery_n=a.gallery_n, min_val_positives=a.min_val_positives, experiment=a.experiment)
 
 
 def _log_scores(mlflow, scores, prefix: str = "") -> None:
@@ -159,10 +165,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         model_kw = dict(d_model=cfg.d_model, decoder_layers=cfg.decoder_layers, heads=cfg.heads,
                         map_layers=cfg.map_layers)
         base = pretrain(bundle, classes, train_ds, tcfg, cfg.vlm_epochs, **model_kw)
-        _log_scores(mlflow, score(base, val_ds, test_ds, device=device, use_raw_maps=True), prefix="vlm.")
+        _log_scores(mlflow, score(base, val_ds, test_ds, device=device, use_raw_maps=True,
+                                  min_positives=cfg.min_val_positives), prefix="vlm.")
         model = finetune(base, "dwarf", train_ds, tcfg, cycles=cfg.epochs)
-        scores = score(model, val_ds, test_ds, device=device)
+        scores = score(model, val_ds, test_ds, device=device, min_positives=cfg.min_val_positives)
         model.thresholds = [float(t) for t in scores.thresholds]
+        model.threshold_positives = [int(n) for n in scores.threshold_positives]  # written to meta.json
+        model.min_val_positives = scores.min_positives
+        unfit = [f"{c} ({n})" for c, t, n in zip(classes, model.thresholds, model.threshold_positives) if math.isnan(t)]
+        if unfit:
+            log.warning("no threshold for %s: fewer than %d validation positives (no call is made for them)",
+                        ", ".join(unfit), cfg.min_val_positives)
         _log_scores(mlflow, scores)
         table_path = Path(tmp) / "metrics.csv"
         scores.table.to_csv(table_path)
@@ -175,8 +188,9 @@ def main(argv: Sequence[str] | None = None) -> str:
             mlflow.log_artifacts(str(gallery), "gallery")
         info = log_dwarf_model(model)
         meta = model_meta(model)
-        tags = {"classes": meta["classes"], "thresholds": meta["thresholds"], "input": meta["input"],
-                "kind": "dwarf", "clip": clip_used, "train_run_id": run.info.run_id,
+        tags = {"classes": meta["classes"], "thresholds": meta["thresholds"],
+                "threshold_positives": meta["threshold_positives"], "min_val_positives": meta["min_val_positives"],
+                "input": meta["input"], "kind": "dwarf", "clip": clip_used, "train_run_id": run.info.run_id,
                 "max_dice_mean": round(scores.means()["max_dice_mean"], 4)}
         mv = register_version(info.model_uri, cfg.registered_name, tags,
                               description=f"DWARF on {len(classes)} diseases, CLIP {clip_used}")

@@ -37,6 +37,7 @@ class ClassifierRunConfig:
     weight_decay: float = 1e-6
     warmup_epochs: float = 0.5
     patience: int = 0  # early stopping on val mean AUROC; 0 = off
+    min_val_positives: int = 5  # = training.metrics.MIN_VAL_POSITIVES: fewer val positives, no threshold
     augment: bool = False
     cache: bool = True  # decode images once (only without augmentation)
     device: str | None = None
@@ -118,7 +119,8 @@ def train_one(cfg: ClassifierRunConfig, train_ds, val_ds, test_ds, classes: Iter
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        warmup_epochs=cfg.warmup_epochs, loss=cfg.loss, task=cfg.task, seed=cfg.seed,
                        device=cfg.device, patience=cfg.patience, num_workers=cfg.num_workers,
-                       checkpoint_dir=str(tmp / "ckpt"), progress=show_progress())
+                       checkpoint_dir=str(tmp / "ckpt"), progress=show_progress(),
+                       min_val_positives=cfg.min_val_positives)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if log_epochs:

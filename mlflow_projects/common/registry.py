@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +39,19 @@ def register_version(model_uri: str, name: str, tags: Mapping[str, Any], alias: 
 
 
 def to_tag(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    """A version tag's text: strings as they are, anything else as JSON, where a non-finite float (a class
+    without a threshold is NaN in memory) is ``null``, never the invalid ``NaN``."""
+    return value if isinstance(value, str) else json.dumps(_json_safe(value), sort_keys=True, allow_nan=False)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 # ---- model references and the registry -------------------------------------------------------

@@ -45,7 +45,34 @@ from mlflow_projects.serving.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExplanationService", "explanation_maps", "top_units"]
+__all__ = ["ExplanationService", "explanation_maps", "top_units", "findings"]
+
+
+def findings(model: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
+    """The ``findings`` of ``/predict`` and ``/explain``: one entry per class, in the model's class order.
+
+    Args:
+        model: the loaded model (its classes, thresholds and the validation positives behind them).
+        probs: (C,) probabilities of one image.
+
+    Returns:
+        ``[{name, probability, threshold, positive}]`` with ``positive = probability >= threshold``. A class
+        without a threshold (too few validation positives to fit one, :func:`training.metrics.choose_thresholds`)
+        gets no call: ``threshold`` and ``positive`` are ``None`` and ``threshold_reason`` says why, e.g.
+        ``"no reliable threshold: 1 validation positive (< 5)"``.
+    """
+    from training.metrics import threshold_reason
+
+    out = []
+    positives = model.threshold_positives
+    for i, (name, p, t) in enumerate(zip(model.classes, np.asarray(probs, dtype=np.float64).tolist(), model.thresholds)):
+        if t is not None and np.isfinite(t):
+            out.append({"name": name, "probability": float(p), "threshold": float(t), "positive": bool(p >= t)})
+        else:
+            n = positives[i] if positives is not None and i < len(positives) else None
+            out.append({"name": name, "probability": float(p), "threshold": None, "positive": None,
+                        "threshold_reason": threshold_reason(n, model.min_val_positives)})
+    return out
 
 
 def explanation_maps(model: LoadedModel, x: np.ndarray, classes: Sequence[int], method: str | None = None,
@@ -247,12 +274,11 @@ class ExplanationService:
         return self._model().run_batch(x)
 
     def _findings(self, m: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
-        return [{"name": c, "probability": float(p), "threshold": float(t), "positive": bool(p >= t)}
-                for c, p, t in zip(m.classes, probs.tolist(), m.thresholds)]
+        return findings(m, probs)
 
     def _decode(self, data: bytes | None) -> tuple[DecodedImage, np.ndarray]:
         m = self._model()
-        img = decode_upload(data, self.config.max_pixels)
+        img = decode_upload(data, self.config.max_pixels, self.config.min_image_side)
         return img, preprocess(img.pixels, m.image_size)  # (1, S, S)
 
     def _image_info(self, img: DecodedImage) -> dict[str, Any]:
@@ -267,7 +293,8 @@ class ExplanationService:
 
         Returns:
             ``{"model", "image": {width, height, sha256}, "findings": [{name, probability, threshold,
-            positive}]}``.
+            positive}]}`` (:func:`findings`: ``threshold`` and ``positive`` null, plus ``threshold_reason``,
+            for a class without a threshold).
 
         Raises:
             ServingError: bad image (4xx), model not loaded (503).
@@ -458,7 +485,7 @@ class ExplanationService:
             raise ServingError(400, f"unknown finding {finding!r}; valid: {m.classes}", valid=m.classes)
         img = None
         if image is not None:
-            img = decode_upload(image, self.config.max_pixels)
+            img = decode_upload(image, self.config.max_pixels, self.config.min_image_side)
             sha = img.sha256
         elif image_sha256:
             sha = str(image_sha256)

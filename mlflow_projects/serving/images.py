@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlflow_projects.serving.errors import ServingError
+from mlflow_projects.serving.settings import DEFAULT_MIN_IMAGE_SIDE
 
 __all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "grey_png"]
 
@@ -29,18 +30,21 @@ class DecodedImage:
     format: str
 
 
-def decode_upload(data: bytes | None, max_pixels: int) -> DecodedImage:
+def decode_upload(data: bytes | None, max_pixels: int, min_side: int = DEFAULT_MIN_IMAGE_SIDE) -> DecodedImage:
     """Decode an uploaded PNG, JPEG or DICOM file.
 
     Args:
         data: the file's bytes (None when the field was not sent).
         max_pixels: the pixel limit (``CXR_MAX_PIXELS``), checked from the header before decoding.
+        min_side: the shortest side accepted in px (``CXR_MIN_IMAGE_SIDE``), checked from the header: a
+            1x1 image upsampled to the model's input is not a radiograph, and no audit covered it.
 
     Returns:
         The decoded image.
 
     Raises:
-        ServingError: 400 empty / corrupt / truncated, 415 unsupported type, 413 over ``max_pixels``.
+        ServingError: 400 empty / corrupt / truncated / smaller than ``min_side``, 415 unsupported type,
+            413 over ``max_pixels``.
     """
     from training.data.imageio import ImageReadError, detect_format, image_size, read_image
 
@@ -59,6 +63,7 @@ def decode_upload(data: bytes | None, max_pixels: int) -> DecodedImage:
         if "bomb" in exc.reason:
             raise ServingError(413, f"image too large: {exc.reason}") from None
         raise ServingError(400, f"cannot read the image: {exc.reason}") from None
+    _check_min_side(w, h, min_side)  # from the header: nothing decoded yet
     if w * h > max_pixels:
         raise ServingError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels "
                                 "(CXR_MAX_PIXELS)")
@@ -67,7 +72,14 @@ def decode_upload(data: bytes | None, max_pixels: int) -> DecodedImage:
     except ImageReadError as exc:
         status = 413 if ("exceeds max_pixels" in exc.reason or "bomb" in exc.reason) else 400
         raise ServingError(status, f"cannot read the image: {exc.reason}") from None
+    _check_min_side(int(pixels.shape[1]), int(pixels.shape[0]), min_side)  # the decoded image too
     return DecodedImage(pixels, int(pixels.shape[1]), int(pixels.shape[0]), hashlib.sha256(data).hexdigest(), fmt)
+
+
+def _check_min_side(w: int, h: int, min_side: int) -> None:
+    if min(w, h) < min_side:
+        raise ServingError(400, f"image is {w}x{h} px; the model was audited on images of at least {min_side} px "
+                                "a side (CXR_MIN_IMAGE_SIDE)")
 
 
 def preprocess(pixels: np.ndarray, size: int) -> np.ndarray:

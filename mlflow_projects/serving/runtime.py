@@ -47,7 +47,7 @@ class LoadedModel:
     identity: ModelIdentity
     kind: str  # "classifier" | "maps" (a pyfunc returning probabilities and maps, e.g. cxr-dwarf)
     classes: list[str]
-    thresholds: list[float]
+    thresholds: list[float]  # NaN: no threshold (too few validation positives); no call is made
     image_size: int
     meta: dict[str, Any]
     methods: tuple[str, ...]
@@ -60,6 +60,8 @@ class LoadedModel:
     concepts: Any = None  # DataFrame or None
     audit_run_id: str | None = None
     unit_concepts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    threshold_positives: list[int] | None = None  # validation positives per class behind the thresholds
+    min_val_positives: int | None = None  # the minimum a threshold needed (None: not recorded)
     # gradient methods put hooks on the shared torch model: one at a time
     torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -117,6 +119,8 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
     """
     import mlflow
 
+    from training.metrics import thresholds_from_json  # JSON null (no threshold) -> NaN
+
     src = Path(source) if source else Path(identity.uri)
     where = str(source) if source else mlflow.get_tracking_uri()
     key = hashlib.sha256(f"{where}|{identity.uri}".encode()).hexdigest()[:16]
@@ -132,8 +136,9 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
         classes = [str(c) for c in meta.get("classes", [])]
         if not classes:
             raise ServingError(503, f"{identity.uri}: meta.json lists no classes")
-        return LoadedModel(identity, "maps", classes, [float(t) for t in meta.get("thresholds", [0.5] * len(classes))],
-                           int(meta.get("input", {}).get("size", 224)), meta, MAPS_METHODS, pyfunc=model)
+        thresholds = thresholds_from_json(meta.get("thresholds") or [0.5] * len(classes))
+        return LoadedModel(identity, "maps", classes, thresholds, int(meta.get("input", {}).get("size", 224)), meta,
+                           MAPS_METHODS, pyfunc=model, **_threshold_support(meta, None, len(classes)))
     ckpt = src / "artifacts" / "checkpoint.pt"
     if not ckpt.is_file():
         found = sorted(src.rglob("checkpoint.pt"))
@@ -148,7 +153,7 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
     torch.set_num_threads(threads)
     net = load_checkpoint(ckpt).eval()
     classes = [str(c) for c in (meta.get("classes") or net.class_names)]
-    thresholds = [float(t) for t in (meta.get("thresholds") or net.thresholds)]
+    thresholds = thresholds_from_json(meta.get("thresholds") or net.thresholds)
     size = int((meta.get("input") or {}).get("size") or net.input_spec["size"])
     onnx_path = ckpt.parent / "model.onnx"
     if not onnx_path.is_file():
@@ -172,7 +177,24 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
     return LoadedModel(identity, "classifier", classes, thresholds, size, meta, CLASSIFIER_METHODS, torch_model=net,
                        session=session, head_weight=net.head.weight.detach().numpy().astype(np.float32),
                        head_bias=net.head.bias.detach().numpy().astype(np.float32),
-                       feature_layer=meta.get("feature_layer") or net.feature_layer)
+                       feature_layer=meta.get("feature_layer") or net.feature_layer,
+                       **_threshold_support(meta, net, len(classes)))
+
+
+def _threshold_support(meta: dict[str, Any], net: Any, n_classes: int) -> dict[str, Any]:
+    """``threshold_positives`` and ``min_val_positives`` from ``meta.json``, else the checkpoint; None where
+    neither records them (models trained before they existed)."""
+    positives = meta.get("threshold_positives")
+    if positives is None and net is not None:
+        positives = getattr(net, "threshold_positives", None)
+    minimum = meta.get("min_val_positives")
+    if minimum is None and net is not None:
+        minimum = getattr(net, "min_val_positives", None)
+    if positives is not None and len(positives) != n_classes:
+        log.warning("threshold_positives lists %d values for %d classes; ignored", len(positives), n_classes)
+        positives = None
+    return {"threshold_positives": None if positives is None else [int(n) for n in positives],
+            "min_val_positives": None if minimum is None else int(minimum)}
 
 
 def unit_concepts(table, layer: str | None) -> dict[int, dict[str, Any]]:

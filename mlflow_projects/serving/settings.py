@@ -17,11 +17,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ServeConfig", "DEFAULT_MODEL_URI", "DEFAULT_HOST", "UnsafeBindError", "available_cores",
+__all__ = ["ServeConfig", "DEFAULT_MODEL_URI", "DEFAULT_HOST", "DEFAULT_MIN_IMAGE_SIDE", "UnsafeBindError", "available_cores",
            "requested_host", "is_loopback", "check_bind_address"]
 
 DEFAULT_MODEL_URI = "models:/cxr-classifier@champion"
 DEFAULT_HOST = "127.0.0.1"  # the service's http.host: loopback unless told otherwise (--host / BENTOML_HOST)
+DEFAULT_MIN_IMAGE_SIDE = 64  # px: smaller uploads get 400 (the phantom and the audits use >= 64 px images)
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -62,6 +63,7 @@ class ServeConfig:
     model_uri: str = DEFAULT_MODEL_URI  # CXR_MODEL_URI
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI (None: mlflow_projects.common default)
     max_pixels: int = 50_000_000  # CXR_MAX_PIXELS: larger images get 413
+    min_image_side: int = DEFAULT_MIN_IMAGE_SIDE  # CXR_MIN_IMAGE_SIDE: images with a shorter side get 400
     max_body_bytes: int = 128 * 1024 * 1024  # CXR_MAX_BODY_BYTES: larger requests get 413
     api_keys: tuple[str, ...] = ()  # CXR_API_KEYS (comma-separated); empty = no auth
     allow_anonymous: bool = False  # CXR_ALLOW_ANONYMOUS=1: serve without keys on a non-loopback address
@@ -95,6 +97,7 @@ class ServeConfig:
         return cls(model_uri=env.get("CXR_MODEL_URI") or DEFAULT_MODEL_URI,
                    tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
                    max_pixels=_env_int("CXR_MAX_PIXELS", 50_000_000, 1, env),
+                   min_image_side=_env_int("CXR_MIN_IMAGE_SIDE", DEFAULT_MIN_IMAGE_SIDE, 1, env),
                    max_body_bytes=_env_int("CXR_MAX_BODY_BYTES", 128 * 1024 * 1024, 1, env),
                    api_keys=keys, allow_anonymous=_env_bool("CXR_ALLOW_ANONYMOUS", env),
                    cache_size=_env_int("CXR_CACHE_SIZE", 512, 0, env),

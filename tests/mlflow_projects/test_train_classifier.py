@@ -66,6 +66,41 @@ def test_parsed_config(tmp_path):
     assert (cfg.arch, cfg.loss, cfg.epochs, cfg.image_size, cfg.task, cfg.pretrained) == \
         ("t_densenet", "cb_focal", 2, 96, "binary", None)
     assert cfg.data == str(manifest.resolve())
+    assert cfg.min_val_positives == 5  # the library's default, training.metrics.MIN_VAL_POSITIVES
+    assert parse_args(["--data", str(manifest), "--min-val-positives", "3"]).min_val_positives == 3
+
+
+def test_min_val_positives_defaults_agree_and_bad_values_exit_2(capsys, tmp_path):
+    from mlflow_projects.common import ClassifierRunConfig
+    from training.metrics import MIN_VAL_POSITIVES
+    from training.train import TrainConfig
+
+    assert ClassifierRunConfig().min_val_positives == TrainConfig().min_val_positives == MIN_VAL_POSITIVES
+    manifest = _manifest(tmp_path)
+    for bad in ("0", "-2", "many"):
+        err = _exit_message(capsys, ["--data", str(manifest), "--min-val-positives", bad])
+        assert "--min-val-positives" in err and f"'{bad}'" in err
+
+
+def test_thresholds_tag_is_json_with_null_for_a_class_without_threshold():
+    """DESIGN.md: the version tag ``thresholds`` is JSON with ``null`` for a class without enough validation
+    positives (NaN in memory), never the invalid ``NaN``; the meta.json of the pyfunc says the same."""
+    from mlflow_projects.common import to_tag
+    from mlflow_projects.pyfunc_classifier import model_meta
+    from training.models import create_model
+
+    text = to_tag([0.25, float("nan"), 0.5])
+    assert text == "[0.25, null, 0.5]" and json.loads(text) == [0.25, None, 0.5]
+    assert json.loads(to_tag({"a": float("inf"), "b": [1, float("nan")]})) == {"a": None, "b": [1, None]}
+    assert to_tag("text") == "text"
+    model = create_model("test_resnet", classes=["Effusion", "Hernia"])
+    model.thresholds, model.threshold_positives, model.min_val_positives = [0.3, float("nan")], [9, 1], 5
+    meta = model_meta(model)
+    assert meta["thresholds"] == [0.3, None] and meta["threshold_positives"] == [9, 1]
+    assert meta["min_val_positives"] == 5
+    json.dumps(meta, allow_nan=False)
+    old = model_meta(create_model("test_resnet", classes=["Effusion"]))  # nothing recorded: null, not invented
+    assert old["threshold_positives"] is None and old["min_val_positives"] is None
 
 
 @pytest.mark.slow
@@ -98,8 +133,12 @@ def test_mlflow_run_registers_candidate_that_loads_and_agrees_with_onnx(tiny_pha
     assert str(mv.version) == "1"
     classes = json.loads(mv.tags["classes"])
     thresholds = json.loads(mv.tags["thresholds"])
+    positives = json.loads(mv.tags["threshold_positives"])
     spec = json.loads(mv.tags["input"])
-    assert len(classes) >= 2 and len(thresholds) == len(classes) and all(0 <= t <= 1 for t in thresholds)
+    assert len(classes) >= 2 and len(thresholds) == len(positives) == len(classes)
+    # a class with fewer than 5 validation positives (the default) has no threshold: null, not a number
+    assert [t is None for t in thresholds] == [n < 5 for n in positives] and mv.tags["min_val_positives"] == "5"
+    assert all(0 <= t <= 1 for t in thresholds if t is not None)
     assert spec["size"] == 32 and spec["channels"] == 1 and len(spec["mean"]) == 1 and len(spec["std"]) == 1
     assert mv.tags["arch"] == "test_resnet" and mv.tags["loss"] == "focal"
 
@@ -123,4 +162,6 @@ def test_mlflow_run_registers_candidate_that_loads_and_agrees_with_onnx(tiny_pha
     np.testing.assert_allclose(onnx_out["features"], feats, atol=1e-4)
     meta = model.unwrap_python_model().meta
     assert meta["classes"] == classes and meta["thresholds"] == thresholds and meta["head"] == "gap_linear"
+    assert meta["threshold_positives"] == positives and meta["min_val_positives"] == 5
+    assert net.threshold_positives == positives and net.min_val_positives == 5  # the checkpoint too
     assert meta["feature_layer"] == "features.layer4"

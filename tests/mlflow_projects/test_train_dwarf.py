@@ -28,7 +28,9 @@ def test_arguments_are_validated(capsys, tmp_path):
     assert cfg.epochs == 2 and cfg.lam == 0.3 and cfg.classes == ["Nodule", "Mass"] and cfg.feedback is None
     assert cfg.clip == "scratch"  # the untrained ViT is the default by name, never a silent fallback
     assert parse_args(["--feedback", str(tmp_path)]).feedback == str(tmp_path)
+    assert cfg.min_val_positives == 5 and parse_args(["--min-val-positives", "2"]).min_val_positives == 2
     for bad, needle in ((["--epochs", "0"], "positive integer"), (["--lam", "1.5"], "[0, 1]"),
+                        (["--min-val-positives", "0"], "--min-val-positives"),
                         (["--image-size", "x"], "'x'"), (["--image-size", "7"], "image size >= 16, got '7'"),
                         (["--feedback", str(tmp_path / "nope")], f"folder not found: {tmp_path / 'nope'}"),
                         (["--data", str(tmp_path)], "is a folder")):
@@ -158,15 +160,24 @@ def test_mlflow_run_train_dwarf_registers_candidate(tmp_path):
     client = MlflowClient()
     mv = client.get_model_version_by_alias("cxr-dwarf", "candidate")
     classes = json.loads(mv.tags["classes"])
-    assert len(classes) >= 1 and len(json.loads(mv.tags["thresholds"])) == len(classes)
+    thresholds, positives = json.loads(mv.tags["thresholds"]), json.loads(mv.tags["threshold_positives"])
+    assert len(classes) >= 1 and len(thresholds) == len(positives) == len(classes)
+    assert mv.tags["min_val_positives"] == "5"
+    # a disease with fewer than 5 validation positives has no threshold (null), the others one in [0, 1]
+    assert [t is None for t in thresholds] == [n < 5 for n in positives]
+    assert all(0 <= t <= 1 for t in thresholds if t is not None)
     assert json.loads(mv.tags["input"])["channels"] == 1 and mv.tags["kind"] == "dwarf"
     assert mv.tags["clip"] == "scratch:cxr-tiny-vit (untrained)"  # the default, by name
     run = client.get_run(mv.run_id)
     assert artifacts_under_root(run, env) and run.data.params["feedback"] == str(tmp_path / "feedback")
-    assert {"auc_mean", "f1_mean", "mcc_mean", "max_dice_mean"} <= set(run.data.metrics)
+    assert {"auc_mean", "max_dice_mean"} <= set(run.data.metrics)
+    # F1 / MCC need a threshold: their means are logged when at least one disease has one
+    assert ({"f1_mean", "mcc_mean"} <= set(run.data.metrics)) == any(t is not None for t in thresholds)
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "gallery")]
     assert arts and all(a.endswith(".png") for a in arts)
     model = mlflow.pyfunc.load_model("models:/cxr-dwarf@candidate")
+    meta = model.unwrap_python_model().meta
+    assert meta["thresholds"] == thresholds and meta["threshold_positives"] == positives
     out = model.predict(np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32))
     assert out["probabilities"].shape == (2, len(classes)) and out["maps"].shape == (2, len(classes), 32, 32)
 

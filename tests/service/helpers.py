@@ -1,6 +1,10 @@
 """Test helpers for the service: a tiny registered classifier in the contract layout
 (docs/ARCHITECTURE.md "Registered classifier": ``artifacts/checkpoint.pt``, ``artifacts/model.onnx``,
-``artifacts/meta.json``) and a passing audit run with a concept table, in a temporary MLflow store."""
+``artifacts/meta.json``) and a passing audit run with a concept table, in a temporary MLflow store.
+
+The tiny classifier's ``Nodule`` has no threshold (it rests on 1 validation positive, fewer than 5): the
+service must make no call for it. Uploads default to 72x64 px, above the service's minimum side (64 px,
+``CXR_MIN_IMAGE_SIDE``)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +24,10 @@ import numpy as np
 
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "Nodule"]
 SIZE = 32
+THRESHOLDS = [0.5, 0.5, 0.4, float("nan")]  # Nodule: no threshold
+THRESHOLD_POSITIVES = [12, 9, 10, 1]  # validation positives behind each threshold
+MIN_VAL_POSITIVES = 5
+NO_THRESHOLD_REASON = "no reliable threshold: 1 validation positive (< 5)"  # what /predict says for Nodule
 
 
 class TinyProbabilities(mlflow.pyfunc.PythonModel):
@@ -44,26 +52,30 @@ def register_tiny_classifier(tmp: Path, seed: int = 0, name: str = "cxr-classifi
 
     from mlflow_projects.common import register_version, setup_tracking
     from training.export import export_onnx
+    from training.metrics import thresholds_to_json
     from training.models import create_model, save_checkpoint
 
     torch.manual_seed(seed)
     model = create_model("test_resnet", classes=CLASSES, image_size=SIZE).eval()
     with torch.no_grad():  # spread the biases so that some findings are positive, some not
         model.head.bias.copy_(torch.tensor([2.0, -2.0, 0.5, -3.0]))
-    model.thresholds = [0.5, 0.5, 0.4, 0.5]
+    model.thresholds = list(THRESHOLDS)
+    model.threshold_positives, model.min_val_positives = list(THRESHOLD_POSITIVES), MIN_VAL_POSITIVES
     folder = tmp / f"model-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = save_checkpoint(model, folder / "checkpoint.pt")
     onnx = export_onnx(model, folder / "model.onnx", image_size=SIZE)
-    meta = {"arch": model.arch, "classes": model.class_names, "thresholds": model.thresholds,
+    meta = {"arch": model.arch, "classes": model.class_names, "thresholds": thresholds_to_json(model.thresholds),
+            "threshold_positives": model.threshold_positives, "min_val_positives": model.min_val_positives,
             "input": model.input_spec, "feature_layer": model.feature_layer, "head": "gap_linear"}
-    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "meta.json").write_text(json.dumps(meta, allow_nan=False))
     setup_tracking("cxr-classifier")
     with mlflow.start_run(run_name=f"tiny-{seed}"):
         info = mlflow.pyfunc.log_model(name="model", python_model=TinyProbabilities(),
                                        artifacts={"checkpoint": str(ckpt), "model_onnx": str(onnx),
                                                   "meta": str(folder / "meta.json")})
-    mv = register_version(info.model_uri, name, {"classes": CLASSES, "thresholds": model.thresholds,
+    mv = register_version(info.model_uri, name, {"classes": CLASSES, "thresholds": model.thresholds,  # NaN -> null
+                                                 "threshold_positives": model.threshold_positives,
                                                  "input": model.input_spec}, alias=alias)
     return str(mv.version)
 
@@ -92,7 +104,7 @@ def log_passing_audit(name: str, version: str, layer: str = "features.layer4", u
     return run.info.run_id
 
 
-def png_bytes(width: int = 48, height: int = 40, seed: int = 0, bits: int = 8) -> bytes:
+def png_bytes(width: int = 72, height: int = 64, seed: int = 0, bits: int = 8) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -105,7 +117,7 @@ def png_bytes(width: int = 48, height: int = 40, seed: int = 0, bits: int = 8) -
     return buf.getvalue()
 
 
-def jpeg_bytes(width: int = 40, height: int = 40, seed: int = 1) -> bytes:
+def jpeg_bytes(width: int = 64, height: int = 64, seed: int = 1) -> bytes:
     from PIL import Image
 
     arr = np.random.default_rng(seed).integers(0, 255, (height, width), dtype=np.uint8)

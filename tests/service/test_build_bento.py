@@ -83,7 +83,7 @@ def test_bentoml_serve_the_bento_without_registry(built, registry, tmp_path):
     cwd.mkdir()
     # no --host: the service's default, 127.0.0.1
     with bentoml_serve([str(bento.tag)], cwd, env, tmp_path / "server.log") as base:
-        r = httpx.post(f"{base}/predict", files={"image": ("x.png", png_bytes(48, 40), "image/png")}, timeout=60)
+        r = httpx.post(f"{base}/predict", files={"image": ("x.png", png_bytes(80, 72), "image/png")}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
                                      "uri": f"models:/cxr-classifier/{registry.version}"}

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.service.helpers import CLASSES, SIZE, bentoml_serve, free_port, jpeg_bytes, mask_png_bytes, png_bytes, stop
+from tests.service.helpers import (CLASSES, NO_THRESHOLD_REASON, SIZE, bentoml_serve, free_port, jpeg_bytes,
+                                   mask_png_bytes, png_bytes, stop)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
@@ -58,13 +59,18 @@ def test_predict_matches_registry_version(server, registry):
     import mlflow
 
     client, _, _ = server
-    data = png_bytes(48, 40, seed=3)
+    data = png_bytes(80, 72, seed=3)
     r = client.post("/predict", files={"image": ("x.png", data, "image/png")})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
                              "uri": f"models:/cxr-classifier/{registry.version}"}
     assert [f["name"] for f in body["findings"]] == CLASSES
+    # Nodule's threshold would rest on 1 validation positive: no threshold, no call, and the reason
+    nodule = body["findings"][CLASSES.index("Nodule")]
+    assert nodule["threshold"] is None and nodule["positive"] is None and nodule["threshold_reason"] == NO_THRESHOLD_REASON
+    assert all(isinstance(f["positive"], bool) and f["threshold"] is not None
+               for f in body["findings"] if f["name"] != "Nodule")
     # the served numbers are those of the registered version's own pyfunc
     from mlflow_projects.serving import decode_upload, preprocess
 
@@ -77,13 +83,13 @@ def test_predict_matches_registry_version(server, registry):
 def test_explain_cam_and_gradcam(server):
     client, _, _ = server
     for method, extra in (("cam", {}), ("gradcam", {"targets": "Nodule,Effusion", "top_neurons": "2"})):
-        r = client.post("/explain", files={"image": ("x.jpg", jpeg_bytes(40, 36), "image/jpeg")},
+        r = client.post("/explain", files={"image": ("x.jpg", jpeg_bytes(72, 64), "image/jpeg")},
                         data={"method": method, **extra})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["method"] == method and body["model"]["name"] == "cxr-classifier"
         for h in body["heatmaps"]:
-            assert _png_size(h["overlay_png"]) == (40, 36)
+            assert _png_size(h["overlay_png"]) == (72, 64)
             assert _png_size(h["map_png"]) == tuple(h["map_size"])
             assert h["top_units"] and h["top_units"][0]["concepts"]
     assert body["targets"] == ["Nodule", "Effusion"] and len(body["heatmaps"][0]["top_units"]) == 2
@@ -100,7 +106,7 @@ def test_feedback_is_stored(server):
     from training.dwarf.supervision import load_feedback
 
     client, _, tmp = server
-    r = client.post("/feedback", files={"image": ("x.png", png_bytes(48, 40), "image/png")},
+    r = client.post("/feedback", files={"image": ("x.png", png_bytes(80, 72), "image/png")},
                     data={"finding": "Nodule", "boxes": "[[2, 3, 10, 8]]", "author": "dr-z"})
     assert r.status_code == 200, r.text
     r2 = client.post("/feedback", files={"mask": ("m.png", mask_png_bytes(), "image/png")},
@@ -118,7 +124,7 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
 
     client, log_path, _ = server
     base = str(client.base_url).rstrip("/")
-    png = png_bytes(48, 40)
+    png = png_bytes(80, 72)
     cases = [
         ("no key", lambda: httpx.post(f"{base}/predict", files={"image": ("x.png", png)}), 401),
         ("wrong key", lambda: httpx.post(f"{base}/predict", files={"image": ("x.png", png)},
@@ -155,6 +161,28 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server):
             assert r.json()["valid"] == CLASSES
         ok = client.post("/predict", files={"image": ("x.png", png)})
         assert ok.status_code == 200, (name, ok.text[:300])
+
+
+def test_images_below_the_minimum_side_get_400_on_every_route(server):
+    """A 1x1 PNG and a 63x200 one are refused with the reason (CXR_MIN_IMAGE_SIDE, default 64 px), never
+    diagnosed and never a 500; the server keeps serving."""
+    client, _, _ = server
+    for (w, h) in ((1, 1), (63, 200)):
+        tiny = png_bytes(w, h)
+        calls = {"/predict": lambda: client.post("/predict", files={"image": ("x.png", tiny, "image/png")}),
+                 "/explain": lambda: client.post("/explain", files={"image": ("x.png", tiny, "image/png")},
+                                                 data={"method": "cam"}),
+                 "/feedback": lambda: client.post("/feedback", files={"image": ("x.png", tiny, "image/png")},
+                                                  data={"finding": "Nodule", "boxes": "[[0, 0, 1, 1]]"})}
+        for route, call in calls.items():
+            r = call()
+            assert r.status_code == 400, (route, w, h, r.status_code, r.text[:300])
+            body = r.json()
+            assert body["error"] == (f"image is {w}x{h} px; the model was audited on images of at least 64 px a "
+                                     "side (CXR_MIN_IMAGE_SIDE)"), (route, body)
+            assert body["model"]["name"] == "cxr-classifier" and "findings" not in body
+    ok = client.post("/predict", files={"image": ("x.png", png_bytes(64, 64), "image/png")})
+    assert ok.status_code == 200, ok.text[:300]
 
 
 def test_dicom_over_http_without_header_leaks(server, real_fixtures):

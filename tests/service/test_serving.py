@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from mlflow_projects.serving import (CLASSIFIER_METHODS, LRUCache, MicroBatcher,
                                      grey_png, middleware_stack, overlay_png)
 from mlflow_projects.serving.feedback import FeedbackError, FeedbackStore, validate_boxes
 from mlflow_projects.serving.middleware import wrap
-from tests.service.helpers import CLASSES, jpeg_bytes, mask_png_bytes, png_bytes
+from tests.service.helpers import (CLASSES, NO_THRESHOLD_REASON, THRESHOLD_POSITIVES, THRESHOLDS, jpeg_bytes,
+                                   mask_png_bytes, png_bytes)
 
 
 def _png_size(b64: str) -> tuple[int, int]:
@@ -29,14 +31,67 @@ def _png_size(b64: str) -> tuple[int, int]:
 
 # ---- pure pieces (fast) -----------------------------------------------------------------------
 def test_decode_upload_statuses():
-    img = decode_upload(png_bytes(48, 40), 50_000_000)
-    assert (img.width, img.height, img.format) == (48, 40, "png") and img.pixels.dtype == np.float32
+    img = decode_upload(png_bytes(72, 64), 50_000_000)
+    assert (img.width, img.height, img.format) == (72, 64, "png") and img.pixels.dtype == np.float32
     cases = [(None, 400, "empty body"), (b"", 400, "empty"), (b"GIF89a" + b"\0" * 200, 415, "unsupported"),
              (png_bytes()[:60], 400, "cannot read"), (png_bytes(100, 100), 413, "exceeds the limit")]
     for data, status, words in cases:
         with pytest.raises(ServingError) as err:
             decode_upload(data, 5000)
         assert err.value.status == status and words in err.value.message, (status, err.value.message)
+
+
+def test_decode_upload_refuses_images_below_the_minimum_side():
+    """A 1x1 PNG is not diagnosed: 400 naming its size and the minimum (64 px by default), from the header."""
+    for (w, h), words in [((1, 1), "image is 1x1 px"), ((63, 200), "image is 63x200 px"),
+                          ((200, 63), "image is 200x63 px")]:
+        with pytest.raises(ServingError) as err:
+            decode_upload(png_bytes(w, h), 50_000_000)
+        assert err.value.status == 400 and words in err.value.message, err.value.message
+        assert "the model was audited on images of at least 64 px a side" in err.value.message
+        assert "CXR_MIN_IMAGE_SIDE" in err.value.message
+    with pytest.raises(ServingError) as err:
+        decode_upload(jpeg_bytes(40, 40), 50_000_000)
+    assert err.value.status == 400 and "image is 40x40 px" in err.value.message
+    assert decode_upload(png_bytes(64, 64), 50_000_000).width == 64  # the boundary is accepted
+    assert decode_upload(png_bytes(1, 1), 50_000_000, min_side=1).width == 1  # the setting moves it
+    with pytest.raises(ServingError) as err:
+        decode_upload(png_bytes(72, 64), 50_000_000, min_side=65)
+    assert "at least 65 px a side" in err.value.message
+
+
+def test_min_image_side_setting_is_validated():
+    from mlflow_projects.serving import ServeConfig
+
+    assert ServeConfig.from_env({}).min_image_side == 64
+    assert ServeConfig.from_env({"CXR_MIN_IMAGE_SIDE": "16"}).min_image_side == 16
+    for bad, words in [("abc", "CXR_MIN_IMAGE_SIDE must be an integer, got 'abc'"),
+                       ("0", "CXR_MIN_IMAGE_SIDE must be >= 1, got 0")]:
+        with pytest.raises(ValueError, match=words):
+            ServeConfig.from_env({"CXR_MIN_IMAGE_SIDE": bad})
+
+
+def test_findings_without_threshold_make_no_call():
+    """Known answer on constructed metadata: a class whose threshold rests on 1 validation positive has no
+    threshold, so no call (``positive: null``) and the reason, even though its probability (0.029) is above
+    the max-F1 threshold (0.016) that one positive would have given; the other classes are called as before."""
+    from mlflow_projects.common import ModelIdentity
+    from mlflow_projects.serving import LoadedModel
+    from mlflow_projects.serving.explain import findings
+
+    lm = LoadedModel(ModelIdentity("m", "1", None, "x", "x"), "classifier", ["Effusion", "Hernia", "Nodule"],
+                     [0.4, float("nan"), 0.5], 32, {}, CLASSIFIER_METHODS, threshold_positives=[12, 1, 7],
+                     min_val_positives=5)
+    out = findings(lm, np.array([0.45, 0.029, 0.2], np.float32))
+    assert out[0] == {"name": "Effusion", "probability": pytest.approx(0.45), "threshold": 0.4, "positive": True}
+    assert out[1] == {"name": "Hernia", "probability": pytest.approx(0.029), "threshold": None, "positive": None,
+                      "threshold_reason": "no reliable threshold: 1 validation positive (< 5)"}
+    assert out[2]["positive"] is False and "threshold_reason" not in out[2]
+    json.dumps(out, allow_nan=False)  # valid JSON: no NaN anywhere
+    older = LoadedModel(ModelIdentity("m", "1", None, "x", "x"), "classifier", ["A"], [float("nan")], 32, {},
+                        CLASSIFIER_METHODS)  # a model that did not record its validation positives
+    assert findings(older, np.array([0.9]))[0]["threshold_reason"] == \
+        "no reliable threshold: too few validation positives"
 
 
 def test_lru_cache_bounded_and_disabled():
@@ -310,17 +365,39 @@ def test_resolves_champion_fallback_and_audit(core, registry):
 
 
 @pytest.mark.slow
+def test_registered_model_without_a_threshold_makes_no_call(core, registry):
+    """The registered tiny classifier's Nodule rests on 1 validation positive: the version tag holds null,
+    the loaded model NaN, and /predict and /explain answer ``positive: null`` with the reason."""
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(registry.tracking_uri).get_model_version("cxr-classifier", registry.version).tags
+    assert json.loads(tags["thresholds"]) == [None if math.isnan(t) else t for t in THRESHOLDS]
+    assert json.loads(tags["threshold_positives"]) == THRESHOLD_POSITIVES
+    assert core.model.threshold_positives == THRESHOLD_POSITIVES and core.model.min_val_positives == 5
+    for r in (core.predict(png_bytes()), core.explain(png_bytes(), method="cam", targets="Nodule")):
+        nodule = next(f for f in r["findings"] if f["name"] == "Nodule")
+        assert nodule["threshold"] is None and nodule["positive"] is None
+        assert nodule["threshold_reason"] == NO_THRESHOLD_REASON and 0 <= nodule["probability"] <= 1
+        assert all(isinstance(f["positive"], bool) for f in r["findings"] if f["name"] != "Nodule")
+        json.dumps(r, allow_nan=False)
+
+
+@pytest.mark.slow
 def test_predict_and_explain_every_method(core):
-    r = core.predict(png_bytes(48, 40))
+    r = core.predict(png_bytes(72, 64))
     assert [f["name"] for f in r["findings"]] == CLASSES and r["model"]["version"] == core.model.identity.version
     for f in r["findings"]:
-        assert 0 <= f["probability"] <= 1 and f["positive"] == (f["probability"] >= f["threshold"])
+        assert 0 <= f["probability"] <= 1
+        if f["threshold"] is None:  # no call without a threshold
+            assert f["positive"] is None and f["threshold_reason"]
+        else:
+            assert f["positive"] == (f["probability"] >= f["threshold"])
     positives = [f["name"] for f in r["findings"] if f["positive"]]
     for method in CLASSIFIER_METHODS:
-        e = core.explain(png_bytes(48, 40), method=method, top_neurons=3)
+        e = core.explain(png_bytes(72, 64), method=method, top_neurons=3)
         assert e["method"] == method and e["targets"] == (positives or e["targets"])
         for h in e["heatmaps"]:
-            assert _png_size(h["overlay_png"]) == (48, 40) == tuple(h["overlay_size"])
+            assert _png_size(h["overlay_png"]) == (72, 64) == tuple(h["overlay_size"])
             assert _png_size(h["map_png"]) == tuple(h["map_size"]) and h["map_range"][0] <= h["map_range"][1]
             assert len(h["top_units"]) == 3 and h["top_units"][0]["concepts"]
             contrib = [u["contribution"] for u in h["top_units"]]
@@ -331,7 +408,7 @@ def test_predict_and_explain_every_method(core):
 
 @pytest.mark.slow
 def test_explain_cache_hits(core):
-    data = png_bytes(40, 40, seed=7)
+    data = png_bytes(64, 64, seed=7)
     first = core.explain(data, method="cam", targets=["Effusion"])
     hits = core.cache.hits
     again = core.explain(data, method="cam", targets='["Effusion"]')
@@ -384,14 +461,15 @@ def test_async_paths_batch(core):
 def test_feedback_routes_into_store(core):
     from training.dwarf.supervision import load_feedback
 
-    r = core.feedback(finding="nodule", image=png_bytes(48, 40), boxes="[[2, 3, 10, 8]]", author="dr-y")
+    r = core.feedback(finding="nodule", image=png_bytes(80, 72), boxes="[[2, 3, 10, 8]]", author="dr-y")
     assert r["finding"] == "Nodule" and len(r["id"]) == 32
     r2 = core.feedback(finding="Effusion", image_sha256=r["image_sha256"], mask=mask_png_bytes())
     ids = {rec.id for rec in load_feedback(core.feedback_store.folder)}
     assert {r["id"], r2["id"]} <= ids
     for kwargs, words in [({"finding": "Pneumonia", "image_sha256": "ab" * 32, "boxes": "[[1,1,2,2]]"}, "unknown finding"),
                           ({"finding": "Nodule", "boxes": "[[1,1,2,2]]"}, "image"),
-                          ({"finding": "Nodule", "image": png_bytes(48, 40), "boxes": "[[40,1,20,2]]"}, "beyond"),
+                          ({"finding": "Nodule", "image": png_bytes(80, 72), "boxes": "[[70,1,20,2]]"}, "beyond"),
+                          ({"finding": "Nodule", "image": png_bytes(1, 1), "boxes": "[[0,0,1,1]]"}, "image is 1x1 px"),
                           ({"finding": "Nodule", "image_sha256": "ab" * 32}, "boxes")]:
         with pytest.raises(ServingError) as err:
             core.feedback(**kwargs)
