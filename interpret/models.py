@@ -10,8 +10,10 @@ What a DWARF model does *not* have: a GAP + linear head over a feature layer. ``
 ``None`` and classifier attention methods (``cam``, ``gradcam``, ...) refuse the view
 (:func:`explained_with`), so dissection, concepts and unit importance do not apply.
 
-:func:`reinitialize` re-draws the parameters of one named block in place (the randomisation step of
-Adebayo et al. 2018, "Sanity Checks for Saliency Maps"); it works for classifiers and for the view.
+Parameter randomisation (:mod:`interpret.sanity`): every name in ``view.randomisation_layers`` is a
+submodule, so ``model_randomisation(view, images, targets, method="dwarf", layers=view.randomisation_layers)``
+and ``randomise_block_(view.get_submodule(name), seed)`` reach every weight, the classification head
+included (:class:`QueryHead`).
 
 Example:
     >>> from training.dwarf.model import load_dwarf
@@ -23,13 +25,12 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["DwarfClassifierView", "QueryHead", "as_dwarf_view", "explained_with", "is_dwarf", "reinitialize"]
+__all__ = ["DwarfClassifierView", "QueryHead", "as_dwarf_view", "explained_with", "is_dwarf"]
 
 
 class QueryHead(nn.Module):
@@ -65,7 +66,7 @@ class DwarfClassifierView(nn.Module):
     """A DWARF model seen as a classifier: ``forward(x) -> logits (B, C)``, ``maps(x) -> refined maps``.
 
     The wrapped model is the submodule ``dwarf`` (so ``copy.deepcopy``, ``.to()``, ``.eval()``,
-    ``parameters()`` and :func:`reinitialize` reach every weight); its classification head is also
+    ``parameters()`` and :func:`interpret.sanity.randomise_block_` reach every weight); its classification head is also
     named ``cls_head`` (:class:`QueryHead`, sharing the parameters). Metadata (``class_names``,
     ``thresholds``, ``input_spec``) is read from, and written to, the wrapped model.
 
@@ -74,13 +75,17 @@ class DwarfClassifierView(nn.Module):
         arch: ``"dwarf"``.
         feature_layer: ``None``: no GAP + linear feature layer (no CAM, dissection, concepts, units).
         attention_methods: ``("dwarf",)``: the only :func:`interpret.attention_maps` method for it.
-        randomisation_layers: dotted block names (for ``get_submodule`` / :func:`reinitialize`) from the
-            output down, for a cascading parameter-randomisation test: experts, classification head,
+        randomisation_layers: dotted block names (``get_submodule``; the ``layers`` of
+            :func:`interpret.sanity.model_randomisation`) from the output down, for a cascading parameter-randomisation test: experts, classification head,
             final decoder norm, decoder layers (last first), memory then query projection, ViT blocks
             (last first), ViT patch embedding.
         logit_only_layers: the blocks among ``randomisation_layers`` that the maps do not depend on by
             construction (the maps are cross-attention weights, computed before the head): randomising
-            one of them alone changes the logits and leaves the maps exactly as they were.
+            one of them alone changes the logits and leaves the maps exactly as they were (in the
+            ``independent`` mode they are expected among the unchanged layers; ``cascading`` steps
+            include the experts randomised before them).
+        map_randomisation_layers: ``randomisation_layers`` without ``logit_only_layers``: the blocks the
+            maps depend on, output down (what a randomisation test *of the maps* should step through).
 
     Args:
         dwarf: a :class:`training.dwarf.model.DwarfModel` (e.g. from :func:`training.dwarf.load_dwarf`).
@@ -145,6 +150,10 @@ class DwarfClassifierView(nn.Module):
         self.dwarf.min_val_positives = None if value is None else int(value)
 
     @property
+    def map_randomisation_layers(self) -> list[str]:
+        return [n for n in self.randomisation_layers if n not in self.logit_only_layers]
+
+    @property
     def input_spec(self) -> dict[str, Any]:
         return self.dwarf.input_spec
 
@@ -199,48 +208,3 @@ def explained_with(model: Any) -> tuple[str, ...] | None:
     if is_dwarf(model):
         return tuple(getattr(model, "attention_methods", DwarfClassifierView.attention_methods))
     return None
-
-
-def reinitialize(model: nn.Module, name: str, seed: int | None = None) -> nn.Module:
-    """Re-draw, in place, every parameter of the block ``name`` of ``model`` (one randomisation step).
-
-    Each module inside the block re-initialises itself: ``reset_parameters()`` where it has one (linear,
-    convolution, normalisation layers, :class:`QueryHead`), ``_reset_parameters()`` for
-    ``nn.MultiheadAttention`` (its ``in_proj`` weights are not covered by any ``reset_parameters``). The
-    remaining parameters held directly by a module with neither method (e.g. a ViT's class and position
-    embeddings, layer-scale factors) are drawn from ``N(0, 0.02)``. Deep-copy first to keep the original.
-
-    Args:
-        model: any ``nn.Module`` (a classifier or a :class:`DwarfClassifierView`).
-        name: dotted block name (``model.get_submodule(name)``; a typo raises), e.g. one of
-            ``model.randomisation_layers``.
-        seed: seed for the draw (the global RNG state is restored afterwards); None: the current RNG.
-
-    Returns:
-        ``model`` (modified in place).
-
-    Raises:
-        ValueError: ``name`` is not a submodule of ``model``.
-    """
-    try:
-        block = model.get_submodule(name)
-    except AttributeError as exc:
-        raise ValueError(f"cannot re-initialise {name!r}: {exc}") from None
-    cuda = sorted({p.device.index or 0 for p in block.parameters() if p.is_cuda})
-    rng = torch.random.fork_rng(devices=cuda) if seed is not None else contextlib.nullcontext()
-    with rng, torch.no_grad():
-        if seed is not None:
-            torch.manual_seed(seed)
-        done: set[int] = set()
-        for module in block.modules():
-            own = list(module.parameters(recurse=False))
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            elif isinstance(module, nn.MultiheadAttention):
-                module._reset_parameters()
-            else:
-                for p in own:
-                    if id(p) not in done:
-                        p.normal_(0.0, 0.02)
-            done.update(id(p) for p in own)
-    return model

@@ -8,7 +8,8 @@ import torch
 
 from interpret import attention_maps
 from interpret.attention import finalize_maps, list_methods
-from interpret.models import DwarfClassifierView, reinitialize
+from interpret.models import DwarfClassifierView
+from interpret.sanity import randomise_block_
 from tests.training.dwarf_helpers import CLASSES, tiny_bundle
 
 
@@ -48,6 +49,8 @@ def test_view_is_a_classifier_over_the_wrapped_model(view, images):
         view.get_submodule(name)  # every block name resolves
     assert view.randomisation_layers[:3] == ["dwarf.experts", "cls_head", "dwarf.decoder.norm"]
     assert view.randomisation_layers[-1] == "dwarf.encoder.visual.conv1"
+    assert view.map_randomisation_layers == [n for n in view.randomisation_layers
+                                             if n not in ("cls_head", "dwarf.decoder.norm")]
     with pytest.raises(ValueError, match="DwarfModel"):
         DwarfClassifierView(torch.nn.Linear(2, 2))
 
@@ -100,7 +103,7 @@ def test_randomising_each_block_of_a_deep_copy_changes_its_maps_not_the_original
     for name in view.randomisation_layers:
         rand = copy.deepcopy(view)
         assert rand.cls_head.weight is rand.dwarf.cls_weight  # deepcopy keeps the head shared
-        reinitialize(rand, name, seed=7)  # (seed 0 would redraw conv1 exactly: tiny_bundle is built after seed 0)
+        randomise_block_(rand.get_submodule(name), seed=7)  # (seed 0 redraws conv1 exactly: tiny_bundle seeds 0)
         with torch.no_grad():
             logits, maps = rand(images), attention_maps(rand, images, [0, 1, 2], method="dwarf")
         if name in view.logit_only_layers:  # computed after the maps: the maps cannot change
@@ -115,18 +118,10 @@ def test_randomising_each_block_of_a_deep_copy_changes_its_maps_not_the_original
         torch.testing.assert_close(attention_maps(view, images, [0, 1, 2], method="dwarf"), ref_maps, rtol=0, atol=0)
 
 
-def test_reinitialize_is_seeded_covers_attention_in_proj_and_checks_the_name(view):
-    state = torch.get_rng_state()
-    a, b = copy.deepcopy(view), copy.deepcopy(view)
-    reinitialize(a, "dwarf.decoder.layers.1", seed=3)
-    reinitialize(b, "dwarf.decoder.layers.1", seed=3)
-    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
-    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=k)
-    # nn.MultiheadAttention has no reset_parameters: its in_proj is re-drawn all the same
-    assert not torch.equal(a.dwarf.decoder.layers[1].cross_attn.in_proj_weight,
-                           view.dwarf.decoder.layers[1].cross_attn.in_proj_weight)
-    assert torch.equal(a.dwarf.decoder.layers[0].cross_attn.in_proj_weight,
-                       view.dwarf.decoder.layers[0].cross_attn.in_proj_weight)  # other blocks untouched
-    with pytest.raises(ValueError, match="cannot re-initialise 'dwarf.decoder.layers.7'"):
-        reinitialize(copy.deepcopy(view), "dwarf.decoder.layers.7")
+def test_randomising_the_head_reaches_the_wrapped_models_parameters(view):
+    rand = copy.deepcopy(view)
+    randomise_block_(rand.get_submodule("cls_head"), seed=3)
+    assert rand.cls_head.weight is rand.dwarf.cls_weight
+    assert not torch.equal(rand.dwarf.cls_weight, view.dwarf.cls_weight)  # the model's own head changed
+    assert torch.equal(rand.dwarf.decoder.layers[1].cross_attn.in_proj_weight,
+                       view.dwarf.decoder.layers[1].cross_attn.in_proj_weight)  # nothing else did
