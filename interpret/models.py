@@ -11,9 +11,10 @@ What a DWARF model does *not* have: a GAP + linear head over a feature layer. ``
 (:func:`explained_with`), so dissection, concepts and unit importance do not apply.
 
 Parameter randomisation (:mod:`interpret.sanity`): every name in ``view.randomisation_layers`` is a
-submodule, so ``model_randomisation(view, images, targets, method="dwarf", layers=view.randomisation_layers)``
-and ``randomise_block_(view.get_submodule(name), seed)`` reach every weight, the classification head
-included (:class:`QueryHead`).
+submodule, so ``randomise_block_(view.get_submodule(name), seed)`` reaches every weight, the
+classification head included (:class:`QueryHead`); pass the names as ``model_randomisation(view, ...,
+method="dwarf", layers=view.map_randomisation_layers)`` (its own default looks for ``head`` and
+``features``, which a DWARF model does not have; its method check must accept ``list_methods(model)``).
 
 Example:
     >>> from training.dwarf.model import load_dwarf
