@@ -197,8 +197,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win_size: in
     x = a.reshape(-1, 1, *a.shape[-2:])                                  # (N, 1, H, W)
     y = b.reshape(-1, 1, *b.shape[-2:])
     stack = torch.cat([x, y, x * x, y * y, x * y], 1)                     # (N, 5, H, W)
-    mu = F.avg_pool2d(F.avg_pool2d(stack, (win_size, 1), stride=1), (1, win_size), stride=1)
-    # (N, 5, H-w+1, W-w+1) window means (separable box filter)
+    mu = F.avg_pool2d(stack, win_size, stride=1)                          # (N, 5, H-w+1, W-w+1) means
     ux, uy, uxx, uyy, uxy = mu.unbind(1)
     cov_norm = win_size ** 2 / (win_size ** 2 - 1)
     vx = cov_norm * (uxx - ux * ux)
@@ -241,15 +240,21 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ValueError: shapes differ.
     """
     a, b = _pair(a, b)
-    lead = a.shape[:-2]
-    ra = _average_ranks(a.reshape(-1, a.shape[-2] * a.shape[-1]))         # (N, P)
-    rb = _average_ranks(b.reshape(-1, b.shape[-2] * b.shape[-1]))
-    ra = ra - ra.mean(-1, keepdim=True)
-    rb = rb - rb.mean(-1, keepdim=True)
+    return _rank_correlation(_centred_ranks(a), _centred_ranks(b)).reshape(a.shape[:-2])
+
+
+def _centred_ranks(maps: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> (N, H*W) average ranks minus their mean."""
+    r = _average_ranks(maps.reshape(-1, maps.shape[-2] * maps.shape[-1]))  # (N, P)
+    return r - r.mean(-1, keepdim=True)
+
+
+def _rank_correlation(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of centred ranks (N, P) x (N, P) -> (N,), NaN where either is constant."""
     den = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()              # (N,)
     num = (ra * rb).sum(-1)
     rho = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
-    return rho.clamp(-1, 1).reshape(lead)
+    return rho.clamp(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------- the test
@@ -325,6 +330,7 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
     frames = []
     for meth in methods:
         original = _maps(reference, images, tgt, meth, batch_size, params)  # (B, T, H, W)
+        original_ranks = _centred_ranks(original)                         # (B*T, H*W), ranked once
         for md in modes:
             work = copy.deepcopy(reference) if md == "cascading" else None
             for step, name in enumerate(names, start=1):
@@ -335,15 +341,11 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
                 frames.append(pd.DataFrame({
                     "method": meth, "mode": md, "step": step, "layer": name,
                     "image_index": image_index, "target": target,
-                    "spearman": spearman(original, randomised).reshape(-1).numpy(),
+                    "spearman": _rank_correlation(original_ranks, _centred_ranks(randomised)).numpy(),
                     "ssim": ssim(original, randomised).reshape(-1).numpy(),
                 }))
     table = pd.concat(frames, ignore_index=True)
     return table.astype({"step": "int64", "image_index": "int64", "target": "int64"})
-
-
-def _finite_or_none(v: float) -> float | None:
-    return None if v is None or math.isnan(v) else float(v)
 
 
 def sanity_summary(table: pd.DataFrame, max_spearman: float = DEFAULT_MAX_SPEARMAN,
@@ -358,8 +360,11 @@ def sanity_summary(table: pd.DataFrame, max_spearman: float = DEFAULT_MAX_SPEARM
     randomised map constant) **and** its mean SSIM is below ``max_ssim``. A method/mode **passed** when
     every step changed the maps: from the head alone down to all blocks in cascading mode (the
     paper's test), and each block alone in independent mode. The top-level ``passed`` is True when
-    every method passed in cascading mode (the independent mode is reported, not gated), and None when
-    the table has no cascading rows. Thresholds: see :data:`DEFAULT_MAX_SPEARMAN` and
+    every method passed in cascading mode (the independent mode is reported, not gated: with skip
+    connections one block alone can leave the maps close to the original, as a residual block does), and
+    None when the table has no cascading rows. A step whose randomised maps are all constant counts as
+    changed; ``n_undefined_spearman`` shows it (if the *original* maps are constant the test says
+    nothing, and the SSIM carries the verdict). Thresholds: see :data:`DEFAULT_MAX_SPEARMAN` and
     :data:`DEFAULT_MAX_SSIM` for why.
 
     Args:
