@@ -47,8 +47,8 @@ Departures from the reference code (stated because reviewers compare numbers):
   ``scipy.sparse.linalg.spsolve`` (exact, one image at a time); here all systems of a step are solved
   at once in torch by conjugate gradients preconditioned with a multigrid V-cycle on the 3 x 3 stencil
   (:func:`noisy_linear_impute`), to a relative residual ``road_rtol`` (default 1e-5: the imputed
-  values then match ``spsolve`` to about 1e-4 in image units, far below the 0.01 noise). Its noise is a fresh ``randn`` per image per evaluation; here
-  it is one seeded (C, H, W) field per step shared by the images of the call (each image still sees
+  values then match ``spsolve`` to about 1e-4 in image units, far below the 0.01 noise). Its noise
+  is a fresh ``randn`` per image per evaluation; here it is one seeded (C, H, W) field per step shared by the images of the call (each image still sees
   i.i.d. noise over its removed pixels), so that batched and per-image calls agree exactly.
 - ROAD reports accuracy / mean probability over a data set; here the target score per image and
   target, as for deletion / insertion (pytorch-grad-cam's ``ROADMostRelevantFirst`` reports the score
@@ -290,7 +290,8 @@ def noisy_linear_impute(images: torch.Tensor, removed: torch.Tensor, noise: floa
 
 
 def _stencil(u: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of the 8 neighbours (1/6 direct, 1/12 diagonal; zero outside the image).
+    """Weighted sum of the 8 neighbours (1/6 direct, 1/12 diagonal; zero outside the image): the
+    zero-padded ``conv2d`` with :data:`_ROAD_STENCIL`.
 
     The stencil is ``(outer([1, 2, 1], [1, 2, 1]) - 4 * centre) / 12``: two separable [1, 2, 1]
     passes by shifted adds (a 1-channel 3 x 3 ``conv2d`` is several times slower on CPU).

@@ -128,7 +128,8 @@ def test_deletion_matches_quantus_pixel_flipping():
                             channel_first=True, softmax=False, device="cpu"))  # (B, S): no s=0
     ours = faithfulness(model, x, torch.as_tensor(y), maps, "deletion", steps=steps,
                         baseline="zero", score="logit")
-    np.testing.assert_allclose(ours.curves[:, 0, 1:], ref, atol=1e-5, rtol=0)
+    assert np.ptp(ref, axis=1).min() > 0.1                                   # the curves do move
+    np.testing.assert_allclose(ours.curves[:, 0, 1:], ref, atol=1e-5, rtol=0)  # measured: identical
 
 
 # ------------------------------------------------------------------------------ reference: grad-cam ROAD
@@ -148,7 +149,7 @@ def test_noisy_linear_imputation_matches_grad_cam(frac):
     ours = noisy_linear_impute(x, removed, noise=0.0)
     imputer = road.NoisyLinearImputer(noise=0.0)
     ref = torch.stack([imputer(x[i], (~removed[i]).float()) for i in range(2)])
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)                 # spsolve is exact
+    torch.testing.assert_close(ours, ref, atol=5e-5, rtol=0)   # spsolve is exact; measured <= 9e-6
     assert torch.equal(ours[:, :, ~removed[0]][0], x[0][:, ~removed[0]])    # known pixels untouched
 
 
@@ -159,7 +160,8 @@ def test_road_scores_match_grad_cam(metric):
 
     model = TinyCNN().eval()
     size, steps = 32, 3                        # fractions 0, .25, .5, .75 of 1024 pixels: exact counts
-    x = _images(2, size)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(2, 1, size, size, generator=g) > 0.5).float()  # binary: imputing moves scores a lot
     maps = _distinct_maps(2, size)
     y = [1, 2]
     ours = faithfulness(model, x, y, maps, metric, steps=steps, score="logit", road_noise=0.0)
@@ -169,7 +171,9 @@ def test_road_scores_match_grad_cam(metric):
         ref_metric = cls(percentile=100 * (1 - frac))   # grad-cam's percentile is the share *kept*
         ref_metric.perturbation.imputer.noise = 0.0
         diff = ref_metric(x, maps[:, 0].numpy(), [ClassifierOutputTarget(k) for k in y], model)
-        np.testing.assert_allclose(ours.curves[:, 0, s] - ours.curves[:, 0, 0], diff, atol=1e-4,
+        assert np.abs(diff).max() > 0.01                                     # not a vacuous match
+        # measured: <= 3e-7 (spsolve vs our multigrid CG at rtol 1e-5; float32 forward passes)
+        np.testing.assert_allclose(ours.curves[:, 0, s] - ours.curves[:, 0, 0], diff, atol=1e-5,
                                    rtol=0)
 
 
