@@ -48,8 +48,9 @@ Departures from the reference code (stated because reviewers compare numbers):
   at once in torch by conjugate gradients preconditioned with a multigrid V-cycle on the 3 x 3 stencil
   (:func:`noisy_linear_impute`), to a relative residual ``road_rtol`` (default 1e-5: the imputed
   values then match ``spsolve`` to about 1e-4 in image units, far below the 0.01 noise). Its noise
-  is a fresh ``randn`` per image per evaluation; here it is one seeded (C, H, W) field per step shared by the images of the call (each image still sees
-  i.i.d. noise over its removed pixels), so that batched and per-image calls agree exactly.
+  is a fresh ``randn`` per image per evaluation; here it is one seeded (C, H, W) field per step,
+  shared by the images of the call (each image still sees i.i.d. noise over its removed pixels), so
+  that batched and per-image calls agree exactly.
 - ROAD reports accuracy / mean probability over a data set; here the target score per image and
   target, as for deletion / insertion (pytorch-grad-cam's ``ROADMostRelevantFirst`` reports the score
   *change* from the unperturbed image: ``curves[..., s] - curves[..., 0]``).
