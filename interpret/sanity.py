@@ -60,7 +60,7 @@ from interpret.stats import mean_ci
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODES", "DEFAULT_MAX_SPEARMAN", "DEFAULT_MAX_SSIM", "randomisation_layers",
+__all__ = ["MODES", "DEFAULT_MAX_SPEARMAN", "DEFAULT_MAX_SSIM", "randomisation_layers", "block_seed",
            "randomise_block_", "model_randomisation", "ssim", "spearman", "sanity_summary"]
 
 #: Randomisation orders: top blocks cumulatively, or one block at a time.
@@ -114,7 +114,9 @@ def randomisation_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def _block_seed(seed: int, name: str) -> int:
+def block_seed(seed: int, name: str) -> int:
+    """The seed a block ``name`` is re-initialised with in a test seeded ``seed`` (a function of both only, so a
+    block gets the same random weights in every mode and in :func:`interpret.audit.checks.randomisation_examples`)."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
@@ -140,7 +142,7 @@ def randomise_block_(block: nn.Module, seed: int) -> nn.Module:
         if not own and not (has_reset and isinstance(module, nn.modules.batchnorm._NormBase)):
             continue
         with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(_block_seed(seed, qualname))
+            torch.random.default_generator.manual_seed(block_seed(seed, qualname))
             if has_reset:
                 tensors = own + list(module.buffers(recurse=False))
                 device = tensors[0].device if tensors else torch.device("cpu")
@@ -301,8 +303,9 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
     methods = [method] if isinstance(method, str) else list(method)
     modes = [mode] if isinstance(mode, str) else list(mode)
     for m in methods:
-        if m not in list_methods():
-            raise ValueError(f"unknown attention method {m!r}; valid: {list_methods()}")
+        if m not in list_methods(model):
+            raise ValueError(f"unknown attention method {m!r} for {type(model).__name__}; valid: "
+                             f"{list_methods(model)}")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown randomisation mode {m!r}; valid: {list(MODES)}")
@@ -336,7 +339,7 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
             for step, name in enumerate(names, start=1):
                 if md == "independent":
                     work = copy.deepcopy(reference)
-                randomise_block_(work.get_submodule(name), _block_seed(seed, name))
+                randomise_block_(work.get_submodule(name), block_seed(seed, name))
                 randomised = _maps(work, images, tgt, meth, batch_size, params)    # (B, T, H, W)
                 frames.append(pd.DataFrame({
                     "method": meth, "mode": md, "step": step, "layer": name,

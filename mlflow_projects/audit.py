@@ -8,11 +8,14 @@ to compare with), calls :func:`interpret.audit.run_audit` (every section, the re
 there) and logs the folder it wrote. Everything is first written to a local folder (``--out``, default
 ``outputs/audits/<stamp>-<model>``): the ``audit/`` artifacts and ``audit_state.json`` (what to log and
 where). Then one MLflow run logs params, metrics and the ``audit/`` folder; the run is tagged with the
-model name/version and the model version gets tags ``audit.run_id``, ``audit.status`` and
-``audit.summary``. If the tracking server cannot be reached at that point, the folder stays, the command
+model name/version and the model version gets tags ``audit.run_id``, ``audit.status``, ``audit.summary``
+and ``audit.unfit_classes`` (JSON list of the classes whose explanations the audit found unfit). If the tracking server cannot be reached at that point, the folder stays, the command
 says where and exits with status 75 (EX_TEMPFAIL); ``--resume FOLDER`` logs it later without recomputing
 anything. Bad input (unknown model, version or alias, missing manifest, gates or reports file, a CLIP that
 cannot be resolved) exits with status 2 and one line saying what is wrong, before anything is written.
+A registered ``cxr-dwarf`` version is audited like a classifier (its refined maps; the unit sections are
+skipped). By default a failed gate is logged and the command exits 0 (``promote`` enforces the gates);
+``--fail-on-gates`` makes it exit 1 instead, for CI pipelines.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Any, Sequence
 
 from interpret.audit import ANNOTATION_METHODS, ATTENTION_METHODS, SCHEMA_VERSION, AuditConfig, load_gates, run_audit
 from mlflow_projects.common import (CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
-                                    check_manifest, choice_of, entry_parser, load_classifier, log_config,
+                                    check_manifest, choice_of, entry_parser, load_audit_model, log_config,
                                     nonneg_float, nonneg_int, positive_int, resolve_clip, resolve_model_uri,
                                     setup_tracking, to_tag, unit_float, version_audit)
 
@@ -44,6 +47,7 @@ ARTIFACT_DIR = "audit"
 STATE_FILE = "audit_state.json"
 EX_TEMPFAIL = 75
 EX_USAGE = 2
+EX_GATES = 1  # --fail-on-gates and a gate failed
 
 
 class TrackingUnavailable(RuntimeError):
@@ -130,7 +134,7 @@ def compute_audit(cfg: AuditConfig, resolved: Resolved | None = None) -> Path:
     r = resolved or resolve_inputs(cfg)
     ident = r.ident
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta = load_classifier(ident.uri, Path(tmp))
+        model, meta = load_audit_model(ident.uri, Path(tmp))
     folder = Path(cfg.out) if cfg.out else _default_out(ident)
     art = folder / ARTIFACT_DIR
     info = {"uri": ident.uri, "requested_uri": cfg.model_uri, "name": ident.name, "version": ident.version,
@@ -213,7 +217,8 @@ def publish_audit(folder: str | Path) -> str:
             mlflow.log_artifacts(str(folder / ARTIFACT_DIR), ARTIFACT_DIR)
         if model.get("name"):
             for key, value in {"audit.run_id": run_id, "audit.status": summary["status"],
-                               "audit.summary": text}.items():
+                               "audit.summary": text,
+                               "audit.unfit_classes": json.dumps(summary.get("unfit_classes", []))}.items():
                 client.set_model_version_tag(model["name"], model["version"], key, to_tag(value))
     except Exception as exc:
         if isinstance(exc, (FileNotFoundError, KeyError)) or tracking_reachable():
@@ -229,7 +234,7 @@ def publish_audit(folder: str | Path) -> str:
 
 
 # ---- entry point -----------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, bool]:
     p = entry_parser("audit", __doc__)
     p.add_argument("--resume", default="", metavar="FOLDER",
                    help="log an audit folder written while the tracking server was unreachable; nothing is recomputed")
@@ -245,7 +250,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str]:
     p.add_argument("--max-images", type=positive_int, default=400)
     p.add_argument("--image-size", type=nonneg_int, default=0, help="0 = the model's input size")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--attention", type=choice_of(ATTENTION_METHODS, "attention method"), default="cam")
+    p.add_argument("--attention", type=choice_of(ATTENTION_METHODS, "attention method"), default="auto",
+                   help="the attention method audited (auto: cam for a classifier, dwarf for a DWARF model)")
     p.add_argument("--pointing-tolerance", type=nonneg_float, default=None, metavar="PX",
                    help="pointing-game tolerance in probe pixels (default: 15 px at 224 px, scaled)")
     p.add_argument("--penultimate-layer", default="")
@@ -257,12 +263,43 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str]:
     p.add_argument("--max-concepts", type=positive_int, default=200)
     p.add_argument("--outside-threshold", type=unit_float, default=0.5)
     p.add_argument("--marker-threshold", type=unit_float, default=0.2)
+    p.add_argument("--min-evidence", type=positive_int, default=10,
+                   help="representative images a unit annotation needs to be served")
+    p.add_argument("--min-images", type=positive_int, default=10, help="mammi_floor: representatives per unit at least")
+    p.add_argument("--dissection-min-cells", type=positive_int, default=7,
+                   help="dissection runs only on feature maps with at least this many cells a side")
+    p.add_argument("--faithfulness-metrics", default="deletion,insertion,road_morf,road_lerf",
+                   help="comma-separated: deletion, insertion, road_morf, road_lerf")
+    p.add_argument("--faithfulness-steps", type=positive_int, default=10)
+    p.add_argument("--faithfulness-baseline", type=choice_of(("blur", "mean", "zero"), "baseline"), default="blur")
+    p.add_argument("--faithfulness-max-per-class", type=nonneg_int, default=40,
+                   help="positive images per class in the faithfulness curves (0 = all)")
+    p.add_argument("--road-max-per-class", type=nonneg_int, default=10,
+                   help="positive images per class in the ROAD curves (0 = all; reported, not gated)")
+    p.add_argument("--sanity-images", type=positive_int, default=16)
+    p.add_argument("--min-cases", type=positive_int, default=5,
+                   help="images a verdict criterion needs; fewer and the class is unfit (not checkable)")
+    p.add_argument("--n-bootstrap", type=positive_int, default=1000, help="bootstrap resamples of every CI")
+    p.add_argument("--ood-false-alarm", type=unit_float, default=0.05,
+                   help="target false-alarm rate of the out-of-distribution warning on in-distribution images")
+    p.add_argument("--fail-on-gates", nargs="?", const="true", default="false",
+                   type=choice_of(("true", "false"), "--fail-on-gates value"),
+                   help="exit 1 when a gate fails (default false: log the failed audit and exit 0)")
     p.add_argument("--out", default="", help="local audit folder (default outputs/audits/<stamp>-<model>)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--seed", type=nonneg_int, default=0)
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")
-    return AuditConfig(**a), resume
+    fail_on_gates = a.pop("fail_on_gates") == "true"
+    try:
+        from interpret.faithfulness import FAITHFULNESS_METRICS
+
+        bad = [m for m in a["faithfulness_metrics"].split(",") if m.strip() not in FAITHFULNESS_METRICS]
+        if bad:
+            p.error(f"unknown faithfulness metric(s) {bad}; valid: {', '.join(FAITHFULNESS_METRICS)}")
+    except ImportError:  # pragma: no cover
+        pass
+    return AuditConfig(**a), resume, fail_on_gates
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mlflow
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, resume = parse_args(argv)
+    cfg, resume, fail_on_gates = parse_args(argv)
     if resume:
         folder = Path(resume)
         if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -294,6 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   (folder / ARTIFACT_DIR / "report.html").resolve(), shlex.quote(str(folder.resolve())))
         return EX_TEMPFAIL
     log.info("audit run %s; report %s", run_id, (folder / ARTIFACT_DIR / "report.html").resolve())
+    if fail_on_gates:
+        status = json.loads((folder / ARTIFACT_DIR / "summary.json").read_text()).get("status")
+        if status != "passed":
+            print(f"audit: gates failed (--fail-on-gates); see {(folder / ARTIFACT_DIR / 'report.html').resolve()}",
+                  file=sys.stderr)
+            return EX_GATES
     return 0
 
 

@@ -1,7 +1,10 @@
 """Promotion gates: thresholds on the flat figures of an audit summary.
 
-A gates file is YAML, ``{"gates": [{name, metric, min | max, optional, description}, ...]}``; the default
-is the platform's policy (``mlflow_projects/gates.yaml``). :func:`flat_metrics` turns a ``summary.json`` into the figures the gates
+A gates file is YAML, ``{"gates": [{name, metric, min | max, optional, per_class, description}, ...]}``; the
+default is the platform's policy (``mlflow_projects/gates.yaml``). A ``per_class`` gate applies its bound to
+every class that has the figure (the keys ``<metric>.<class>``, e.g. ``localisation_passed.Nodule`` exists for
+the classes with boxes): "every class with boxes must beat chance" is one gate, and the classes that fail it
+are named. :func:`flat_metrics` turns a ``summary.json`` into the figures the gates
 read (and MLflow logs); :func:`evaluate_gates` applies the thresholds. The audit evaluates them when it
 runs and ``promote`` evaluates them again against the stored figures, so a stricter file is honoured.
 """
@@ -24,6 +27,7 @@ class Gate:
         min: the value must be >= ``min`` (if set).
         max: the value must be <= ``max`` (if set).
         optional: a missing / non-finite value passes (reported as skipped) instead of failing.
+        per_class: the bound applies to ``<metric>.<class>`` for every class that has it.
         description: what the figure means, for reviewers.
     """
 
@@ -33,6 +37,7 @@ class Gate:
     max: float | None = None
     optional: bool = False
     description: str = ""
+    per_class: bool = False
 
     def bound_text(self) -> str:
         parts = []
@@ -45,7 +50,8 @@ class Gate:
 
 @dataclass(frozen=True)
 class GateResult:
-    """Outcome of one gate: ``status`` is ``passed``, ``failed`` or ``skipped`` (optional, no value)."""
+    """Outcome of one gate: ``status`` is ``passed``, ``failed`` or ``skipped`` (optional, no value). For a
+    per-class gate ``value`` is the worst class's and ``failed_classes`` names the classes that missed."""
 
     name: str
     metric: str
@@ -53,6 +59,8 @@ class GateResult:
     value: float | None
     status: str
     description: str = ""
+    per_class: bool = False
+    failed_classes: tuple[str, ...] | list[str] = ()
 
     @property
     def passed(self) -> bool:
@@ -60,10 +68,14 @@ class GateResult:
 
     def line(self) -> str:
         shown = "missing" if self.value is None else f"{self.value:.4g}"
+        if self.per_class:
+            who = f" (failed: {', '.join(self.failed_classes)})" if self.failed_classes else ""
+            return (f"{self.name}: {self.metric}.<class> every class {self.bound}; worst {shown}{who} "
+                    f"-> {self.status}")
         return f"{self.name}: {self.metric} = {shown} (required {self.bound}) -> {self.status}"
 
 
-_GATE_KEYS = {"name", "metric", "min", "max", "optional", "description"}
+_GATE_KEYS = {"name", "metric", "min", "max", "optional", "per_class", "description"}
 
 
 def parse_gates(data: Any, source: str = "<gates>") -> list[Gate]:
@@ -91,7 +103,8 @@ def parse_gates(data: Any, source: str = "<gates>") -> list[Gate]:
                 raise ValueError(f"{source}: gate #{i} {key} must be a number, got {value!r}")
         gate = Gate(name=str(item.get("name", item["metric"])), metric=str(item["metric"]),
                     min=None if lo is None else float(lo), max=None if hi is None else float(hi),
-                    optional=bool(item.get("optional", False)), description=str(item.get("description", "")))
+                    optional=bool(item.get("optional", False)), description=str(item.get("description", "")),
+                    per_class=bool(item.get("per_class", False)))
         if gate.name in seen:
             raise ValueError(f"{source}: duplicate gate name {gate.name!r}")
         seen.add(gate.name)
@@ -114,23 +127,44 @@ def load_gates(path: str | Path) -> list[Gate]:
     return parse_gates(yaml.safe_load(path.read_text()), str(path))
 
 
+def _number(raw: Any) -> float | None:
+    value = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _within(g: Gate, value: float) -> bool:
+    return (g.min is None or value >= g.min) and (g.max is None or value <= g.max)
+
+
 def evaluate_gates(metrics: Mapping[str, Any], gates: Sequence[Gate]) -> list[GateResult]:
     """Check ``metrics`` (the audit's flat figures) against every gate.
+
+    A per-class gate reads every ``<metric>.<class>`` key: it passes when each is within the bound, and is
+    skipped (optional) or failed when no class has the figure.
 
     Returns:
         One :class:`GateResult` per gate, in order.
     """
     out = []
     for g in gates:
-        raw = metrics.get(g.metric)
-        value = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
-        if value is not None and not math.isfinite(value):
-            value = None
+        if g.per_class:
+            prefix = g.metric + "."
+            values = {k[len(prefix):]: _number(v) for k, v in metrics.items() if k.startswith(prefix)}
+            values = {c: v for c, v in values.items() if v is not None}
+            if not values:
+                out.append(GateResult(g.name, g.metric, g.bound_text(), None, "skipped" if g.optional else "failed",
+                                      g.description, True, ()))
+                continue
+            failed = tuple(c for c, v in values.items() if not _within(g, v))
+            worst = min(values.values()) if g.min is not None else max(values.values())
+            out.append(GateResult(g.name, g.metric, g.bound_text(), worst, "failed" if failed else "passed",
+                                  g.description, True, failed))
+            continue
+        value = _number(metrics.get(g.metric))
         if value is None:
             status = "skipped" if g.optional else "failed"
         else:
-            ok = (g.min is None or value >= g.min) and (g.max is None or value <= g.max)
-            status = "passed" if ok else "failed"
+            status = "passed" if _within(g, value) else "failed"
         out.append(GateResult(g.name, g.metric, g.bound_text(), value, status, g.description))
     return out
 
@@ -155,6 +189,9 @@ def short_summary(summary: Mapping[str, Any], results: Sequence[GateResult] | No
              f"(chance {fmt('pointing_chance_mean')}), "
              f"concept coverage {fmt('concept_coverage')}, "
              f"{int(m.get('shortcut_warnings', 0) or 0)} shortcut warning(s)."]
+    unfit = summary.get("unfit_classes")
+    if unfit is not None:
+        lines.append(f"Unfit for explanation: {', '.join(unfit) if unfit else 'none'}.")
     failed = [r.line() for r in results if not r.passed]
     if failed:
         lines.append("Failed gates: " + "; ".join(failed))
@@ -195,4 +232,46 @@ def flat_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     for r in loc:
         for key in ("iobb", "ior", "pointing"):
             m[f"{key}.{r['class']}"] = r.get(key)
+    m.update(verdict_metrics(summary))
     return {k: float(v) for k, v in m.items() if _finite(v) is not None}
+
+
+def verdict_metrics(summary: Mapping[str, Any]) -> dict[str, float | None]:
+    """Figures of the per-class verdicts, faithfulness and sanity sections (flat, for gates and MLflow).
+
+    Per class: ``fit.<class>`` (1 fit, 0 unfit), ``localisation_passed.<class>`` (classes with boxes only),
+    ``faithfulness_passed.<class>``, ``sanity_passed.<class>`` (1 passed, 0 failed or insufficient),
+    ``pointing_lift_low.<class>``, ``<metric>_gain.<class>`` and ``<metric>_gain_low.<class>``. Overall:
+    ``fit_class_fraction``, ``unfit_classes``, ``<metric>_gain_mean`` (mean over classes), ``sanity_passed``.
+    """
+    m: dict[str, float | None] = {}
+    verdicts = summary.get("verdicts") or []
+    if verdicts:
+        m["fit_class_fraction"] = sum(v["verdict"] == "fit" for v in verdicts) / len(verdicts)
+        m["unfit_classes"] = float(sum(v["verdict"] != "fit" for v in verdicts))
+    gains: dict[str, list[float]] = {}
+    for v in verdicts:
+        cls, crit = v["class"], v.get("criteria", {})
+        m[f"fit.{cls}"] = 1.0 if v["verdict"] == "fit" else 0.0
+        loc = crit.get("localisation", {})
+        if loc.get("status") not in (None, "not_applicable"):
+            m[f"localisation_passed.{cls}"] = 1.0 if loc["status"] == "passed" else 0.0
+            m[f"pointing_lift_low.{cls}"] = (loc.get("lift") or {}).get("low")
+        fa = crit.get("faithfulness", {})
+        if fa.get("status"):
+            m[f"faithfulness_passed.{cls}"] = 1.0 if fa["status"] == "passed" else 0.0
+        for metric, info in (fa.get("metrics") or {}).items():
+            g = info.get("gain") or {}
+            m[f"{metric}_gain.{cls}"] = g.get("estimate")
+            m[f"{metric}_gain_low.{cls}"] = g.get("low")
+            if _finite(g.get("estimate")) is not None:
+                gains.setdefault(metric, []).append(g["estimate"])
+        sa = crit.get("sanity", {})
+        if sa.get("status"):
+            m[f"sanity_passed.{cls}"] = 1.0 if sa["status"] == "passed" else 0.0
+    for metric, values in gains.items():
+        m[f"{metric}_gain_mean"] = _nanmean(values)
+    sanity = summary.get("sanity") or {}
+    if sanity.get("passed") is not None:
+        m["sanity_passed"] = 1.0 if sanity["passed"] else 0.0
+    return m

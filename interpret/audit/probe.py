@@ -110,3 +110,13 @@ def penultimate_layer(model) -> str:
     if len(conv_children) < 2:
         raise ValueError(f"cannot find a block before {model.feature_layer!r}; pass --penultimate-layer")
     return f"{prefix}.{conv_children[-2]}" if prefix else conv_children[-2]
+
+
+def probe_patients(manifest: Path, image_ids: Sequence[str]) -> list[str]:
+    """The patient id of each probing image (the image id where the manifest has none), so that a split of
+    the probing set (e.g. the OOD detector's fit / calibration halves) never puts one patient on both sides."""
+    from training.data.schema import read_manifest
+
+    df = read_manifest(manifest)
+    col = dict(zip(df["image_id"], df["patient_id"])) if "patient_id" in df else {}
+    return [str(col.get(i) or i) for i in image_ids]

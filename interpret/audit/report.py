@@ -49,6 +49,14 @@ def _num(value: Any, digits: int = 3) -> str:
     return _e(value)
 
 
+def _ci(ci: Any, digits: int = 3) -> str:
+    """``estimate [low, high]`` of a CI dict (:meth:`interpret.stats.CI.to_dict`)."""
+    if not isinstance(ci, Mapping):
+        return "n/a"
+    return (f"{_num(ci.get('estimate'), digits)} [{_num(ci.get('low'), digits)}, "
+            f"{_num(ci.get('high'), digits)}]")
+
+
 def _badge(status: str) -> str:
     return f'<span class="badge {_e(status)}">{_e(status)}</span>'
 
@@ -163,10 +171,61 @@ def _header(s: Mapping[str, Any]) -> str:
             f"is embedded.</p><h2>Model</h2><table>{rows}</table><h2>Data used</h2><table>{drows}</table>")
 
 
+_CRIT_TEXT = {"passed": "passed", "failed": "FAILED", "insufficient": "too few cases", "not_applicable": "n/a"}
+
+
+def _crit(c: Mapping[str, Any], figure: str = "") -> str:
+    status = c.get("status", "")
+    text = _CRIT_TEXT.get(status, status)
+    return f"{text}{(': ' + figure) if figure else ''}"
+
+
+def _verdicts(s: Mapping[str, Any]) -> str:
+    verdicts = s.get("verdicts") or []
+    if not verdicts:
+        return ""
+    pol = s.get("verdict_policy", {})
+    unfit = [v["class"] for v in verdicts if v["verdict"] != "fit"]
+    lead = (f"<p><b>{len(verdicts) - len(unfit)} of {len(verdicts)} classes are fit for explanation.</b> "
+            + (f"Unfit: {_e(', '.join(unfit))}. The service still returns their maps, with this verdict and its "
+               "reasons attached, and draws the warning on the overlay." if unfit else "") + "</p>")
+    rules = ("<p class='note'>A class is fit when every check that applies passed. Localisation: the pointing game "
+             "beats its chance level (lower bound of the 95% bootstrap CI of hit &minus; chance above 0; "
+             "n/a without boxes). Faithfulness: deleting the map's top pixels lowers the class probability faster, "
+             "and inserting them raises it faster, than a random pixel order (lower CI bound of the AUC gain above "
+             "0 for both). Sanity: the maps change when the model's weights are randomised (cascading, from the "
+             "head down). A check resting on fewer than "
+             f"{_e(pol.get('min_cases', 5))} images counts as failed. Concepts are reported, not gated: "
+             "the number of the class's top units whose concept rests on enough images and on a VLM that can "
+             "see the class. Figures are estimate [95% CI].</p>")
+    rows = []
+    for v in verdicts:
+        c = v.get("criteria", {})
+        loc, fa, sa, co = (c.get(k, {}) for k in ("localisation", "faithfulness", "sanity", "concepts"))
+        lift = _ci(loc.get("lift")) if loc.get("lift") else ""
+        gains = (fa.get("metrics") or {})
+        fig = "; ".join(f"{m} {_ci((gains.get(m) or {}).get('gain'))}" for m in ("deletion", "insertion") if m in gains)
+        rho = "; ".join(f"{m} &rho; {_ci(ci, 2)}" for m, ci in (sa.get("final_spearman") or {}).items())
+        th = v.get("threshold") or {}
+        rows.append(
+            f"<tr><td>{_e(v['class'])}</td><td>{_badge('passed' if v['verdict'] == 'fit' else 'failed').replace('>passed<', '>fit<').replace('>failed<', '>unfit<')}</td>"
+            f"<td class='num'>{_e(v.get('n_positives', ''))}</td>"
+            f"<td>{_e(_crit(loc, lift))}</td><td>{_e(_crit(fa, fig))}</td><td>{_crit(sa, rho)}</td>"
+            f"<td>{_e(co.get('served', 'n/a'))} of {_e(co.get('n_top_units', '-'))}</td>"
+            f"<td>{_e(_num(th.get('threshold'), 3) if th.get('reliable') else 'none: ' + str(th.get('reason', '')))}</td>"
+            f"<td>{_e('; '.join(v.get('reasons', [])))}</td></tr>")
+    head = ("<tr><th>class</th><th>verdict</th><th>positives</th><th>localisation (pointing lift)</th>"
+            "<th>faithfulness (AUC gain vs random)</th><th>sanity (final Spearman)</th><th>served concepts</th>"
+            "<th>threshold</th><th>reasons</th></tr>")
+    return (f"<h2>Per-class verdicts</h2>{lead}{rules}<table>{head}{''.join(rows)}</table>")
+
+
 def _gates(s: Mapping[str, Any]) -> str:
     g = s.get("gates", {})
-    rows = [{"gate": r["name"], "figure": r["metric"], "required": r["bound"], "value": r.get("value"),
-             "result": r["status"], "meaning": r.get("description", "")} for r in g.get("results", [])]
+    rows = [{"gate": r["name"], "figure": r["metric"] + (".<every class>" if r.get("per_class") else ""),
+             "required": r["bound"], "value": r.get("value"), "result": r["status"],
+             "failed classes": list(r.get("failed_classes") or []), "meaning": r.get("description", "")}
+            for r in g.get("results", [])]
     body = _table(rows, digits=3).replace("<td>passed</td>", f"<td>{_badge('passed')}</td>") \
         .replace("<td>failed</td>", f"<td>{_badge('failed')}</td>").replace("<td>skipped</td>", f"<td>{_badge('skipped')}</td>")
     verdict = "passed every gate" if s.get("status") == "passed" else "did NOT pass the gates"
@@ -182,7 +241,18 @@ def _performance(s: Mapping[str, Any]) -> str:
     if skipped:
         return "".join(out) + skipped
     rows = s.get("performance", [])
-    out.append(_table(rows))
+    shown = [{"class": r["class"], "positives": r.get("n_pos"), "negatives": r.get("n_neg"),
+              "AUROC [95% CI]": _ci(r.get("auroc_ci")) if r.get("auroc_ci") else _num(r.get("auroc")),
+              "AP [95% CI]": _ci(r.get("ap_ci")) if r.get("ap_ci") else _num(r.get("ap")),
+              "F1": r.get("f1"), "MCC": r.get("mcc"),
+              "threshold": _num(r.get("threshold")) if r.get("threshold_reliable", True) else "none (too few validation positives)"}
+             for r in rows]
+    out.append(_table(shown))
+    unreliable = s.get("model", {}).get("unreliable_thresholds") or {}
+    if unreliable:
+        out.append("<div class='warn'><b>No reliable threshold</b> (no calls are made, /predict returns "
+                   "<code>positive: null</code>): " + "; ".join(f"{_e(k)}: {_e(v)}" for k, v in unreliable.items())
+                   + "</div>")
     if rows:
         png = bar_chart_png([r["class"] for r in rows], {"AUROC": [r.get("auroc") for r in rows],
                                                          "AP": [r.get("ap") for r in rows]}, "AUROC and AP per class")
@@ -209,7 +279,12 @@ def _localization(s: Mapping[str, Any], folder: Path) -> str:
     if skipped:
         return "".join(out) + skipped
     rows = loc.get("per_class", [])
-    out.append(_table(rows))
+    out.append(_table([{"class": r["class"], "images": r.get("n_images"),
+                        "IoBB [95% CI]": _ci(r.get("iobb_ci")) if r.get("iobb_ci") else _num(r.get("iobb")),
+                        "IoR [95% CI]": _ci(r.get("ior_ci")) if r.get("ior_ci") else _num(r.get("ior")),
+                        "pointing [95% CI]": _ci(r.get("pointing_ci")) if r.get("pointing_ci") else _num(r.get("pointing")),
+                        "pointing chance": r.get("pointing_chance"),
+                        "lift over chance [95% CI]": _ci(r.get("pointing_lift_ci"))} for r in rows]))
     if rows:
         png = bar_chart_png([r["class"] for r in rows], {"IoBB": [r.get("iobb") for r in rows],
                                                          "IoR": [r.get("ior") for r in rows],
@@ -217,12 +292,96 @@ def _localization(s: Mapping[str, Any], folder: Path) -> str:
                                                          "pointing chance": [r.get("pointing_chance") for r in rows]},
                             "Localisation per class")
         out.append(_img(png, "localisation per class"))
-    gallery = sorted((folder / "heatmaps").glob("*.png")) if (folder / "heatmaps").is_dir() else []
+    names = loc.get("gallery")
+    gallery = ([folder / "heatmaps" / n for n in names if (folder / "heatmaps" / n).is_file()] if names is not None
+               else sorted(p for p in (folder / "heatmaps").glob("*.png")
+                           if not p.name.startswith(("faithfulness_", "sanity_")))
+               if (folder / "heatmaps").is_dir() else [])
     if gallery:
         out.append("<h3>Attention gallery (best and worst cases per class)</h3><div class='gallery'>")
         for p in gallery:
             out.append(f"<figure>{_img(p.read_bytes(), p.stem)}<figcaption>{_e(p.stem)}</figcaption></figure>")
         out.append("</div>")
+    return "".join(out)
+
+
+def _faithfulness(s: Mapping[str, Any], folder: Path) -> str:
+    f = s.get("faithfulness") or {}
+    if not f:
+        return ""
+    out = ["<h2>Faithfulness: do the highlighted pixels drive the prediction?</h2>",
+           f"<p>On each class's positive probing images ({_e(f.get('cases', ''))}), pixels are removed "
+           f"(<i>deletion</i>: replaced by a {_e(f.get('baseline', ''))} copy of the image) or revealed "
+           "(<i>insertion</i>: from that copy) in the order of the served map, in "
+           f"{_e(f.get('steps', ''))} equal steps, and the class probability is recorded (Petsiuk et al. 2018). "
+           "The same is done in a seeded random pixel order. A faithful map makes the probability fall faster "
+           "under deletion (lower AUC than random) and rise faster under insertion (higher AUC). ROAD "
+           "(Rong et al. 2022) removes pixels with noisy linear imputation instead, most-relevant first (MoRF, lower "
+           "is better) and least-relevant first (LeRF, higher is better). <i>Gain</i> = advantage over the random "
+           "order (&gt; 0: more faithful than random), averaged over images with a 95% bootstrap CI.</p>"]
+    skipped = _skipped(s, "faithfulness")
+    if skipped:
+        return "".join(out) + skipped
+    rows = []
+    for v in s.get("verdicts") or []:
+        ms = (v.get("criteria", {}).get("faithfulness", {}).get("metrics") or {})
+        if not ms:
+            continue
+        row = {"class": v["class"], "images": max(m.get("n", 0) for m in ms.values())}
+        for name, m in ms.items():
+            row[f"{name} AUC"] = _ci(m.get("auc"))
+            row[f"{name} random"] = _num((m.get("random_auc") or {}).get("estimate"))
+            row[f"{name} gain"] = _ci(m.get("gain"))
+        rows.append(row)
+    out.append(_table(rows))
+    for metric, name in (f.get("plots") or {}).items():
+        path = folder / "heatmaps" / name
+        if path.is_file():
+            out.append(f"<figure>{_img(path.read_bytes(), metric + ' curves')}<figcaption>{_e(metric)}: mean curve "
+                       "per class with its 95% interval (solid: the map's order; dashed: random order)"
+                       "</figcaption></figure>")
+    return "".join(out)
+
+
+def _sanity(s: Mapping[str, Any], folder: Path) -> str:
+    sa = s.get("sanity") or {}
+    if not sa:
+        return ""
+    th = sa.get("thresholds", {})
+    passed = sa.get("passed")
+    out = ["<h2>Sanity check: do the maps depend on the model?</h2>",
+           "<p>Model-parameter randomisation test (Adebayo et al. 2018): the model's blocks are re-initialised "
+           "from the head down (cascading) and one at a time (independent), and the maps of the same "
+           f"{_e(sa.get('n_images', ''))} images are compared with the original ones by Spearman rank correlation "
+           "and SSIM. A map that stays the same when the weights it claims to explain are gone is not explaining "
+           f"them. A step changed the maps when mean Spearman &lt; {_e(th.get('max_spearman', ''))} and mean SSIM "
+           f"&lt; {_e(th.get('max_ssim', ''))}. Result: "
+           f"{_badge('passed' if passed else 'failed') if passed is not None else 'n/a'}. {_e(sa.get('note', ''))}</p>"]
+    for meth, modes in (sa.get("methods") or {}).items():
+        for mode, info in modes.items():
+            rows = [{"step": st["step"], "randomised block": st["layer"] + (" (and all above)" if mode == "cascading" and st["step"] > 1 else ""),
+                     "Spearman [95% CI]": _ci(st.get("spearman"), 2), "SSIM [95% CI]": _ci(st.get("ssim"), 2),
+                     "changed": "yes" if st.get("changed") else "NO"} for st in info.get("steps", [])]
+            out.append(f"<h3>{_e(meth)}, {_e(mode)}: {'passed' if info.get('passed') else 'failed'}</h3>{_table(rows)}")
+    plot = sa.get("plot")
+    if plot and (folder / "heatmaps" / plot).is_file():
+        out.append(f"<figure>{_img((folder / 'heatmaps' / plot).read_bytes(), 'cascading randomisation')}"
+                   "<figcaption>One image's map on the original model and after each cascading step</figcaption></figure>")
+    return "".join(out)
+
+
+def _ood(s: Mapping[str, Any]) -> str:
+    o = s.get("ood") or {}
+    if not o:
+        return ""
+    out = ["<h2>Inputs the model was not audited for</h2>"]
+    if not o.get("fitted"):
+        return "".join(out) + f"<p class='note'>No detector fitted: {_e(o.get('reason', ''))}</p>"
+    keep = {k: v for k, v in o.items() if not isinstance(v, (dict, list)) and k not in ("fitted", "file")}
+    out.append("<p>The service scores every request's pooled feature-layer activations against the statistics of "
+               "this probing set (Mahalanobis distance with a shrinkage covariance) and warns above a threshold "
+               "calibrated on held-out probing images.</p>")
+    out.append(_table([{"figure": k, "value": v} for k, v in keep.items()]))
     return "".join(out)
 
 
@@ -264,18 +423,32 @@ def _concepts(s: Mapping[str, Any], folder: Path, top: int = 12) -> str:
         out.append(f"<p>VLM check ({_e(c.get('clip', ''))}): zero-shot AUROC of the image-text similarity with "
                    f"&ldquo;{_e(prompt)}&rdquo; on the probing set, mean "
                    f"{_e('n/a' if mean is None else f'{mean:.3f}')}.{verdict}</p>")
-        out.append(_table([{"class": k, "zero-shot AUROC": v} for k, v in check.get("per_class", {}).items()]))
+        cis = check.get("per_class_ci") or {}
+        blind = set(check.get("blind_classes") or [])
+        out.append(_table([{"class": k, "zero-shot AUROC [95% CI]": _ci(cis.get(k)) if cis.get(k) else _num(v),
+                            "VLM sees it": "NO (concepts tied to it are not served)" if k in blind else "yes"}
+                           for k, v in check.get("per_class", {}).items()]))
     layers = c.get("layers", {})
     out.append(_table([{"layer": k, **v} for k, v in layers.items()]))
     table = _read_parquet(folder / "concepts.parquet")
+    min_ev = (c.get("params") or {}).get("min_evidence", 10)
     if table is not None and len(table):
+        out.append(f"<p>Only annotations resting on at least {_e(min_ev)} representative images, and not tied to a "
+                   "class the VLM cannot see, are served; the tables below list those, best score first.</p>")
         for layer, part in table.groupby("layer", sort=False):
             part = part.copy()
+            if "sufficient" in part:
+                part = part[part["sufficient"].astype(bool) & ~part.get("vlm_blind", False).astype(bool)]
             part["best"] = [float(sc[0]) if len(sc) else float("nan") for sc in part["scores"]]
-            part = part.sort_values("best", ascending=False).head(top)
-            rows = [{"unit": int(r.unit), "concepts": list(r.concepts)[:5], "best score": r.best}
+            part = part[part["best"].notna()].sort_values("best", ascending=False).head(top)
+            rows = [{"unit": int(r.unit), "concepts": list(r.concepts)[:5], "best score": r.best,
+                     "evidence (images)": int(getattr(r, "evidence", 0)), "margin": getattr(r, "margin", None)}
                     for r in part.itertuples()]
-            out.append(f"<h3>Layer {_e(layer)}: top {len(rows)} units</h3>{_table(rows, digits=4)}")
+            out.append(f"<h3>Layer {_e(layer)}: top {len(rows)} served units</h3>{_table(rows, digits=4)}")
+    comp = c.get("final_layer_comparison") or {}
+    if comp:
+        out.append("<h3>Evidence floor: the paper's selection vs <code>mammi_floor</code> on the final layer</h3>"
+                   f"<pre>{_e(__import__('json').dumps(comp, indent=1, default=str)[:4000])}</pre>")
     ev = s.get("evaluation", {})
     if ev:
         out.append("<h3>Check on the final layer (class neurons vs their class names)</h3>"
@@ -298,7 +471,10 @@ def _importance(s: Mapping[str, Any]) -> str:
     for cls, units in imp.get("per_class", {}).items():
         for u in units:
             rows.append({"class": cls, "unit": u.get("unit"), "importance": u.get("score"),
-                         "concepts": u.get("concepts", [])[:4], "related": "yes" if u.get("related") else ""})
+                         "concepts (served)": u.get("concepts", [])[:4], "evidence": u.get("evidence"),
+                         "related": "yes" if u.get("related") else "",
+                         "withheld": (f"{', '.join(u.get('annotated_concepts', [])[:3])}: {u['withheld']}"
+                                      if u.get("withheld") else "")})
     out.append(_table(rows, digits=4))
     return "".join(out)
 
@@ -351,8 +527,9 @@ def build_report(summary: Mapping[str, Any], folder: str | Path) -> str:
     model = summary.get("model", {})
     title = f"Audit of {model.get('name') or model.get('uri', 'model')} v{model.get('version') or '-'}"
     parts: Iterable[str] = (
-        _header(summary), _gates(summary), _performance(summary), _localization(summary, folder),
-        _dissection(summary), _concepts(summary, folder), _importance(summary), _shortcuts(summary),
+        _header(summary), _verdicts(summary), _gates(summary), _performance(summary),
+        _localization(summary, folder), _faithfulness(summary, folder), _sanity(summary, folder),
+        _dissection(summary), _concepts(summary, folder), _importance(summary), _shortcuts(summary), _ood(summary),
         _comparison(summary), _reproduce(summary),
     )
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
