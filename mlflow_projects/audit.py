@@ -276,7 +276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, boo
                    help="positive images per class in the faithfulness curves (0 = all)")
     p.add_argument("--road-max-per-class", type=nonneg_int, default=10,
                    help="positive images per class in the ROAD curves (0 = all; reported, not gated)")
-    p.add_argument("--sanity-images", type=positive_int, default=16)
+    p.add_argument("--sanity-images", type=nonneg_int, default=16, help="images of the randomisation test (0 = not run)")
     p.add_argument("--min-cases", type=positive_int, default=5,
                    help="images a verdict criterion needs; fewer and the class is unfit (not checkable)")
     p.add_argument("--n-bootstrap", type=positive_int, default=1000, help="bootstrap resamples of every CI")
@@ -319,7 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:  # RegistryError is a ValueError
             print(f"audit: error: {exc}", file=sys.stderr)
             return EX_USAGE
-        folder = compute_audit(cfg, resolved)
+        try:
+            folder = compute_audit(cfg, resolved)
+        except ValueError as exc:  # a method that does not apply to the model's kind (known once it is loaded)
+            print(f"audit: error: {exc}", file=sys.stderr)
+            return EX_USAGE
     try:
         run_id = publish_audit(folder)
     except FileNotFoundError as exc:  # --resume of a folder that is not an audit folder

@@ -361,7 +361,8 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
                 summary["faithfulness"]["plots"][metric] = f"faithfulness_{metric}.png"
         sections.ok("faithfulness")
     else:
-        sections.skip("faithfulness", "no probing image is positive for any class")
+        sections.skip("faithfulness", "no faithfulness metric asked for" if not metrics_f
+                      else "no probing image is positive for any class")
     steps.update()
 
     steps.set_postfix_str("sanity")
@@ -371,24 +372,33 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         layers = [n for n in model.randomisation_layers if n not in model.logit_only_layers]
         note = (f"blocks the refined maps do not depend on by construction ({', '.join(model.logit_only_layers)}: "
                 "the maps are cross-attention weights computed before the classification head) are not randomised")
-    sanity = sanity_section(model, probe, method, n_images=min(cfg.sanity_images, probe.n),
-                            batch_size=cfg.batch_size, seed=cfg.seed, layers=layers)
-    sanity.to_parquet(out / "sanity.parquet", index=False)
-    summary["sanity"] = {**sanity_summary(sanity, n_resamples=cfg.n_bootstrap, seed=cfg.seed),
-                         "n_images": int(sanity["image_index"].nunique()), "note": note}
-    try:
-        cls_i = int(np.argmax(probe.labels.sum(0)))
-        img_i = int(np.flatnonzero(probe.labels[:, cls_i] > 0)[0]) if probe.labels[:, cls_i].any() else 0
-        order = list(dict.fromkeys(sanity.sort_values("step")["layer"]))
-        ex = randomisation_examples(model, probe.images[img_i], cls_i, method, order, cfg.seed)
-        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-        (out / "heatmaps" / "sanity_cascading.png").write_bytes(randomisation_plot_png(
-            probe.images[img_i, 0].numpy(), ex,
-            f"{probe.classes[cls_i]} on {probe.image_ids[img_i]}: cascading randomisation ({method})"))
-        summary["sanity"]["plot"] = "sanity_cascading.png"
-    except Exception as exc:  # noqa: BLE001 - a picture must not sink the audit
-        log.warning("randomisation example plot failed: %s", exc)
-    sections.ok("sanity")
+    if cfg.sanity_images <= 0:
+        import pandas as pd  # noqa: F811
+
+        sanity = pd.DataFrame(columns=["method", "mode", "step", "layer", "image_index", "target", "spearman", "ssim",
+                                       "class", "image_id"])
+        sanity.to_parquet(out / "sanity.parquet", index=False)
+        summary["sanity"] = {"passed": None, "methods": {}, "n_images": 0, "note": "not run (sanity_images = 0)"}
+        sections.skip("sanity", "not run (sanity_images = 0)")
+    else:
+        sanity = sanity_section(model, probe, method, n_images=min(cfg.sanity_images, probe.n),
+                                batch_size=cfg.batch_size, seed=cfg.seed, layers=layers)
+        sanity.to_parquet(out / "sanity.parquet", index=False)
+        summary["sanity"] = {**sanity_summary(sanity, n_resamples=cfg.n_bootstrap, seed=cfg.seed),
+                             "n_images": int(sanity["image_index"].nunique()), "note": note}
+        try:
+            cls_i = int(np.argmax(probe.labels.sum(0)))
+            img_i = int(np.flatnonzero(probe.labels[:, cls_i] > 0)[0]) if probe.labels[:, cls_i].any() else 0
+            order = list(dict.fromkeys(sanity.sort_values("step")["layer"]))
+            ex = randomisation_examples(model, probe.images[img_i], cls_i, method, order, cfg.seed)
+            (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+            (out / "heatmaps" / "sanity_cascading.png").write_bytes(randomisation_plot_png(
+                probe.images[img_i, 0].numpy(), ex,
+                f"{probe.classes[cls_i]} on {probe.image_ids[img_i]}: cascading randomisation ({method})"))
+            summary["sanity"]["plot"] = "sanity_cascading.png"
+        except Exception as exc:  # noqa: BLE001 - a picture must not sink the audit
+            log.warning("randomisation example plot failed: %s", exc)
+        sections.ok("sanity")
     steps.update()
 
     steps.set_postfix_str("dissection")

@@ -239,8 +239,9 @@ def flat_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
 def verdict_metrics(summary: Mapping[str, Any]) -> dict[str, float | None]:
     """Figures of the per-class verdicts, faithfulness and sanity sections (flat, for gates and MLflow).
 
-    Per class: ``fit.<class>`` (1 fit, 0 unfit), ``localisation_passed.<class>`` (classes with boxes only),
-    ``faithfulness_passed.<class>``, ``sanity_passed.<class>`` (1 passed, 0 failed or insufficient),
+    Per class: ``fit.<class>`` (1 fit, 0 unfit); ``localisation_passed.<class>``, ``faithfulness_passed.<class>``,
+    ``sanity_passed.<class>`` (1 passed, 0 failed) only for the classes the check could assess (a class with too
+    few cases is unfit and named in ``unfit_classes``, but a per-class gate does not read it),
     ``pointing_lift_low.<class>``, ``<metric>_gain.<class>`` and ``<metric>_gain_low.<class>``. Overall:
     ``fit_class_fraction``, ``unfit_classes``, ``<metric>_gain_mean`` (mean over classes), ``sanity_passed``.
     """
@@ -254,11 +255,12 @@ def verdict_metrics(summary: Mapping[str, Any]) -> dict[str, float | None]:
         cls, crit = v["class"], v.get("criteria", {})
         m[f"fit.{cls}"] = 1.0 if v["verdict"] == "fit" else 0.0
         loc = crit.get("localisation", {})
-        if loc.get("status") not in (None, "not_applicable"):
+        if loc.get("status") in ("passed", "failed"):
             m[f"localisation_passed.{cls}"] = 1.0 if loc["status"] == "passed" else 0.0
-            m[f"pointing_lift_low.{cls}"] = (loc.get("lift") or {}).get("low")
+        if loc.get("lift"):
+            m[f"pointing_lift_low.{cls}"] = loc["lift"].get("low")
         fa = crit.get("faithfulness", {})
-        if fa.get("status"):
+        if fa.get("status") in ("passed", "failed"):
             m[f"faithfulness_passed.{cls}"] = 1.0 if fa["status"] == "passed" else 0.0
         for metric, info in (fa.get("metrics") or {}).items():
             g = info.get("gain") or {}
@@ -267,7 +269,7 @@ def verdict_metrics(summary: Mapping[str, Any]) -> dict[str, float | None]:
             if _finite(g.get("estimate")) is not None:
                 gains.setdefault(metric, []).append(g["estimate"])
         sa = crit.get("sanity", {})
-        if sa.get("status"):
+        if sa.get("status") in ("passed", "failed"):
             m[f"sanity_passed.{cls}"] = 1.0 if sa["status"] == "passed" else 0.0
     for metric, values in gains.items():
         m[f"{metric}_gain_mean"] = _nanmean(values)

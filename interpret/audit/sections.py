@@ -65,7 +65,7 @@ def performance_section(probe: Probe, probs: np.ndarray, thresholds: Sequence[fl
     for cls, r in table.iterrows():
         rows.append({"class": str(cls), "n_pos": int(r["n_pos"]), "n_neg": int(r["n_neg"]),
                      "auroc": _finite(r["auroc"]), "ap": _finite(r["ap"]), "f1": _finite(r["f1"]),
-                     "mcc": _finite(r["mcc"]), "threshold": float(r["threshold"])})
+                     "mcc": _finite(r["mcc"]), "threshold": _finite(r["threshold"])})
     return rows
 
 

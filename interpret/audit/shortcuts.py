@@ -90,26 +90,27 @@ def shortcut_section(probe: Probe, probs: np.ndarray, ap: "AttentionPass", feats
                               "outside_lung": out_c, "on_marker": mk_c})
     field_mask = chest_field(probe.size)
     seen = set()
-    pooled = feats.mean(dim=(2, 3))  # (N, K)
-    for cls, units in unit_table.items():
-        for u in units:
-            unit = int(u["unit"])
-            if unit in seen:
-                continue
-            seen.add(unit)
-            top = torch.argsort(pooled[:, unit], descending=True)[:top_images]
-            m = F.interpolate(F.relu(feats[top, unit:unit + 1]), size=(probe.size, probe.size), mode="bilinear",
-                              align_corners=False).numpy()  # (n, 1, S, S)
-            o, k = attention_shares(m, field_mask, ap.markers[top.numpy()])
-            out_u, mk_u = _nanmean(o[:, 0]), _nanmean(k[:, 0])
-            reasons = []
-            if out_u is not None and out_u > outside_threshold:
-                reasons.append(f"{out_u:.0%} of its activation lies outside the lung field")
-            if mk_u is not None and mk_u > marker_threshold:
-                reasons.append(f"{mk_u:.0%} of its activation lies on text markers")
-            if reasons:
-                warnings_.append({"kind": "unit", "target": f"{unit} (important for {cls})",
-                                  "reason": "; ".join(reasons), "outside_lung": out_u, "on_marker": mk_u})
+    if feats is not None:  # unit activation maps (a DWARF model has no feature-layer units)
+        pooled = feats.mean(dim=(2, 3))  # (N, K)
+        for cls, units in unit_table.items():
+            for u in units:
+                unit = int(u["unit"])
+                if unit in seen:
+                    continue
+                seen.add(unit)
+                top = torch.argsort(pooled[:, unit], descending=True)[:top_images]
+                m = F.interpolate(F.relu(feats[top, unit:unit + 1]), size=(probe.size, probe.size), mode="bilinear",
+                                  align_corners=False).numpy()  # (n, 1, S, S)
+                o, k = attention_shares(m, field_mask, ap.markers[top.numpy()])
+                out_u, mk_u = _nanmean(o[:, 0]), _nanmean(k[:, 0])
+                reasons = []
+                if out_u is not None and out_u > outside_threshold:
+                    reasons.append(f"{out_u:.0%} of its activation lies outside the lung field")
+                if mk_u is not None and mk_u > marker_threshold:
+                    reasons.append(f"{mk_u:.0%} of its activation lies on text markers")
+                if reasons:
+                    warnings_.append({"kind": "unit", "target": f"{unit} (important for {cls})",
+                                      "reason": "; ".join(reasons), "outside_lung": out_u, "on_marker": mk_u})
     n_flagged = sum(r["flagged"] for r in per_class)
     markers_from = ("the phantom's ground truth (phantom_meta.parquet: marker and planted tag boxes)"
                     if probe.artefacts is not None else "saturated pixels near the border (marker_mask)")

@@ -13,7 +13,7 @@ from mlflow_projects import audit
 from tests.mlflow_projects.audit_fixtures import register_tiny_classifier, tracking, write_gates
 
 ARTIFACTS = ["summary.json", "concepts.parquet", "neuron_importance.parquet", "localization.parquet",
-             "explanations.parquet", "dissection.json", "report.html"]
+             "faithfulness.parquet", "sanity.parquet", "explanations.parquet", "dissection.json", "report.html"]
 
 
 def _closed_port() -> int:
@@ -44,8 +44,14 @@ def test_audit_logs_every_artifact_and_tag_then_resume_after_outage(tmp_path, ti
         assert {f"audit/{a}" for a in ARTIFACTS} <= logged and "audit/heatmaps" in logged
         assert client.list_artifacts(run_id, "audit/heatmaps")
         summary = mlflow.artifacts.load_dict(f"runs:/{run_id}/audit/summary.json")
-        assert set(summary["sections"]) == {"performance", "localization", "dissection", "concepts", "importance",
-                                            "shortcuts"}
+        assert set(summary["sections"]) == {"performance", "localization", "faithfulness", "sanity", "dissection",
+                                            "concepts", "importance", "shortcuts", "ood"}
+        # per-class verdicts: one per class, tagged on the version, and opening the report
+        assert [v["class"] for v in summary["verdicts"]] == summary["model"]["classes"]
+        assert json.loads(mv.tags["audit.unfit_classes"]) == summary["unfit_classes"]
+        assert all(v["verdict"] in ("fit", "unfit") and (v["verdict"] == "fit") == (not v["reasons"])
+                   for v in summary["verdicts"])
+        assert summary["performance"][0]["auroc_ci"]["n_resamples"] == 1000
         assert summary["model"]["version"] == version and summary["data"]["n_images"] == 24
         # pointing game within Zhang et al.'s tolerance scaled to the probe, reported with its chance level
         loc = summary["localization"]
@@ -56,6 +62,8 @@ def test_audit_logs_every_artifact_and_tag_then_resume_after_outage(tmp_path, ti
         assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
         # an untrained VLM is checked on the probing set, and the report says whether it sees the findings
         assert summary["concepts"]["vlm_check"]["n_classes"] > 0 and "VLM check" in html
+        assert html.index("Per-class verdicts") < html.index("Verdict against the promotion gates")
+        assert "Faithfulness: do the highlighted pixels" in html and "Sanity check" in html
 
         # outage: everything is computed, logging fails, the folder stays; resume logs the same results
         folder = audit.compute_audit(audit.parse_args(argv + ["--out", str(tmp_path / "a2")])[0])
@@ -112,6 +120,13 @@ def test_audit_as_the_readme_runs_it(tmp_path, tiny_phantom):
         assert mv.tags["audit.status"] == "passed"
         logged = {f.path for f in MlflowClient().list_artifacts(mv.tags["audit.run_id"], "audit")}
     assert {f"audit/{a}" for a in ARTIFACTS} <= logged
+    # for CI pipelines: a failed gate makes the command fail with -P fail_on_gates=true (default: exit 0)
+    strict = write_gates(tmp_path / "strict.yaml", auroc_mean=1.01)
+    cmd = [a if not a.startswith("gates=") else f"gates={strict}" for a in cmd]
+    cmd = [a if not a.startswith("out=") else f"out={tmp_path / 'strict'}" for a in cmd]
+    done = subprocess.run(cmd + ["-P", "fail_on_gates=true"], cwd=root, env=_env(uri), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0 and "gates failed (--fail-on-gates)" in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -133,6 +148,8 @@ def test_audit_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_phantom):
         (["--model-uri", "models:/cxr-classifier/1", "--clip", "models:/cxr-clip@candidate"], "cxr-clip"),
         (["--model-uri", "models:/cxr-classifier@champion"], "champion"),                # no fallback: named only
         (["--resume", str(tmp_path / "not-an-audit")], "not-an-audit"),
+        (["--model-uri", "models:/cxr-classifier/1", "--attention", "dwarf"], "DWARF"),   # method of another kind
+        (["--model-uri", "models:/cxr-classifier/1", "--faithfulness-metrics", "deletion,nope"], "road_morf"),
     ]
     for i, (args, expect) in enumerate(cases):
         out = tmp_path / f"out{i}"
