@@ -36,6 +36,7 @@ import datetime as _dt
 import io
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -160,6 +161,24 @@ def explanation_rows(model, probe: Probe, cases: Sequence[tuple[str, str]], meth
     return rows
 
 
+class _Stages:
+    """Names the current section on the progress bar and records each section's wall time (``timings``)."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.name, self.start, self.times = bar, None, 0.0, {}
+
+    def __call__(self, name: str) -> None:
+        self.close()
+        self.name, self.start = name, time.perf_counter()
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> dict[str, float]:
+        if self.name is not None:
+            self.times[self.name] = round(time.perf_counter() - self.start, 3)
+            self.name = None
+        return self.times
+
+
 def _resolve_attention(cfg: AuditConfig, model) -> str:
     from interpret.models import explained_with
 
@@ -282,6 +301,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     meta = dict(meta or {})
     policy = VerdictPolicy(min_cases=cfg.min_cases, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
     steps = tqdm(total=11, desc="audit", unit="section")
+    stage = _Stages(steps)
     sections = Sections()
     size = cfg.image_size or int(model.input_spec.get("size") or 224)
     probe = load_probe(manifest, model.class_names, size, cfg.split, cfg.max_images, cfg.seed)
@@ -306,7 +326,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         "verdict_policy": asdict(policy),
         "reproduce": reproduce,
     }
-    steps.set_postfix_str("inference")
+    stage("inference")
     probs, feats = _infer(model, probe.images, cfg.batch_size, dwarf)
     perf = performance_section(probe, probs, [t if t is not None else float("nan")
                                               for t in summary["model"]["thresholds"]])
@@ -319,7 +339,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     sections.ok("performance")
     steps.update()
 
-    steps.set_postfix_str("attention")
+    stage("attention")
     tol = pointing_tolerance(probe.size) if cfg.pointing_tolerance is None else float(cfg.pointing_tolerance)
     ap = attention_pass(model, probe, method, cfg.batch_size, tol)
     loc_cis = localization_cis(ap.localization, policy)
@@ -340,7 +360,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         sections.skip("localization", "no probing image has boxes of the model's classes")
     steps.update()
 
-    steps.set_postfix_str("faithfulness")
+    stage("faithfulness")
     faith, _ = faithfulness_section(model, probe, method, metrics=metrics_f, steps=cfg.faithfulness_steps,
                                     baseline=cfg.faithfulness_baseline, max_per_class=cfg.faithfulness_max_per_class,
                                     batch_size=cfg.batch_size, seed=cfg.seed, road_max_per_class=cfg.road_max_per_class)
@@ -365,7 +385,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
                       else "no probing image is positive for any class")
     steps.update()
 
-    steps.set_postfix_str("sanity")
+    stage("sanity")
     layers = None
     note = ""
     if dwarf:
@@ -401,7 +421,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         sections.ok("sanity")
     steps.update()
 
-    steps.set_postfix_str("dissection")
+    stage("dissection")
     if dwarf:
         dis = {"per_class": [], "reason": "not applicable to a DWARF model (no GAP + linear feature layer)"}
     else:
@@ -415,7 +435,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         sections.skip("dissection", dis.get("reason", "no probing image has boxes"))
     steps.update()
 
-    steps.set_postfix_str("concepts")
+    stage("concepts")
     if dwarf:
         from interpret.audit.concepts import ConceptResult, _empty_concepts
 
@@ -428,7 +448,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     summary["data"]["concept_source"] = concepts.summary.get("source")
     steps.update()
 
-    steps.set_postfix_str("importance")
+    stage("importance")
     served: dict[int, dict] = {}
     imp_summary: dict[str, Any] = {"per_class": {}, "concept_coverage": None}
     if dwarf:
@@ -487,13 +507,13 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
                                                           out / "heatmaps")
     steps.update()
 
-    steps.set_postfix_str("shortcuts")
+    stage("shortcuts")
     summary["shortcuts"] = shortcut_section(probe, probs, ap, feats, imp_summary["per_class"],
                                             cfg.outside_threshold, cfg.marker_threshold)
     sections.ok("shortcuts")
     steps.update()
 
-    steps.set_postfix_str("ood")
+    stage("ood")
     if dwarf:
         summary["ood"] = {"fitted": False, "reason": "not applicable to a DWARF model (no pooled feature layer)"}
         sections.skip("ood", summary["ood"]["reason"])
@@ -515,7 +535,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
             sections.skip("ood", str(exc))
     steps.update()
 
-    steps.set_postfix_str("verdicts")
+    stage("verdicts")
     verdicts = class_verdicts(probe.classes, positives=summary["data"]["positives"], localization=ap.localization,
                               faithfulness=faith, sanity=sanity,
                               importance=None if dwarf else imp_summary["per_class"], thresholds=thresholds,
@@ -524,7 +544,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     summary["unfit_classes"] = unfit_classes(verdicts)
     steps.update()
 
-    steps.set_postfix_str("gates")
+    stage("gates")
     summary["sections"] = sections.status
     summary["metrics"] = flat_metrics(summary)
     results = evaluate_gates(summary["metrics"], gates)
@@ -540,7 +560,8 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         summary["comparison_note"] = baseline_note
     steps.update()
 
-    steps.set_postfix_str("report")
+    stage("report")
+    summary["timings"] = dict(stage.times)  # seconds per section (the report's own time is not included)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     (out / "report.html").write_text(build_report(summary, out), encoding="utf-8")
     steps.update()
