@@ -4,8 +4,9 @@
 
 Steps: resolve the URI in the MLflow registry (``@champion`` falls back to ``@candidate`` with a
 warning, as the service does); download the MLflow model into a new BentoML model (name = the
-registered name) whose folder holds ``mlflow_model/`` and, when the version has a passing audit,
-``audit/concepts.parquet``; labels ``mlflow.name``, ``mlflow.version``, ``mlflow.alias``,
+registered name) whose folder holds ``mlflow_model/`` and, when the version has a passing audit, its
+``audit/concepts.parquet``, ``audit/summary.json`` (verdicts) and ``audit/ood.npz`` (OOD detector), those
+the audit wrote; labels ``mlflow.name``, ``mlflow.version``, ``mlflow.alias``,
 ``audit.run_id`` (and metadata ``mlflow.uri``, ``mlflow.tracking_uri``). Then ``bentoml build`` of
 ``service:CXRExplainer`` with that one model, so the Bento serves it without a registry: the service
 reads the model's tag from the Bento's own ``bento.yaml`` (:mod:`mlflow_projects.serving.startup`),
@@ -20,6 +21,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -46,20 +48,26 @@ def import_model(model_uri: str):
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     ident = resolve_model_uri(model_uri)
-    audit = find_passing_audit(ident.name, ident.version)
-    labels = {"mlflow.name": ident.name or "", "mlflow.version": ident.version or "",
-              "mlflow.alias": ident.alias or "", "audit.run_id": audit[0] if audit else ""}
-    name = (ident.name or "cxr-model").replace("_", "-")
-    with bentoml.models.create(name, labels=labels, metadata={"mlflow.uri": ident.uri,
-                                                             "mlflow.tracking_uri": mlflow.get_tracking_uri(),
-                                                             "fallback": ident.fallback}) as bento_model:
-        dst = Path(bento_model.path) / "mlflow_model"
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ident.uri, dst_path=str(Path(bento_model.path) / "dl"))
-        shutil.move(local, dst)
-        shutil.rmtree(Path(bento_model.path) / "dl", ignore_errors=True)
-        if audit is not None:
-            (Path(bento_model.path) / "audit").mkdir()
-            audit[1].to_parquet(Path(bento_model.path) / "audit" / "concepts.parquet", index=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        audit = find_passing_audit(ident.name, ident.version, dst=tmp)
+        labels = {"mlflow.name": ident.name or "", "mlflow.version": ident.version or "",
+                  "mlflow.alias": ident.alias or "", "audit.run_id": audit.run_id if audit else ""}
+        name = (ident.name or "cxr-model").replace("_", "-")
+        with bentoml.models.create(name, labels=labels, metadata={"mlflow.uri": ident.uri,
+                                                                 "mlflow.tracking_uri": mlflow.get_tracking_uri(),
+                                                                 "fallback": ident.fallback}) as bento_model:
+            dst = Path(bento_model.path) / "mlflow_model"
+            local = mlflow.artifacts.download_artifacts(artifact_uri=ident.uri,
+                                                        dst_path=str(Path(bento_model.path) / "dl"))
+            shutil.move(local, dst)
+            shutil.rmtree(Path(bento_model.path) / "dl", ignore_errors=True)
+            if audit is not None:  # the files the service reads: concepts.parquet, summary.json, ood.npz
+                shutil.copytree(audit.folder / "audit", Path(bento_model.path) / "audit")
+                packed = sorted(p.name for p in (Path(bento_model.path) / "audit").iterdir())
+                log.info("packed audit run %s: %s", audit.run_id, ", ".join(packed))
+            else:
+                log.warning("%s has no passing audit: the Bento serves it without concepts, verdicts or OOD "
+                            "scores", ident.uri)
     log.info("imported %s (version %s, alias %s) as BentoML model %s", ident.name, ident.version, ident.alias,
              bento_model.tag)
     return bentoml.models.get(bento_model.tag)  # the stored copy (the context's folder was temporary)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
@@ -58,6 +60,7 @@ def _json_safe(value: Any) -> Any:
 FALLBACK_ALIAS = CANDIDATE  # served when no version holds @champion yet
 SUMMARY_ARTIFACT = "audit/summary.json"
 CONCEPTS_ARTIFACT = "audit/concepts.parquet"
+OOD_ARTIFACT = "audit/ood.npz"
 
 _MODELS_URI = re.compile(r"^models:/([^/@\s]+)(?:/(\d+)|@([\w\-]+))/?$")
 
@@ -266,15 +269,42 @@ def version_audit(name: str, version: str | None = None, alias: str | None = Non
     return summary
 
 
-def find_passing_audit(name: str | None, version: str | None, client=None) -> tuple[str, Any] | None:
-    """The latest passing audit of ``name``/``version`` and its concept table.
+@dataclass
+class PassingAudit:
+    """The latest passing audit of a model version, as the service uses it (:func:`find_passing_audit`)."""
+
+    run_id: str
+    concepts: Any  # DataFrame: concepts.parquet (layer, unit, method, concepts, scores, evidence, vlm_blind, ...)
+    summary: dict | None = None  # summary.json (verdicts, config, ood); None for an audit written without one
+    folder: Path | None = None  # the local folder holding the downloaded ``audit/`` files (None: not kept)
+
+    @property
+    def ood_path(self) -> Path | None:
+        """The audit's OOD detector file (``audit/ood.npz``) when downloaded and present."""
+        path = None if self.folder is None else self.folder / OOD_ARTIFACT
+        return path if path is not None and path.is_file() else None
+
+
+def find_passing_audit(name: str | None, version: str | None, client=None,
+                       dst: str | os.PathLike | None = None) -> PassingAudit | None:
+    """The latest passing audit of ``name``/``version``: its concept table, ``summary.json`` and OOD detector.
 
     Looks for runs tagged ``model.name``, ``model.version`` and ``audit.status = 'passed'`` (the audit
-    entry point's tags), newest first, then at the version's own ``audit.run_id`` tag.
+    entry point's tags), newest first, then at the version's own ``audit.run_id`` tag. The first run with a
+    readable ``audit/concepts.parquet`` wins; its ``audit/summary.json`` (verdicts, ``config.min_evidence``)
+    and ``audit/ood.npz`` are taken when present (an audit written before they existed has neither: the
+    caller serves without verdicts and OOD scores).
+
+    Args:
+        name: registered model name (None: no audit).
+        version: version number (None: no audit).
+        client: an ``MlflowClient`` (None: a new one on the current tracking URI).
+        dst: where to keep the files: ``dst/<run_id>/audit/{concepts.parquet, summary.json, ood.npz}``
+            (one folder per run: files of different audits never mix). None: a temporary folder, removed
+            before returning (``folder`` is None then, so no OOD detector file).
 
     Returns:
-        ``(run_id, DataFrame layer, unit, method, concepts, scores)`` or ``None`` when no passing audit
-        (or no concept table) exists.
+        A :class:`PassingAudit`, or ``None`` when no passing audit (or no concept table) exists.
     """
     if not name or not version:
         return None
@@ -295,21 +325,52 @@ def find_passing_audit(name: str | None, version: str | None, client=None) -> tu
             candidates.append(tags["audit.run_id"])
     except Exception:  # noqa: BLE001
         pass
-    seen = set()
-    for run_id in candidates:
-        if run_id in seen:
-            continue
-        seen.add(run_id)
-        try:
-            import pandas as pd
-
+    for run_id in dict.fromkeys(candidates):
+        if dst is None:
             with tempfile.TemporaryDirectory() as tmp:
-                path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONCEPTS_ARTIFACT,
-                                                           dst_path=tmp)
-                table = pd.read_parquet(path)
-            return run_id, table
-        except Exception as exc:  # noqa: BLE001 - try the next run
-            log.warning("audit run %s has no readable %s (%s)", run_id, CONCEPTS_ARTIFACT, type(exc).__name__)
+                found = _download_audit(run_id, Path(tmp))
+                if found is not None:
+                    found.folder = None
+                    return found
+        else:
+            found = _download_audit(run_id, Path(dst) / run_id)
+            if found is not None:
+                return found
     return None
 
 
+def _download_audit(run_id: str, folder: Path) -> PassingAudit | None:
+    """The audit files of ``run_id`` under ``folder/audit/``; None without a readable concept table."""
+    import pandas as pd
+
+    try:
+        table = pd.read_parquet(_fetch(run_id, CONCEPTS_ARTIFACT, folder))
+    except Exception as exc:  # noqa: BLE001 - try the next run
+        log.warning("audit run %s has no readable %s (%s)", run_id, CONCEPTS_ARTIFACT, type(exc).__name__)
+        return None
+    summary = None
+    for artifact in (SUMMARY_ARTIFACT, OOD_ARTIFACT):
+        try:
+            path = _fetch(run_id, artifact, folder)
+        except Exception as exc:  # noqa: BLE001 - an audit written before the file existed
+            log.info("audit run %s has no %s (%s)", run_id, artifact, type(exc).__name__)
+            continue
+        if artifact == SUMMARY_ARTIFACT:
+            try:
+                summary = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("audit run %s: %s is unreadable (%s); no verdicts", run_id, artifact, exc)
+    return PassingAudit(run_id, table, summary, folder)
+
+
+def _fetch(run_id: str, artifact: str, folder: Path) -> Path:
+    """Download one artifact file of ``run_id`` to ``folder/<artifact>`` (its path inside the run kept)."""
+    import shutil
+
+    target = folder / artifact
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
+                                                    dst_path=str(target.parent)))
+    if path.resolve() != target.resolve():
+        shutil.move(str(path), target)
+    return target

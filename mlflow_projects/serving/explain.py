@@ -15,7 +15,11 @@ is served:
   is the identity on them and the served maps are those min-max normalised, as before.
 - top units: contributions ``a_k * w_ck`` from :func:`interpret.importance.linear_contributions`
   (``a_k`` the global average of unit k on this image; exact for a GAP + linear head), named with the
-  concepts of the latest passing audit.
+  concepts the latest passing audit serves (:func:`interpret.annotation.served_unit_concepts`: enough
+  evidence, not VLM-blind) and the number of images each rests on (``evidence``).
+- per target, the audit's ``verdict`` (fit / unfit, reasons, key figures with CIs); an unfit target keeps
+  its maps, gets a ``warnings`` entry and a banner on its overlay (:mod:`mlflow_projects.serving.verdicts`).
+- ``ood`` on ``/predict`` and ``/explain``: the audit's detector on the same forward pass's pooled features.
 
 Async variants (:meth:`ExplanationService.apredict`, :meth:`ExplanationService.aexplain`) put the
 forward pass through the micro-batcher (:mod:`mlflow_projects.serving.batching`). Explanation entries
@@ -27,6 +31,7 @@ import asyncio
 import collections
 import json
 import logging
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,13 +40,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mlflow_projects.common import ModelIdentity, find_passing_audit, resolve_model_uri
+from mlflow_projects.common.registry import CONCEPTS_ARTIFACT, OOD_ARTIFACT, SUMMARY_ARTIFACT
 from mlflow_projects.serving.batching import LRUCache, MicroBatcher
 from mlflow_projects.serving.errors import ServingError
 from mlflow_projects.serving.feedback import FeedbackError, FeedbackStore, validate_boxes, validate_mask_png
 from mlflow_projects.serving.images import DecodedImage, decode_upload, grey_png, overlay_png, preprocess
 from mlflow_projects.serving.metrics import metrics_text
-from mlflow_projects.serving.runtime import LoadedModel, load_model, unit_concepts
+from mlflow_projects.serving.runtime import LoadedModel, load_model
 from mlflow_projects.serving.settings import ServeConfig
+from mlflow_projects.serving.verdicts import (attach_audit, banner_text, ood_entry, ood_scores, unfit_warning,
+                                              verdict_entry)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +148,8 @@ def top_units(model: LoadedModel, pooled: np.ndarray, classes: Sequence[int], k:
 
     Returns:
         Per class, a list of ``{layer, unit, contribution, activation, weight, concepts, concept_scores,
-        concept_method}``, largest contribution first.
+        concept_method, evidence}``, largest contribution first; ``concepts`` only where the audit serves
+        them (``model.unit_concepts``), ``evidence`` the images they rest on (None: no served concept).
     """
     if k <= 0 or model.kind != "classifier":
         return [[] for _ in classes]
@@ -159,9 +168,28 @@ def top_units(model: LoadedModel, pooled: np.ndarray, classes: Sequence[int], k:
             units.append({"layer": model.feature_layer, "unit": int(u), "contribution": float(contrib[c, u]),
                           "activation": float(a[u]), "weight": float(model.head_weight[c, u]),
                           "concepts": info.get("concepts", []), "concept_scores": info.get("scores", []),
-                          "concept_method": info.get("method")})
+                          "concept_method": info.get("method"), "evidence": info.get("evidence")})
         result.append(units)
     return result
+
+
+def read_packaged_audit(folder: str | Path, run_id: str | None) -> tuple | None:
+    """The audit packed with a model (``build_bento``): ``(run_id, concepts, summary, ood_path)`` from
+    ``folder/audit/{concepts.parquet, summary.json, ood.npz}`` (missing files: None), or None without any."""
+    import pandas as pd
+
+    folder = Path(folder)
+    table_path, summary_path, ood_path = (folder / a for a in (CONCEPTS_ARTIFACT, SUMMARY_ARTIFACT, OOD_ARTIFACT))
+    if not any(p.is_file() for p in (table_path, summary_path, ood_path)):
+        return None
+    table = pd.read_parquet(table_path) if table_path.is_file() else None
+    summary = None
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except ValueError as exc:
+            log.warning("%s is unreadable (%s); no verdicts", summary_path, exc)
+    return run_id, table, summary, ood_path if ood_path.is_file() else None
 
 
 class ExplanationService:
@@ -184,6 +212,7 @@ class ExplanationService:
         self._load_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.counts: collections.Counter = collections.Counter()
+        self.ood_flagged = 0  # responses whose image the audit's OOD detector flagged
         self.feedback_store = FeedbackStore(self.config.feedback_dir)
 
     # -- loading
@@ -205,11 +234,14 @@ class ExplanationService:
             log.error("model loading failed: %s", self.load_error)
 
     def load(self) -> LoadedModel:
-        """Load the model and its concept table (idempotent).
+        """Load the model and its audit: served concepts, verdicts, OOD detector (idempotent).
 
-        A packaged model (``config.local_model_dir``) is read from its folder and the tracking store is
-        never touched; otherwise ``config.model_uri`` is resolved in the registry at
-        ``config.tracking_uri`` (default: the project's), downloaded, and its latest passing audit looked up.
+        A packaged model (``config.local_model_dir``) is read from its folder (with the audit files packed
+        under ``audit/``) and the tracking store is never touched; otherwise ``config.model_uri`` is resolved
+        in the registry at ``config.tracking_uri`` (default: the project's), downloaded, and its latest
+        passing audit looked up (:func:`mlflow_projects.common.find_passing_audit`). Whatever the audit
+        lacks (an older audit: no ``summary.json`` verdicts, no ``ood.npz``) is served as null with the
+        reason and said once in the log (:func:`mlflow_projects.serving.verdicts.attach_audit`).
 
         Raises:
             mlflow_projects.common.RegistryError: the URI does not resolve.
@@ -229,18 +261,18 @@ class ExplanationService:
                 mlflow.set_tracking_uri(self.config.tracking_uri or DEFAULT_TRACKING_URI)
                 identity = resolve_model_uri(self.config.model_uri)
                 model = load_model(identity, self.config)
-                audit = find_passing_audit(identity.name, identity.version)
-            if audit is not None:
-                model.audit_run_id, model.concepts = audit
-                model.unit_concepts = unit_concepts(model.concepts, model.feature_layer)
-                log.info("concepts from passing audit run %s (%d rows)", model.audit_run_id, len(model.concepts))
-            else:
-                log.info("no passing audit with concepts for %s; serving without concepts", identity.uri)
+                found = find_passing_audit(identity.name, identity.version, dst=self._audit_cache())
+                audit = None if found is None else (found.run_id, found.concepts, found.summary, found.ood_path)
+            attach_audit(model, *(audit or (None,)))
             self.model = model
             log.info("serving %s (name=%s version=%s alias=%s, %s, %d classes) loaded in %.1f s; %d threads",
                      identity.uri, identity.name, identity.version, identity.alias, model.kind, len(model.classes),
                      time.perf_counter() - t0, self.config.intra_op_threads)
             return model
+
+    def _audit_cache(self) -> Path:
+        """Where the registry path keeps the audit files (``<cache>/cxr-serve/audits/<run id>/audit/``)."""
+        return Path(self.config.cache_dir or tempfile.gettempdir()) / "cxr-serve" / "audits"
 
     def _load_local(self):
         folder = Path(self.config.local_model_dir)
@@ -250,13 +282,7 @@ class ExplanationService:
         identity = ModelIdentity(name, version, ids.get("alias") or None, uri, str(folder), ids.get("run_id"))
         source = folder / "mlflow_model" if (folder / "mlflow_model").is_dir() else folder
         model = load_model(identity, self.config, source=source)
-        audit = None
-        table_path = folder / "audit" / "concepts.parquet"
-        if table_path.is_file():
-            import pandas as pd
-
-            audit = (ids.get("audit_run_id") or None, pd.read_parquet(table_path))
-        return identity, model, audit
+        return identity, model, read_packaged_audit(folder, ids.get("audit_run_id") or None)
 
     def _model(self) -> LoadedModel:
         if self.model is None:
@@ -271,7 +297,10 @@ class ExplanationService:
 
     # -- shared steps
     def _run_batch(self, x: np.ndarray) -> list[dict[str, np.ndarray]]:
-        return self._model().run_batch(x)
+        m = self._model()
+        outs = m.run_batch(x)
+        ood_scores(m, outs)  # the same forward pass's pooled features: one (N, K) x (K, K) product
+        return outs
 
     def _findings(self, m: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
         return findings(m, probs)
@@ -293,8 +322,9 @@ class ExplanationService:
 
         Returns:
             ``{"model", "image": {width, height, sha256}, "findings": [{name, probability, threshold,
-            positive}]}`` (:func:`findings`: ``threshold`` and ``positive`` null, plus ``threshold_reason``,
-            for a class without a threshold).
+            positive}], "ood", "audit_run_id"}`` (:func:`findings`: ``threshold`` and ``positive`` null, plus
+            ``threshold_reason``, for a class without a threshold; ``ood``: ``{score, threshold, flagged,
+            warning, layer, calibrated}`` or null with ``ood_reason``).
 
         Raises:
             ServingError: bad image (4xx), model not loaded (503).
@@ -313,7 +343,14 @@ class ExplanationService:
         m = self._model()
         self.counts["predict"] += 1
         return {"model": m.identity.public(), "image": self._image_info(img),
-                "findings": self._findings(m, out["probabilities"])}
+                "findings": self._findings(m, out["probabilities"]), **self._ood(m, out),
+                "audit_run_id": m.audit_run_id}
+
+    def _ood(self, m: LoadedModel, out: Mapping[str, Any]) -> dict[str, Any]:
+        entry, reason = ood_entry(m, out)
+        if entry is not None and entry["flagged"]:
+            self.ood_flagged += 1
+        return {"ood": entry} if entry is not None else {"ood": None, "ood_reason": reason}
 
     # -- explain
     def _parse_explain(self, m: LoadedModel, method: Any, targets: Any, top_neurons: Any) -> tuple[str, list[str] | None, int]:
@@ -373,8 +410,11 @@ class ExplanationService:
 
         Returns:
             ``{"model", "image", "method", "findings", "targets", "heatmaps": [{target, class_index,
-            probability, overlay_png, overlay_size, map_png, map_size, map_range, top_units}], "cached",
-            "audit_run_id", "explain_ms"}``.
+            probability, verdict, overlay_png, overlay_size, map_png, map_size, map_range, top_units}],
+            "warnings", "ood", "cached", "audit_run_id", "explain_ms"}``. ``verdict`` is the audit's
+            (:func:`~mlflow_projects.serving.verdicts.verdict_entry`) or null with ``verdict_reason``;
+            ``warnings`` has one sentence per unfit target (its overlay carries an ``UNFIT: <reason>``
+            banner); ``ood`` as in :meth:`predict`.
 
         Raises:
             ServingError: bad image, method, target or k (4xx), model not loaded (503).
@@ -413,44 +453,57 @@ class ExplanationService:
                 missing.append(c)
             else:
                 entries[c] = hit
+        verdicts = {c: verdict_entry(m, m.classes[c]) for c in idx}  # c -> (verdict, reason)
         if missing:
             maps, raws = explanation_maps(m, x[None], missing, method, out)  # (T, S, S), (T, h, w)
             for j, c in enumerate(missing):
-                ov, ov_size = overlay_png(img.pixels, maps[j], self.config.overlay_max_side)
+                verdict = verdicts[c][0]
+                banner = banner_text(verdict) if verdict is not None and verdict["status"] == "unfit" else None
+                ov, ov_size = overlay_png(img.pixels, maps[j], self.config.overlay_max_side, banner=banner)
                 raw_b64, raw_size, raw_range = grey_png(raws[j])
                 entry = {"overlay_png": ov, "overlay_size": ov_size, "map_png": raw_b64, "map_size": raw_size,
                          "map_range": raw_range}
                 self.cache.put((img.sha256, m.identity.version, m.identity.uri, method, c), entry)
                 entries[c] = entry
         units = top_units(m, out.get("pooled"), idx, k)
-        heatmaps = [{"target": name, "class_index": c, "probability": float(probs[c]), **entries[c], "top_units": u}
-                    for name, c, u in zip(names, idx, units)]
+        heatmaps, warnings = [], []
+        for name, c, u in zip(names, idx, units):
+            verdict, reason = verdicts[c]
+            item = {"target": name, "class_index": c, "probability": float(probs[c]), "verdict": verdict}
+            if verdict is None:
+                item["verdict_reason"] = reason
+            elif verdict["status"] == "unfit":
+                warnings.append(unfit_warning(name, verdict))
+            heatmaps.append({**item, **entries[c], "top_units": u})
         self.counts[f"explain_{method}"] += 1
         return {"model": m.identity.public(), "image": self._image_info(img), "method": method,
-                "findings": findings, "targets": names, "heatmaps": heatmaps,
-                "cached": not missing, "audit_run_id": m.audit_run_id,
+                "findings": findings, "targets": names, "heatmaps": heatmaps, "warnings": warnings,
+                **self._ood(m, out), "cached": not missing, "audit_run_id": m.audit_run_id,
                 "explain_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     # -- concepts
     def concepts(self) -> dict[str, Any]:
-        """The unit-to-concept table of the served version (empty when no passing audit has one).
+        """The served unit-to-concept table of the served version: only the annotations the audit serves
+        (:func:`interpret.annotation.served_unit_concepts`: evidence >= the audit's ``min_evidence``, not
+        VLM-blind); empty when no passing audit has one.
 
         Returns:
-            ``{"model", "audit_run_id", "feature_layer", "n_units", "units": [{layer, unit, method,
-            concepts, scores}]}``.
+            ``{"model", "audit_run_id", "feature_layer", "min_evidence", "n_units", "n_withheld", "units":
+            [{layer, unit, method, concepts, scores, evidence}]}`` (``n_withheld``: annotated units of the
+            layer not served).
 
         Raises:
             ServingError: (503) model not loaded.
         """
         m = self._model()
-        rows = []
-        if m.concepts is not None and len(m.concepts):
-            for rec in m.concepts.to_dict("records"):
-                rows.append({"layer": str(rec["layer"]), "unit": int(rec["unit"]), "method": str(rec["method"]),
-                             "concepts": [str(c) for c in list(rec["concepts"] if rec["concepts"] is not None else [])],
-                             "scores": [float(s) for s in list(rec["scores"] if rec["scores"] is not None else [])]})
+        rows = [{"layer": m.feature_layer, "unit": int(u), "method": info["method"], "concepts": info["concepts"],
+                 "scores": info["scores"], "evidence": info["evidence"]} for u, info in sorted(m.unit_concepts.items())]
+        annotated = 0
+        if m.concepts is not None and len(m.concepts) and m.feature_layer is not None:
+            annotated = int(m.concepts.loc[m.concepts["layer"] == m.feature_layer, "unit"].nunique())
         return {"model": m.identity.public(), "audit_run_id": m.audit_run_id, "feature_layer": m.feature_layer,
-                "n_units": len(rows), "units": rows}
+                "min_evidence": m.min_evidence, "n_units": len(rows), "n_withheld": max(annotated - len(rows), 0),
+                "units": rows}
 
     # -- feedback
     def feedback(self, *, finding: Any, image: bytes | None = None, image_sha256: Any = None, boxes: Any = None,

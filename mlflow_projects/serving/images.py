@@ -16,7 +16,10 @@ import numpy as np
 from mlflow_projects.serving.errors import ServingError
 from mlflow_projects.serving.settings import DEFAULT_MIN_IMAGE_SIDE
 
-__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "grey_png"]
+__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "grey_png", "draw_banner",
+           "BANNER_RGB"]
+
+BANNER_RGB = (176, 0, 32)  # the warning band of an overlay (dark red; white text)
 
 
 @dataclass
@@ -124,7 +127,8 @@ def png_b64(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: float = 0.45) -> tuple[str, list[int]]:
+def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: float = 0.45,
+                banner: str | None = None) -> tuple[str, list[int]]:
     """Colour the normalised map over the image, at the image size bounded by ``max_side``.
 
     Args:
@@ -132,6 +136,7 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: floa
         heat: the map (S, S) in [0, 1].
         max_side: bound of the longer side (``CXR_OVERLAY_MAX_SIDE``); the aspect ratio is kept.
         alpha: colour opacity where the map is 1 (scaled by the map: stronger where attention is high).
+        banner: a warning drawn across the top (:func:`draw_banner`), e.g. ``"UNFIT: <reason>"``; None: none.
 
     Returns:
         ``(base64 PNG, [width, height])``.
@@ -150,7 +155,51 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: floa
     base = np.asarray(grey, dtype=np.float32)[..., None]
     a = alpha * np.asarray(hm, dtype=np.float32)[..., None]  # (oh, ow, 1)
     out = (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
+    if banner:
+        out = draw_banner(out, banner)
     return png_b64(out), [ow, oh]
+
+
+def draw_banner(rgb: np.ndarray, text: str, max_lines: int = 3) -> np.ndarray:
+    """A copy of ``rgb`` with ``text`` in white on an opaque :data:`BANNER_RGB` band across the top.
+
+    The text is wrapped to the image width (at most ``max_lines`` lines, the last one cut with "...");
+    the font size follows the width (9 to 28 px), so the band stays readable on a 72 px thumbnail and on
+    a 1024 px overlay. The band always spans the full width, so it is visible even where no character fits.
+
+    Args:
+        rgb: (H, W, 3) uint8.
+        text: the warning.
+        max_lines: most lines of text.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    w, h = img.size
+    font = ImageFont.load_default(size=int(np.clip(w / 40, 9, 28)))
+    pad = max(1, round(font.size / 4))
+    lines, line = [], ""
+    for word in str(text).split():
+        trial = f"{line} {word}".strip()
+        if font.getlength(trial) <= w - 2 * pad or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip() + " ..."
+    line_h = font.size + pad
+    band = min(h, len(lines) * line_h + 2 * pad)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, w - 1, band - 1], fill=BANNER_RGB)
+    for i, ln in enumerate(lines):
+        draw.text((pad, pad + i * line_h), ln, fill=(255, 255, 255), font=font)
+    return np.asarray(img)
 
 
 def grey_png(raw: np.ndarray) -> tuple[str, list[int], list[float]]:

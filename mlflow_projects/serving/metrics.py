@@ -2,7 +2,8 @@
 
 Series: ``cxr_model_info{name, version, alias, kind}`` (1 for the served model), ``cxr_model_ready``,
 ``cxr_requests_total{route}``, ``cxr_explain_cache_hits_total``, ``cxr_explain_cache_misses_total``,
-``cxr_batches_total``, ``cxr_batched_items_total`` (their ratio is the mean micro-batch size).
+``cxr_batches_total``, ``cxr_batched_items_total`` (their ratio is the mean micro-batch size),
+``cxr_ood_flagged_total`` (responses whose image the audit's OOD detector flagged).
 """
 from __future__ import annotations
 
@@ -32,5 +33,6 @@ def metrics_text(service: "ExplanationService") -> str:
               "# TYPE cxr_explain_cache_misses_total counter",
               f"cxr_explain_cache_misses_total {service.cache.misses}",
               "# TYPE cxr_batches_total counter", f"cxr_batches_total {service.batcher.batches}",
-              "# TYPE cxr_batched_items_total counter", f"cxr_batched_items_total {service.batcher.items}"]
+              "# TYPE cxr_batched_items_total counter", f"cxr_batched_items_total {service.batcher.items}",
+              "# TYPE cxr_ood_flagged_total counter", f"cxr_ood_flagged_total {getattr(service, 'ood_flagged', 0)}"]
     return "\n".join(lines) + "\n"

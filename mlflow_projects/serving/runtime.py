@@ -29,7 +29,7 @@ from mlflow_projects.serving.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "load_model", "list_methods", "unit_concepts", "CLASSIFIER_METHODS", "MAPS_METHODS"]
+__all__ = ["LoadedModel", "load_model", "list_methods", "CLASSIFIER_METHODS", "MAPS_METHODS"]
 
 CLASSIFIER_METHODS = ("cam", "gradcam", "gradcampp", "integrated_gradients", "smoothgrad")
 MAPS_METHODS = ("dwarf",)
@@ -57,9 +57,16 @@ class LoadedModel:
     head_bias: np.ndarray | None = None  # (C,)
     feature_layer: str | None = None
     pyfunc: Any = None
-    concepts: Any = None  # DataFrame or None
+    # from the latest passing audit (mlflow_projects.serving.verdicts.attach_audit)
+    concepts: Any = None  # DataFrame (the audit's concepts.parquet) or None
     audit_run_id: str | None = None
-    unit_concepts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    unit_concepts: dict[int, dict[str, Any]] = field(default_factory=dict)  # served only: unit -> concepts, evidence
+    min_evidence: int | None = None  # the audit's floor for a served annotation
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)  # class -> summary.json verdict
+    verdict_reason: str | None = None  # why there are no verdicts (None when there are)
+    audited_method: str | None = None  # the attention method the verdicts were reached for
+    ood: Any = None  # interpret.ood.FeatureOOD of the feature layer, or None
+    ood_reason: str | None = None  # why there is no OOD detector (None when there is)
     threshold_positives: list[int] | None = None  # validation positives per class behind the thresholds
     min_val_positives: int | None = None  # the minimum a threshold needed (None: not recorded)
     # gradient methods put hooks on the shared torch model: one at a time
@@ -195,23 +202,3 @@ def _threshold_support(meta: dict[str, Any], net: Any, n_classes: int) -> dict[s
         positives = None
     return {"threshold_positives": None if positives is None else [int(n) for n in positives],
             "min_val_positives": None if minimum is None else int(minimum)}
-
-
-def unit_concepts(table, layer: str | None) -> dict[int, dict[str, Any]]:
-    """``{unit: {concepts, scores, method}}`` of ``layer`` from an audit concept table (first method wins).
-
-    Args:
-        table: the audit's ``concepts.parquet`` (layer, unit, method, concepts, scores) or None.
-        layer: the served feature layer.
-    """
-    if table is None or not len(table) or layer is None:
-        return {}
-    rows = table[table["layer"] == layer]
-    out: dict[int, dict[str, Any]] = {}
-    for rec in rows.to_dict("records"):
-        unit = int(rec["unit"])
-        if unit not in out:
-            out[unit] = {"concepts": [str(c) for c in list(rec.get("concepts") if rec.get("concepts") is not None else [])],
-                         "scores": [float(s) for s in list(rec.get("scores") if rec.get("scores") is not None else [])],
-                         "method": str(rec.get("method"))}
-    return out

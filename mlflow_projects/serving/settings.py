@@ -76,9 +76,9 @@ class ServeConfig:
     top_neurons: int = 5  # default k of top units
     feedback_dir: str | None = None  # CXR_FEEDBACK_DIR
     cache_dir: str | None = None  # CXR_SERVE_CACHE: where registry artifacts are downloaded
-    # A model already on disk (a Bento's model, see mlflow_projects.serving.packaged): its folder holds the
-    # MLflow model under ``mlflow_model/`` and optionally ``audit/concepts.parquet``; ``local_identity``
-    # gives its MLflow name/version/alias/audit_run_id. The registry is then never contacted.
+    # A model already on disk (a Bento's model, see mlflow_projects.serving.startup): its folder holds the
+    # MLflow model under ``mlflow_model/`` and optionally ``audit/`` (concepts.parquet, summary.json, ood.npz);
+    # ``local_identity`` gives its MLflow name/version/alias/audit_run_id. The registry is then never contacted.
     local_model_dir: str | None = None
     local_identity: dict[str, Any] | None = None
 

@@ -3,7 +3,9 @@ may start where it is asked to bind.
 
 **The model packaged in a Bento.** ``python -m mlflow_projects.build_bento`` packs one BentoML model
 (name = the registered name; labels ``mlflow.name``, ``mlflow.version``, ``mlflow.alias``,
-``audit.run_id``; folder ``mlflow_model/`` and maybe ``audit/concepts.parquet``). A built Bento is laid
+``audit.run_id``; folder ``mlflow_model/`` and, from the version's latest passing audit,
+``audit/concepts.parquet``, ``audit/summary.json`` (verdicts) and ``audit/ood.npz`` (OOD detector), those
+the audit wrote). A built Bento is laid
 out as ``<bento>/bento.yaml`` (its ``models`` list names the model's tag) and ``<bento>/src/service.py``;
 the model itself is under ``<bento>/models/<name>/<version>/`` once the Bento is exported or
 containerised, and in the BentoML model store (``$BENTOML_HOME/models``) for a Bento in the local store.
@@ -37,7 +39,7 @@ LABELS = ("name", "version", "alias")
 class PackagedModel:
     """A BentoML model folder to serve and the MLflow identity its labels record."""
 
-    path: Path  # holds mlflow_model/ and maybe audit/concepts.parquet
+    path: Path  # holds mlflow_model/ and maybe audit/{concepts.parquet, summary.json, ood.npz}
     tag: str
     identity: dict[str, Any]  # name, version, alias, audit_run_id
 

@@ -116,12 +116,16 @@ def test_latest_audit_and_version_audit(store):
         latest_audit(client, "cxr-classifier", "2")
 
 
-def test_find_passing_audit(store):
+def test_find_passing_audit(store, tmp_path):
     client, run_id = store
     found = find_passing_audit("cxr-classifier", "1", client)
     assert found is not None
-    rid, table = found
-    assert rid == run_id and list(table["concepts"].iloc[0]) == ["effusion"]
+    assert found.run_id == run_id and list(found.concepts["concepts"].iloc[0]) == ["effusion"]
+    assert found.summary["status"] == "passed" and found.folder is None and found.ood_path is None
+    kept = find_passing_audit("cxr-classifier", "1", client, dst=tmp_path / "dl")  # files kept, one folder a run
+    assert kept.folder == tmp_path / "dl" / run_id
+    assert (kept.folder / "audit" / "concepts.parquet").is_file() and (kept.folder / "audit" / "summary.json").is_file()
+    assert kept.ood_path is None  # this audit wrote no OOD detector
     assert find_passing_audit("cxr-classifier", "2") is None
     assert find_passing_audit(None, None) is None
 

@@ -1,6 +1,9 @@
 """Test helpers for the service: a tiny registered classifier in the contract layout
 (docs/ARCHITECTURE.md "Registered classifier": ``artifacts/checkpoint.pt``, ``artifacts/model.onnx``,
-``artifacts/meta.json``) and a passing audit run with a concept table, in a temporary MLflow store.
+``artifacts/meta.json``), a real audit of it (:func:`log_real_audit`: ``interpret.audit.run_audit`` on a
+phantom probing set, published as the audit entry point does: ``summary.json`` verdicts, ``ood.npz``,
+``concepts.parquet`` with evidence) and an audit in the format written before verdicts, the OOD detector
+and concept evidence existed (:func:`log_passing_audit`: a concept table only), in a temporary MLflow store.
 
 The tiny classifier's ``Nodule`` has no threshold (it rests on 1 validation positive, fewer than 5): the
 service must make no call for it. Uploads default to 72x64 px, above the service's minimum side (64 px,
@@ -80,8 +83,32 @@ def register_tiny_classifier(tmp: Path, seed: int = 0, name: str = "cxr-classifi
     return str(mv.version)
 
 
+def log_real_audit(tmp: Path, name: str, version: str, n_images: int = 40) -> tuple[str, Path, Path]:
+    """Audit ``name``/``version`` on a 64 px phantom probing set (scratch CLIP, a gate every model passes)
+    and publish it as the audit entry point does (run tags, ``audit/`` artifacts, version tags
+    ``audit.run_id``, ``audit.status``, ``audit.unfit_classes``).
+
+    Returns:
+        ``(run id, the audit's local ``audit/`` folder, the phantom manifest)``.
+    """
+    from interpret.audit import AuditConfig
+    from mlflow_projects import audit
+    from training.data.phantom import generate_phantom
+
+    manifest = generate_phantom(tmp / "phantom", n=n_images, size=64, seed=1)
+    gates = tmp / "gates.yaml"
+    gates.write_text("gates:\n- {name: auroc, metric: auroc_mean, min: 0.0}\n")
+    cfg = AuditConfig(model_uri=f"models:/{name}/{version}", data=str(manifest), clip="scratch", gates=str(gates),
+                      split="all", max_images=n_images, gallery_n=2, out=str(tmp / "audit"))
+    folder = audit.compute_audit(cfg)
+    run_id = audit.publish_audit(folder)
+    return run_id, Path(folder) / "audit", Path(manifest)
+
+
 def log_passing_audit(name: str, version: str, layer: str = "features.layer4", units: int = 32) -> str:
-    """An audit run in the audit entry point's format (tags + ``audit/concepts.parquet``); returns its id."""
+    """A passing audit run in the format written before verdicts, the OOD detector and concept evidence
+    existed: tags + ``audit/concepts.parquet`` (no ``evidence`` column), no ``summary.json``, no
+    ``ood.npz``; returns its id."""
     import pandas as pd
     from mlflow import MlflowClient
 

@@ -321,7 +321,7 @@ def test_top_units_are_linear_contributions(tmp_path):
     from mlflow_projects.serving import top_units
 
     _, lm = _tiny_loaded_model(tmp_path)
-    lm.unit_concepts = {3: {"concepts": ["opacity"], "scores": [0.9], "method": "mammi"}}
+    lm.unit_concepts = {3: {"concepts": ["opacity"], "scores": [0.9], "evidence": 12, "method": "mammi"}}
     pooled = np.random.default_rng(0).random(lm.head_weight.shape[1], dtype=np.float32)  # (K,)
     units = top_units(lm, pooled, [1, 2], 4)
     for c, rows in zip([1, 2], units):
@@ -330,6 +330,7 @@ def test_top_units_are_linear_contributions(tmp_path):
         np.testing.assert_allclose([u["contribution"] for u in rows], np.sort(by_hand)[::-1][:4], rtol=1e-6)
         for u in rows:
             assert u["concepts"] == (["opacity"] if u["unit"] == 3 else [])
+            assert u["evidence"] == (12 if u["unit"] == 3 else None)
     assert top_units(lm, pooled, [1], 0) == [[]]
 
 
@@ -357,11 +358,25 @@ def test_maps_model_maps_are_normalised_upsampled_pyfunc_maps():
 # ---- with a registered model (slow: a real MLflow store) -------------------------------------------
 @pytest.mark.slow
 def test_resolves_champion_fallback_and_audit(core, registry):
+    """The served version's real audit: its served concepts (the library's rule, the audit's floor), its
+    verdicts and its OOD detector are loaded."""
+    import pandas as pd
+
+    from interpret.annotation import served_unit_concepts
+
     info = core.model_info()
     assert info["name"] == "cxr-classifier" and info["version"] == registry.version and info["alias"] == "candidate"
     assert core.model.identity.fallback and core.model.audit_run_id == registry.audit_run_id
+    summary = registry.summary
+    table = pd.read_parquet(registry.audit_folder / "concepts.parquet")
+    served = served_unit_concepts(table, "features.layer4", summary["config"]["min_evidence"])
     c = core.concepts()
-    assert c["n_units"] == 32 and c["units"][3]["concepts"] == ["concept3", "opacity"]
+    assert c["min_evidence"] == summary["config"]["min_evidence"] == 10
+    assert {u["unit"]: u["evidence"] for u in c["units"]} == {u: v["evidence"] for u, v in served.items()}
+    assert c["n_units"] == len(served) and c["n_units"] + c["n_withheld"] == 32
+    assert set(core.model.verdicts) == set(CLASSES) and core.model.verdict_reason is None
+    assert core.model.ood is not None and core.model.ood.layer == "features.layer4"
+    assert core.model.ood.threshold == pytest.approx(summary["ood"]["threshold"])
 
 
 @pytest.mark.slow
@@ -399,9 +414,15 @@ def test_predict_and_explain_every_method(core):
         for h in e["heatmaps"]:
             assert _png_size(h["overlay_png"]) == (72, 64) == tuple(h["overlay_size"])
             assert _png_size(h["map_png"]) == tuple(h["map_size"]) and h["map_range"][0] <= h["map_range"][1]
-            assert len(h["top_units"]) == 3 and h["top_units"][0]["concepts"]
+            assert len(h["top_units"]) == 3
+            for u in h["top_units"]:  # concepts only where the audit serves them, with their evidence
+                served = core.model.unit_concepts.get(u["unit"])
+                assert u["concepts"] == (served["concepts"] if served else [])
+                assert u["evidence"] == (served["evidence"] if served else None)
+            assert h["verdict"]["status"] in ("fit", "unfit")
             contrib = [u["contribution"] for u in h["top_units"]]
             assert contrib == sorted(contrib, reverse=True)
+        assert e["ood"]["threshold"] == core.model.ood.threshold
     e = core.explain(jpeg_bytes(), method="gradcam", targets="Nodule,Cardiomegaly", top_neurons=0)
     assert e["targets"] == ["Nodule", "Cardiomegaly"] and e["heatmaps"][0]["top_units"] == []
 
@@ -474,3 +495,198 @@ def test_feedback_routes_into_store(core):
         with pytest.raises(ServingError) as err:
             core.feedback(**kwargs)
         assert err.value.status == 400 and words in err.value.message, err.value.message
+
+
+# ---- the audit as served: concepts, verdicts, OOD (constructed, known answers) --------------------
+def _ci(estimate, low, high, n=6):
+    return {"estimate": estimate, "low": low, "high": high, "n": n, "n_resamples": 1000, "confidence": 0.95,
+            "n_valid": 1000, "method": "percentile"}
+
+
+def _summary(min_evidence=10):
+    """A summary.json in the audit's format: Effusion fit, Nodule unfit with two reasons."""
+    def row(cls, verdict, reasons, lift, gain):
+        return {"class": cls, "verdict": verdict, "reasons": reasons, "n_positives": 6,
+                "criteria": {"localisation": {"status": "passed" if lift[1] > 0 else "failed", "lift": _ci(*lift),
+                                              "pointing": 0.5, "chance": 0.1},
+                             "faithfulness": {"status": "passed" if gain[1] > 0 else "failed",
+                                              "metrics": {"deletion": {"gain": _ci(*gain)},
+                                                          "insertion": {"gain": _ci(*gain)},
+                                                          "road_morf": {"gain": _ci(0.0, -1.0, 1.0)}}},
+                             "sanity": {"status": "passed", "final_spearman": {"cam": _ci(0.1, -0.1, 0.2, 16)}},
+                             "concepts": {"status": "failed"}}}
+
+    return {"config": {"min_evidence": min_evidence, "attention": "cam"},
+            "verdicts": [row("Effusion", "fit", [], (0.4, 0.2, 0.6), (0.05, 0.01, 0.09)),
+                         row("Nodule", "unfit", ["pointing game does not beat chance", "map no more faithful"],
+                             (-0.1, -0.2, 0.0), (-0.01, -0.02, 0.0))],
+            "unfit_classes": ["Nodule"]}
+
+
+def _table():
+    import pandas as pd
+
+    return pd.DataFrame({"layer": ["features.layer4"] * 4, "unit": [0, 1, 2, 3], "method": ["mammi"] * 4,
+                         "concepts": [["effusion"], ["heart"], ["rib"], ["opacity"]],
+                         "scores": [[0.3], [0.2], [0.1], [0.4]], "evidence": [12, 3, 15, 10],
+                         "vlm_blind": [False, False, True, False]})
+
+
+def test_attach_audit_serves_only_sufficient_unblinded_concepts(tmp_path):
+    """evidence 12, 3, 15 (VLM-blind), 10 at the audit's floor 10: units 0 and 3 are served, with their
+    evidence; the audit's own min_evidence (2) serves unit 1 too; an old table (no evidence) serves none."""
+    from mlflow_projects.serving import top_units
+    from mlflow_projects.serving.explain import ExplanationService
+    from mlflow_projects.serving.verdicts import attach_audit
+
+    _, lm = _tiny_loaded_model(tmp_path)
+    attach_audit(lm, "run1", _table(), _summary())
+    assert lm.min_evidence == 10 and sorted(lm.unit_concepts) == [0, 3]
+    assert lm.unit_concepts[0] == {"concepts": ["effusion"], "scores": [0.3], "evidence": 12, "method": "mammi"}
+    pooled = np.zeros(lm.head_weight.shape[1], np.float32)
+    pooled[[0, 1, 2, 3]] = 10.0
+    units = {u["unit"]: u for u in top_units(lm, pooled, [0], lm.head_weight.shape[1])[0]}
+    assert [units[u]["evidence"] for u in range(4)] == [12, None, None, 10]
+    assert [units[u]["concepts"] for u in range(4)] == [["effusion"], [], [], ["opacity"]]
+    svc = ExplanationService.__new__(ExplanationService)
+    svc.model = lm
+    c = svc.concepts()
+    assert [(u["unit"], u["evidence"]) for u in c["units"]] == [(0, 12), (3, 10)]
+    assert c["min_evidence"] == 10 and c["n_withheld"] == 2 and c["audit_run_id"] == "run1"
+    attach_audit(lm, "run1", _table(), _summary(min_evidence=2))
+    assert sorted(lm.unit_concepts) == [0, 1, 3]
+    attach_audit(lm, "old", _table().drop(columns=["evidence", "vlm_blind"]), None)
+    assert lm.unit_concepts == {} and lm.min_evidence == 10
+
+
+def test_verdict_entries_warnings_and_key_figures(tmp_path, caplog):
+    from mlflow_projects.serving.verdicts import (NO_VERDICT, attach_audit, banner_text, unfit_warning,
+                                                  verdict_entry)
+
+    _, lm = _tiny_loaded_model(tmp_path)
+    attach_audit(lm, "run1", _table(), _summary())
+    fit, reason = verdict_entry(lm, "Effusion")
+    assert reason is None and fit["status"] == "fit" and fit["reasons"] == [] and fit["audit_run_id"] == "run1"
+    assert fit["audited_method"] == "cam"
+    assert fit["criteria"] == {"localisation": "passed", "faithfulness": "passed", "sanity": "passed",
+                               "concepts": "failed"}
+    f = fit["figures"]
+    assert f["pointing_lift"] == {"estimate": 0.4, "low": 0.2, "high": 0.6, "n": 6, "confidence": 0.95}
+    assert f["deletion_gain"]["low"] == 0.01 and f["insertion_gain"]["estimate"] == 0.05
+    assert f["sanity_final_spearman"]["estimate"] == 0.1 and f["n_positives"] == 6
+    assert f["pointing"] == 0.5 and f["pointing_chance"] == 0.1
+    unfit, _ = verdict_entry(lm, "Nodule")
+    assert unfit["status"] == "unfit" and unfit["reasons"][0] == "pointing game does not beat chance"
+    assert unfit_warning("Nodule", unfit) == ("Nodule: the audit found this explanation unfit: pointing game does "
+                                              "not beat chance (+1 more)")
+    assert banner_text(unfit) == "UNFIT: pointing game does not beat chance"
+    assert verdict_entry(lm, "Atelectasis") == (None, "no audit verdict for this class")
+    with caplog.at_level(logging.WARNING, logger="mlflow_projects.serving.verdicts"):
+        attach_audit(lm, "old", _table(), None)  # an audit without summary.json
+    assert verdict_entry(lm, "Effusion") == (None, NO_VERDICT) == (None, "no audit verdict for this version")
+    assert "has no verdicts" in caplog.text and "has no ood.npz" in caplog.text
+    attach_audit(lm, None)  # no passing audit at all
+    assert verdict_entry(lm, "Effusion") == (None, NO_VERDICT) and lm.ood is None
+    json.dumps(fit, allow_nan=False)
+
+
+def _detector(k, layer="features.layer4", threshold=10.0):
+    from interpret.ood import FeatureOOD
+
+    return FeatureOOD(layer=layer, mean=np.full(k, 0.5), whitening=np.eye(k) * 2.0, threshold=threshold,
+                      target_false_alarm=0.05, n_fit=20, n_calibration=20, calibration_false_alarm=0.0)
+
+
+def test_ood_entry_with_known_statistics(tmp_path, caplog):
+    """A detector with mean 0.5 and whitening 2 I: score = 4 ||f - 0.5||^2, known by hand; the service
+    scores the pooled features of the same forward pass; another layer, another K or a maps model: no score,
+    the reason instead."""
+    from mlflow_projects.common import ModelIdentity
+    from mlflow_projects.serving import LoadedModel
+    from mlflow_projects.serving.verdicts import attach_audit, ood_entry, ood_scores
+
+    _, lm = _tiny_loaded_model(tmp_path)
+    k = lm.head_weight.shape[1]
+    path = _detector(k).save(tmp_path / "ood.npz")
+    attach_audit(lm, "run1", _table(), _summary(), path)
+    assert lm.ood is not None and lm.ood_reason is None
+    near, far = np.full(k, 0.5), np.full(k, 0.5)
+    near[0], far[0] = 1.0, 3.0  # scores 4 * 0.25 = 1 and 4 * 6.25 = 25
+    outs = [{"pooled": near}, {"pooled": far}]
+    ood_scores(lm, outs)
+    assert outs[0]["ood_score"] == pytest.approx(1.0) and outs[1]["ood_score"] == pytest.approx(25.0)
+    ok, reason = ood_entry(lm, outs[0])
+    assert reason is None and ok == {"score": pytest.approx(1.0), "threshold": 10.0, "flagged": False,
+                                     "warning": None, "layer": "features.layer4", "calibrated": True}
+    flagged, _ = ood_entry(lm, outs[1])
+    assert flagged["flagged"] and "unlike the images the model was audited on" in flagged["warning"]
+    bad = [{"pooled": np.full(k, np.nan)}]
+    ood_scores(lm, bad)
+    assert ood_entry(lm, bad[0])[0] is None and "non-finite" in ood_entry(lm, bad[0])[1]
+    # on the real forward pass: the runtime's pooled features are the GAP of its feature maps
+    out = lm.run_batch(np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32))
+    np.testing.assert_allclose(out[0]["pooled"], out[0]["features"].mean(axis=(1, 2)), rtol=1e-6)
+    ood_scores(lm, out)
+    assert out[0]["ood_score"] == pytest.approx(4 * float(((out[0]["pooled"] - 0.5) ** 2).sum()), rel=1e-6)
+    with caplog.at_level(logging.WARNING):
+        attach_audit(lm, "run1", _table(), _summary(), _detector(k, layer="features.layer3").save(tmp_path / "l3.npz"))
+    assert lm.ood is None and "models layer 'features.layer3'" in lm.ood_reason and "layer3" in caplog.text
+    attach_audit(lm, "run1", _table(), _summary(), _detector(k + 1).save(tmp_path / "k.npz"))
+    assert lm.ood is None and f"{k + 1} features" in lm.ood_reason
+    maps = LoadedModel(ModelIdentity("d", "1", None, "x", "x"), "maps", ["A"], [0.5], 16, {}, ("dwarf",))
+    attach_audit(maps, "run1", None, _summary(), path)
+    assert maps.ood is None and ood_entry(maps, {}) == (None, "no detector for this model kind")
+
+
+def test_unfit_overlay_carries_a_banner():
+    from PIL import Image
+
+    from mlflow_projects.serving.images import BANNER_RGB
+
+    pixels = np.full((64, 72), 0.5, np.float32)
+    heat = np.zeros((16, 16), np.float32)
+    plain, _ = overlay_png(pixels, heat, 1024)
+    warned, size = overlay_png(pixels, heat, 1024, banner="UNFIT: pointing game does not beat chance")
+    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(plain))).convert("RGB"))
+    b = np.asarray(Image.open(io.BytesIO(base64.b64decode(warned))).convert("RGB"))
+    assert size == [72, 64] and b.shape == a.shape
+    assert tuple(b[0, 0]) == BANNER_RGB and tuple(b[0, -1]) == BANNER_RGB  # the band spans the top
+    assert (b[1:12].min(axis=-1) > 200).any()  # white (antialiased) text in it
+    np.testing.assert_array_equal(a[-20:], b[-20:])  # the map below is untouched
+
+
+# ---- an audit written before verdicts, OOD and evidence existed (slow: a real MLflow store) ----------------
+@pytest.mark.slow
+def test_old_audit_serves_null_verdicts_and_no_ood(old_core, registry):
+    assert old_core.model.audit_run_id == registry.old_audit_run_id
+    r = old_core.predict(png_bytes())
+    assert r["ood"] is None and r["ood_reason"] == "no OOD detector in the audit of this version"
+    e = old_core.explain(png_bytes(), method="cam", targets="Effusion,Nodule", top_neurons=3)
+    for h in e["heatmaps"]:
+        assert h["verdict"] is None and h["verdict_reason"] == "no audit verdict for this version"
+        assert all(u["concepts"] == [] and u["evidence"] is None for u in h["top_units"])  # no evidence: none served
+    assert e["warnings"] == [] and e["ood"] is None and e["audit_run_id"] == registry.old_audit_run_id
+    c = old_core.concepts()
+    assert c["n_units"] == 0 and c["n_withheld"] == 32
+    json.dumps([r, e, c], allow_nan=False)
+
+
+@pytest.mark.slow
+def test_explain_verdicts_are_the_audits(core, registry):
+    summary = registry.summary
+    by_class = {v["class"]: v for v in summary["verdicts"]}
+    e = core.explain(png_bytes(seed=5), method="gradcam", targets=CLASSES, top_neurons=2)
+    assert [h["target"] for h in e["heatmaps"]] == CLASSES
+    for h in e["heatmaps"]:
+        v, ref = h["verdict"], by_class[h["target"]]
+        assert v["status"] == ref["verdict"] and v["reasons"] == ref["reasons"]
+        assert v["audit_run_id"] == registry.audit_run_id and v["audited_method"] == "cam"
+        lift = ref["criteria"]["localisation"].get("lift")
+        assert (v["figures"]["pointing_lift"] or {}).get("estimate") == (lift or {}).get("estimate")
+        gain = ref["criteria"]["faithfulness"]["metrics"]["deletion"]["gain"]
+        assert v["figures"]["deletion_gain"]["low"] == gain["low"]
+    unfit = [c for c in CLASSES if by_class[c]["verdict"] == "unfit"]
+    assert unfit == summary["unfit_classes"]
+    assert e["warnings"] == [f"{c}: the audit found this explanation unfit: {by_class[c]['reasons'][0]}"
+                             + (f" (+{len(by_class[c]['reasons']) - 1} more)" if len(by_class[c]["reasons"]) > 1 else "")
+                             for c in unfit]
