@@ -447,8 +447,21 @@ def _concepts(s: Mapping[str, Any], folder: Path, top: int = 12) -> str:
             out.append(f"<h3>Layer {_e(layer)}: top {len(rows)} served units</h3>{_table(rows, digits=4)}")
     comp = c.get("final_layer_comparison") or {}
     if comp:
+        methods = comp.get("methods") or {}
+        figures = sorted({f for m in methods.values() for f in (m.get("figures") or {})})
+        rows = []
+        for name, m in methods.items():
+            ev = m.get("evidence") or {}
+            rows.append({"selection": name, "units annotated": m.get("n_annotated"),
+                         "evidence min / median": f"{_num(ev.get('evidence_min'), 0)} / {_num(ev.get('evidence_median'), 1)}",
+                         **{f: _ci((m.get("figures") or {}).get(f)) for f in figures}})
+        if comp.get("difference"):
+            rows.append({"selection": comp.get("difference_of", "difference"), "units annotated": "",
+                         "evidence min / median": "", **{f: _ci(comp["difference"].get(f)) for f in figures}})
         out.append("<h3>Evidence floor: the paper's selection vs <code>mammi_floor</code> on the final layer</h3>"
-                   f"<pre>{_e(__import__('json').dumps(comp, indent=1, default=str)[:4000])}</pre>")
+                   "<p>The class units are annotated by MAMMI's adaptive selection (alpha 0.93: few images per unit) "
+                   "and by the same selection with a floor of images (<code>mammi_floor</code>); figures are "
+                   f"estimate [95% CI] ({_e(comp.get('basis', ''))}).</p>{_table(rows)}")
     ev = s.get("evaluation", {})
     if ev:
         out.append("<h3>Check on the final layer (class neurons vs their class names)</h3>"
