@@ -75,7 +75,9 @@ class CXRExplainer:
     @bentoml.api(route="/predict")
     async def predict(self, image: Path = None) -> dict:
         """Findings (name, probability, threshold, positive) for a PNG, JPEG or DICOM image; a class without a
-        threshold (too few validation positives) has ``threshold`` and ``positive`` null and a ``threshold_reason``."""
+        threshold (too few validation positives) has ``threshold`` and ``positive`` null and a ``threshold_reason``.
+        ``ood``: the image's out-of-distribution score against the audit's detector (null with ``ood_reason``
+        when the version's audit has none)."""
         try:
             return _ok(await self.core.apredict(_read(image)))  # type: ignore[return-value]
         except ServingError as exc:
@@ -84,7 +86,9 @@ class CXRExplainer:
     @bentoml.api(route="/explain")
     async def explain(self, image: Path = None, method: t.Any = None, targets: t.Any = None,
                       top_neurons: t.Any = None) -> dict:
-        """Findings plus per-target heatmaps (overlay PNG, raw map PNG + range) and top units with concepts.
+        """Findings plus per-target heatmaps (overlay PNG, raw map PNG + range), the audit's verdict and top
+        units with their served concepts and evidence; ``warnings`` (one per unfit target, also drawn on its
+        overlay) and ``ood``.
 
         ``method``: cam (default), gradcam, gradcampp, integrated_gradients, smoothgrad (dwarf for a DWARF
         model); ``targets``: class names (JSON list or comma-separated), default the positive findings or
@@ -97,7 +101,8 @@ class CXRExplainer:
 
     @bentoml.api(route="/concepts")
     def concepts(self) -> dict:
-        """The unit-to-concept table of the served version (``POST``; ``GET /concepts`` answers the same)."""
+        """The served unit-to-concept table of the served version: annotations with enough evidence, not
+        VLM-blind (``POST``; ``GET /concepts`` answers the same)."""
         return _concepts(self.core)  # type: ignore[return-value]
 
     @get_routes.get("/concepts")

@@ -11,6 +11,8 @@ One module per concern:
 - :mod:`~mlflow_projects.serving.explain`: the explanation core, :class:`ExplanationService`
   (predict, explain, concepts, feedback) and :func:`explanation_maps`, the maps ``/explain`` serves,
   computed with the library calls the audit uses.
+- :mod:`~mlflow_projects.serving.verdicts`: what the service takes from the latest passing audit: the
+  served unit concepts (with their evidence), per-class verdicts and unfit warnings, the OOD score.
 - :mod:`~mlflow_projects.serving.batching`: :class:`MicroBatcher` and :class:`LRUCache`.
 - :mod:`~mlflow_projects.serving.images`: upload decoding (4xx on bad input), preprocessing, PNGs.
 - :mod:`~mlflow_projects.serving.middleware`: access log, Bearer auth, body limit, upload checks (one

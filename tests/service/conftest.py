@@ -44,8 +44,8 @@ def registry(tmp_path_factory) -> Registry:
     try:
         version = register_tiny_classifier(root)
         run_id, folder, manifest = log_real_audit(root, "cxr-classifier", version)
-        old = register_tiny_classifier(root, name="cxr-classifier-old")
-        old_run = log_passing_audit("cxr-classifier-old", old)
+        old_version = register_tiny_classifier(root, name="cxr-classifier-old")
+        old_run = log_passing_audit("cxr-classifier-old", old_version)
     finally:
         for k, v in old.items():
             if v is None:

@@ -1,6 +1,8 @@
 """The audit audits what is served: for every case of the audit's gallery, the map the audit stored
 (``audit/explanations.parquet``) equals the map ``/explain`` serves for the same image file (up to 8-bit
-PNG quantisation), and the top units and their contributions are the same.
+PNG quantisation), the top units and their contributions are the same, and so are the concepts and the
+evidence each unit's concepts rest on (the audit's ``served_unit_concepts``, the service's too); the
+target's verdict is the audit's.
 
 The audit computes with the torch model (``interpret.attention_maps``); the service's ``cam`` runs the
 ONNX export through ONNX Runtime and ``interpret.attention.cam_from_features``. Both finish the maps with
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -46,13 +49,17 @@ def test_audit_stores_the_maps_and_units_that_explain_serves(tmp_path, monkeypat
     cfg = AuditConfig(model_uri=f"models:/cxr-classifier/{version}", data=str(manifest), clip="scratch",
                       gates=str(gates), split="all", max_images=40, gallery_n=2, out=str(tmp_path / "audit"))
     folder = audit.compute_audit(cfg)
+    run_id = audit.publish_audit(folder)  # the service serves the version's latest passing audit
     stored = pd.read_parquet(folder / "audit" / "explanations.parquet")
+    summary = json.loads((folder / "audit" / "summary.json").read_text())
+    verdicts = {v["class"]: v for v in summary["verdicts"]}
     assert len(stored) >= 4 and set(stored["method"]) == {"cam"}
 
     svc = ExplanationService(ServeConfig(model_uri=f"models:/cxr-classifier/{version}", tracking_uri=uri,
                                          cache_size=0, threads=1, cache_dir=str(tmp_path / "serve-cache"),
                                          feedback_dir=str(tmp_path / "feedback")))
     svc.load()
+    assert svc.model.audit_run_id == run_id
     paths = dict(zip(read_manifest(manifest)["image_id"], read_manifest(manifest)["path"]))
     for row in stored.itertuples():
         data = open(paths[row.image_id], "rb").read()
@@ -73,3 +80,13 @@ def test_audit_stores_the_maps_and_units_that_explain_serves(tmp_path, monkeypat
         assert [u["unit"] for u in item["top_units"]] == list(row.top_units)
         np.testing.assert_allclose([u["contribution"] for u in item["top_units"]], list(row.contributions),
                                    rtol=1e-4, atol=1e-5)
+        # the concepts and the evidence they rest on: what the audit stored is what is served
+        assert [u["concepts"] for u in item["top_units"]] == [list(c) for c in row.concepts]
+        assert [u["evidence"] for u in item["top_units"]] == [_int_or_none(e) for e in row.evidence]
+        assert item["verdict"]["status"] == verdicts[row._2]["verdict"]
+        assert item["verdict"]["reasons"] == verdicts[row._2]["reasons"] and item["verdict"]["audit_run_id"] == run_id
+
+
+def _int_or_none(value):
+    """explanations.parquet's evidence: an int, or None / NaN for a unit served without concepts."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else int(value)

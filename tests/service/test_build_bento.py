@@ -1,5 +1,6 @@
 """build_bento: the registered model lands in a temporary BentoML store with its MLflow labels, a Bento is
-built offline, the service core serves the store copy with the registry's identity, and a real
+built offline with the version's audit files (concepts, summary.json verdicts, ood.npz), the service core
+serves the store copy with the registry's identity and the audit's verdicts and OOD detector, and a real
 ``bentoml serve <bento>`` (no registry, no envs applied) serves the packaged model over HTTP without
 creating an ``mlflow.db``."""
 from __future__ import annotations
@@ -46,6 +47,10 @@ def test_import_build_and_serve_from_store(built, registry, tmp_path):
     assert labels["mlflow.name"] == "cxr-classifier" and labels["mlflow.version"] == registry.version
     assert labels["mlflow.alias"] == "candidate" and labels["audit.run_id"] == registry.audit_run_id
     assert str(model.path).startswith(str(home)) and (home / "models").is_dir()
+    packed = Path(model.path) / "audit"
+    assert sorted(p.name for p in packed.iterdir()) == ["concepts.parquet", "ood.npz", "summary.json"]
+    assert (packed / "summary.json").read_bytes() == (registry.audit_folder / "summary.json").read_bytes()
+    assert (packed / "ood.npz").read_bytes() == (registry.audit_folder / "ood.npz").read_bytes()
     assert str(model.tag) in {str(m.tag) for m in bento.info.models}
     envs = [e if isinstance(e, dict) else {"name": e.name, "value": e.value} for e in bento.info.envs]
     assert {"name": "CXR_BENTO_MODEL", "value": str(model.tag)} in envs  # for containers, which apply envs
@@ -66,7 +71,12 @@ def test_import_build_and_serve_from_store(built, registry, tmp_path):
     r = svc.predict(png_bytes())
     assert r["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
                           "uri": f"models:/cxr-classifier/{registry.version}"}
-    assert svc.concepts()["n_units"] == 32
+    assert r["ood"]["threshold"] == pytest.approx(registry.summary["ood"]["threshold"])
+    c = svc.concepts()
+    assert c["audit_run_id"] == registry.audit_run_id and c["n_units"] + c["n_withheld"] == 32
+    e = svc.explain(png_bytes(), method="cam", targets=CLASSES)
+    verdicts = {v["class"]: v["verdict"] for v in registry.summary["verdicts"]}
+    assert [h["verdict"]["status"] for h in e["heatmaps"]] == [verdicts[c] for c in CLASSES]
 
 
 def test_bentoml_serve_the_bento_without_registry(built, registry, tmp_path):
@@ -88,8 +98,15 @@ def test_bentoml_serve_the_bento_without_registry(built, registry, tmp_path):
         assert r.json()["model"] == {"name": "cxr-classifier", "version": registry.version, "alias": "candidate",
                                      "uri": f"models:/cxr-classifier/{registry.version}"}
         assert [f["name"] for f in r.json()["findings"]] == CLASSES
+        assert r.json()["ood"]["threshold"] == pytest.approx(registry.summary["ood"]["threshold"])
         c = httpx.get(f"{base}/concepts", timeout=30)
         assert c.status_code == 200 and c.json()["audit_run_id"] == registry.audit_run_id
-        assert c.json()["n_units"] == 32
+        assert c.json()["n_units"] + c.json()["n_withheld"] == 32
+        e = httpx.post(f"{base}/explain", files={"image": ("x.png", png_bytes(80, 72), "image/png")},
+                       data={"targets": "Effusion"}, timeout=60)
+        assert e.status_code == 200, e.text
+        ref = next(v for v in registry.summary["verdicts"] if v["class"] == "Effusion")
+        assert e.json()["heatmaps"][0]["verdict"]["status"] == ref["verdict"]
+        assert e.json()["heatmaps"][0]["verdict"]["audit_run_id"] == registry.audit_run_id
     assert not list(home.rglob("mlflow.db")) and not list(cwd.rglob("mlflow.db"))
     assert not list(Path(bento.path).rglob("*.db"))

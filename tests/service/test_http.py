@@ -1,4 +1,6 @@
-"""A real ``bentoml serve service:CXRExplainer`` on a free loopback port, called over HTTP with httpx."""
+"""A real ``bentoml serve service:CXRExplainer`` on a free loopback port, called over HTTP with httpx. The
+served version carries a real, published audit (``tests/service/conftest.py``): verdicts, OOD detector,
+concepts with evidence."""
 from __future__ import annotations
 
 import base64
@@ -26,7 +28,7 @@ def server(registry, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bento")
     env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri, BENTOML_HOME=str(tmp / "bentoml"),
-               CXR_API_KEYS=f"other,{KEY}", CXR_MAX_PIXELS="10000", CXR_MAX_BODY_BYTES="200000",
+               CXR_API_KEYS=f"other,{KEY}", CXR_MAX_PIXELS="20000", CXR_MAX_BODY_BYTES="200000",
                CXR_FEEDBACK_DIR=str(tmp / "feedback"), CXR_SERVE_CACHE=str(tmp / "cache"), CXR_THREADS="1",
                BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT))
     log_path = tmp / "server.log"
@@ -91,15 +93,116 @@ def test_explain_cam_and_gradcam(server):
         for h in body["heatmaps"]:
             assert _png_size(h["overlay_png"]) == (72, 64)
             assert _png_size(h["map_png"]) == tuple(h["map_size"])
-            assert h["top_units"] and h["top_units"][0]["concepts"]
+            assert h["top_units"] and all("evidence" in u for u in h["top_units"])
+            assert h["verdict"]["status"] in ("fit", "unfit")
+        assert body["ood"]["layer"] == "features.layer4"
     assert body["targets"] == ["Nodule", "Effusion"] and len(body["heatmaps"][0]["top_units"]) == 2
 
 
+def _served_concepts(registry) -> dict:
+    import pandas as pd
+
+    from interpret.annotation import served_unit_concepts
+
+    table = pd.read_parquet(registry.audit_folder / "concepts.parquet")
+    return served_unit_concepts(table, "features.layer4", registry.summary["config"]["min_evidence"])
+
+
 def test_concepts_get_and_post(server, registry):
+    """Only the annotations the audit serves (evidence >= its min_evidence, not VLM-blind). The scratch
+    CLIP of the test audit is blind to every class, so every annotated unit is withheld here; the rule
+    itself is tested on a constructed table in test_serving.py."""
     client, _, _ = server
+    served = _served_concepts(registry)
     for r in (client.get("/concepts"), client.post("/concepts", json={})):
         assert r.status_code == 200, r.text
-        assert r.json()["audit_run_id"] == registry.audit_run_id and r.json()["n_units"] == 32
+        body = r.json()
+        assert body["audit_run_id"] == registry.audit_run_id and body["min_evidence"] == 10
+        assert {u["unit"]: u["evidence"] for u in body["units"]} == {u: v["evidence"] for u, v in served.items()}
+        assert body["n_units"] == len(served) and body["n_units"] + body["n_withheld"] == 32
+
+
+def test_explain_carries_the_audits_verdicts_warnings_and_ood(server, registry):
+    """Every target's verdict is the audit's summary.json verdict; an unfit target keeps its maps, gets a
+    warning and an ``UNFIT`` banner on its overlay; top units carry their evidence; ``ood`` is present."""
+    from PIL import Image
+
+    from mlflow_projects.serving.images import BANNER_RGB
+
+    client, _, _ = server
+    summary = registry.summary
+    by_class = {v["class"]: v for v in summary["verdicts"]}
+    served = _served_concepts(registry)
+    r = client.post("/explain", files={"image": ("x.png", png_bytes(80, 72, seed=4), "image/png")},
+                    data={"method": "cam", "targets": ",".join(CLASSES), "top_neurons": "4"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [h["target"] for h in body["heatmaps"]] == CLASSES
+    unfit = [c for c in CLASSES if by_class[c]["verdict"] != "fit"]
+    assert unfit and unfit == summary["unfit_classes"]  # the tiny untrained model: unfit classes to check
+    for h in body["heatmaps"]:
+        ref, v = by_class[h["target"]], h["verdict"]
+        assert v["status"] == ref["verdict"] and v["reasons"] == ref["reasons"]
+        assert v["audit_run_id"] == registry.audit_run_id
+        assert set(v["figures"]) >= {"pointing_lift", "deletion_gain", "insertion_gain", "sanity_final_spearman"}
+        assert v["figures"]["insertion_gain"]["estimate"] == \
+            ref["criteria"]["faithfulness"]["metrics"]["insertion"]["gain"]["estimate"]
+        with Image.open(io.BytesIO(base64.b64decode(h["overlay_png"]))) as img:
+            top_left = img.convert("RGB").getpixel((0, 0))
+        assert (top_left == BANNER_RGB) == (v["status"] == "unfit"), (h["target"], top_left)
+        assert h["map_png"] and len(h["top_units"]) == 4  # unfit targets still get their maps
+        for u in h["top_units"]:
+            s = served.get(u["unit"])
+            assert u["evidence"] == (s["evidence"] if s else None) and u["concepts"] == (s["concepts"] if s else [])
+    assert len(body["warnings"]) == len(unfit)
+    for c, w in zip(unfit, body["warnings"]):
+        assert w.startswith(f"{c}: the audit found this explanation unfit: {by_class[c]['reasons'][0]}")
+    ood = body["ood"]
+    assert set(ood) >= {"score", "threshold", "flagged", "warning"}
+    assert ood["threshold"] == pytest.approx(summary["ood"]["threshold"]) and ood["layer"] == summary["ood"]["layer"]
+
+
+def _grey_png(arr) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_ood_flags_blank_and_natural_photos_not_probing_images(server, registry):
+    """The audit's real detector (fitted on this tiny untrained model's features of the 40-image phantom
+    probing set): an all-black 128x128 PNG and the astronaut photo (grey, 128x128) are flagged on /predict
+    and /explain; the probing set's first image is not, and of all 40 probing images at most the target
+    false-alarm share (5%: 2) is. Measured with torch on this fixture: threshold 44.8, blank 541, astronaut
+    379, first probing image 42.5, probing images 4.6-44.8 (the largest is the calibration image the
+    threshold was taken from)."""
+    from PIL import Image
+    from skimage import color, data
+
+    from training.data.schema import read_manifest
+
+    client, _, _ = server
+    astronaut = (color.rgb2gray(data.astronaut()) * 255).astype(np.uint8)
+    astronaut = np.asarray(Image.fromarray(astronaut).resize((128, 128), Image.BILINEAR))
+    odd = {"blank": _grey_png(np.zeros((128, 128), np.uint8)), "astronaut": _grey_png(astronaut)}
+    for name, png in odd.items():
+        for route, extra in (("/predict", {}), ("/explain", {"method": "cam"})):
+            r = client.post(route, files={"image": (f"{name}.png", png, "image/png")}, data=extra)
+            assert r.status_code == 200, (name, route, r.text[:300])
+            ood = r.json()["ood"]
+            assert ood["flagged"] and ood["score"] > ood["threshold"], (name, route, ood)
+            assert "unlike the images the model was audited on" in ood["warning"]
+    paths = list(read_manifest(registry.manifest)["path"])
+    flagged = []
+    for i, path in enumerate(paths):
+        r = client.post("/predict", files={"image": ("p.png", open(path, "rb").read(), "image/png")})
+        assert r.status_code == 200, r.text[:300]
+        ood = r.json()["ood"]
+        if i == 0:
+            assert not ood["flagged"] and ood["warning"] is None, ood
+        flagged.append(ood["flagged"])
+    assert sum(flagged) <= 2, flagged
 
 
 def test_feedback_is_stored(server):
