@@ -348,13 +348,20 @@ def auroc_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.
     """
     from sklearn.metrics import roc_auc_score
 
+    return _stratified_ci("AUROC", roc_auc_score, _auroc_rows, y, score, n_resamples, confidence, seed)
+
+
+def _stratified_ci(name: str, metric: Callable, rows: Callable, y: Any, score: Any, n_resamples: int,
+                   confidence: float, seed: int) -> CI:
+    """A label-stratified CI of a ranking metric: ``metric(y, s)`` (sklearn) as the estimate, ``rows`` its
+    vectorised form over resamples; NaN when ``y`` has one class."""
     y, s = _binary_inputs(y, score)
     if len(np.unique(y)) < 2:
-        logger.info("auroc_ci: only one class among %d labels; AUROC undefined", len(y))
+        logger.info("%s CI: only one class among %d labels; %s undefined", name, len(y), name)
         return CI(float("nan"), float("nan"), float("nan"), len(y), int(n_resamples), float(confidence), 0)
-    ci = bootstrap_ci(_auroc_rows, y, s, n_resamples=n_resamples, confidence=confidence, seed=seed,
+    ci = bootstrap_ci(rows, y, s, n_resamples=n_resamples, confidence=confidence, seed=seed,
                       strata=y, vectorized=True)
-    return CI(float(roc_auc_score(y, s)), ci.low, ci.high, ci.n, ci.n_resamples, ci.confidence, ci.n_valid)
+    return CI(float(metric(y, s)), ci.low, ci.high, ci.n, ci.n_resamples, ci.confidence, ci.n_valid)
 
 
 def ap_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> CI:
@@ -378,11 +385,4 @@ def ap_ci(y: Any, score: Any, n_resamples: int = 1000, confidence: float = 0.95,
     """
     from sklearn.metrics import average_precision_score
 
-    y, s = _binary_inputs(y, score)
-    if len(np.unique(y)) < 2:
-        logger.info("ap_ci: only one class among %d labels; AP undefined here", len(y))
-        return CI(float("nan"), float("nan"), float("nan"), len(y), int(n_resamples), float(confidence), 0)
-    ci = bootstrap_ci(_ap_rows, y, s, n_resamples=n_resamples, confidence=confidence, seed=seed,
-                      strata=y, vectorized=True)
-    return CI(float(average_precision_score(y, s)), ci.low, ci.high, ci.n, ci.n_resamples, ci.confidence,
-              ci.n_valid)
+    return _stratified_ci("AP", average_precision_score, _ap_rows, y, score, n_resamples, confidence, seed)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from interpret.audit.probe import Probe
+from interpret.audit.report import figure_png
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,6 @@ def randomisation_examples(model, image, target: int, method: str, layers: Seque
 
 def randomisation_plot_png(image: np.ndarray, examples: Sequence[tuple[str, np.ndarray]], title: str) -> bytes:
     """A row of overlays: the image with the original map, then with each cascading step's map."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -173,19 +172,15 @@ def randomisation_plot_png(image: np.ndarray, examples: Sequence[tuple[str, np.n
             ax.set_title(label, fontsize=7)
             ax.axis("off")
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
+    except Exception:
         plt.close(fig)
+        raise
+    return figure_png(fig)
 
 
 def curve_plot_png(table, metric: str, classes: Sequence[str]) -> bytes | None:
     """Mean curve per class (solid: the map's order; dashed: random order) of one faithfulness metric, with
     the 95% interval of the per-image curves' mean (normal approximation, shaded)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -216,9 +211,7 @@ def curve_plot_png(table, metric: str, classes: Sequence[str]) -> bytes | None:
         axes[0, 0].legend(fontsize=6)
         what = "revealed" if metric in ("insertion",) else "removed"
         fig.suptitle(f"{metric}: class probability vs fraction of pixels {what}", fontsize=9)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
+    except Exception:
         plt.close(fig)
+        raise
+    return figure_png(fig)

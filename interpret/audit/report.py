@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["build_report", "bar_chart_png", "png_data_uri"]
+__all__ = ["build_report", "bar_chart_png", "png_data_uri", "figure_png"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -92,6 +92,19 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="{png_data_uri(data)}">'
 
 
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
 def bar_chart_png(labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str,
                   ylim: tuple[float, float] | None = (0.0, 1.0), reference: float | None = None) -> bytes:
     """A grouped bar chart as PNG bytes (matplotlib, Agg backend; NaN bars are left empty).
@@ -125,12 +138,10 @@ def bar_chart_png(labels: Sequence[str], series: Mapping[str, Sequence[float]], 
         ax.set_title(title, fontsize=10)
         if k > 1:
             ax.legend(fontsize=7, ncol=k)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
+    except Exception:
         plt.close(fig)
+        raise
+    return figure_png(fig)
 
 
 def _read_parquet(path: Path):
