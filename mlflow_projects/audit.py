@@ -279,6 +279,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, boo
     p.add_argument("--sanity-images", type=nonneg_int, default=16, help="images of the randomisation test (0 = not run)")
     p.add_argument("--min-cases", type=positive_int, default=5,
                    help="images a verdict criterion needs; fewer and the class is unfit (not checkable)")
+    p.add_argument("--min-faithfulness-gain", type=nonneg_float, default=0.01,
+                   help="lower CI bound the deletion and insertion AUC gains over a random order must exceed")
     p.add_argument("--n-bootstrap", type=positive_int, default=1000, help="bootstrap resamples of every CI")
     p.add_argument("--ood-false-alarm", type=unit_float, default=0.05,
                    help="target false-alarm rate of the out-of-distribution warning on in-distribution images")

@@ -97,6 +97,7 @@ class AuditConfig:
     road_max_per_class: int = 10  # ... for ROAD (reported, not gated; its imputation is a linear solve per image)
     sanity_images: int = 16  # probing images of the randomisation test (images with findings first)
     min_cases: int = 5  # images a verdict criterion needs (fewer: insufficient, class unfit)
+    min_faithfulness_gain: float = 0.01  # lower CI bound of deletion/insertion AUC gains over random must exceed it
     n_bootstrap: int = 1000  # resamples of every bootstrap CI
     ood_false_alarm: float = 0.05  # target false-alarm rate of the OOD detector on in-distribution images
     out: str = ""  # local folder; default outputs/audits/<stamp>-<model>
@@ -299,7 +300,8 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
-    policy = VerdictPolicy(min_cases=cfg.min_cases, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+    policy = VerdictPolicy(min_cases=cfg.min_cases, min_gain=cfg.min_faithfulness_gain, n_resamples=cfg.n_bootstrap,
+                           seed=cfg.seed)
     steps = tqdm(total=11, desc="audit", unit="section")
     stage = _Stages(steps)
     sections = Sections()

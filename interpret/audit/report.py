@@ -204,7 +204,7 @@ def _verdicts(s: Mapping[str, Any]) -> str:
              "beats its chance level (lower bound of the 95% bootstrap CI of hit &minus; chance above 0; "
              "n/a without boxes). Faithfulness: deleting the map's top pixels lowers the class probability faster, "
              "and inserting them raises it faster, than a random pixel order (lower CI bound of the AUC gain above "
-             "0 for both). Sanity: the maps change when the model's weights are randomised (cascading, from the "
+             f"{_e(pol.get('min_gain', 0.01))} for both). Sanity: the maps change when the model's weights are randomised (cascading, from the "
              "head down). A check resting on fewer than "
              f"{_e(pol.get('min_cases', 5))} images counts as failed. Concepts are reported, not gated: "
              "the number of the class's top units whose concept rests on enough images and on a VLM that can "

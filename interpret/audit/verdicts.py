@@ -11,8 +11,8 @@ per failed criterion (the figure, its bootstrap 95% CI and the bound it missed).
 - ``faithfulness``: on the class's positive probing images, deleting the pixels the map ranks first
   must lower the class probability faster than deleting pixels in a random order, and inserting them
   first must raise it faster (:func:`interpret.faithfulness.faithfulness`, ``gain`` > 0 means more
-  faithful than random). Passed when the lower CI bound of the mean gain is above 0 for deletion **and**
-  insertion. ROAD (MoRF/LeRF) is reported beside it, not gated.
+  faithful than random). Passed when the lower CI bound of the mean gain is above ``min_gain`` (0.01) for
+  deletion **and** insertion. ROAD (MoRF/LeRF) is reported beside it, not gated.
 - ``sanity``: the model-parameter randomisation test (:func:`interpret.sanity.model_randomisation`,
   cascading) on the class's maps: with every block randomised the maps must have changed
   (:func:`sanity_criterion`; the intermediate steps are reported).
@@ -45,6 +45,10 @@ class VerdictPolicy:
     """How verdicts are reached (recorded in ``summary.json``)."""
 
     min_cases: int = 5  # images a criterion needs (positives for faithfulness, boxed images for pointing)
+    # the lower CI bound of a faithfulness AUC gain over the random order must exceed this (probability-AUC units:
+    # 0.01 = the curve lies on average one point of probability beyond random); a gain that is merely
+    # non-zero (e.g. 1e-5 on a model whose probability does not move) is not evidence of a faithful map
+    min_gain: float = 0.01
     n_resamples: int = 1000  # bootstrap resamples of every CI
     confidence: float = 0.95
     seed: int = 0
@@ -64,9 +68,9 @@ def _fmt(ci: Mapping[str, Any]) -> str:
     return f"{f(ci.get('estimate'))} [{f(ci.get('low'))}, {f(ci.get('high'))}]"
 
 
-def _positive_lower_bound(ci: Mapping[str, Any]) -> bool:
+def _positive_lower_bound(ci: Mapping[str, Any], margin: float = 0.0) -> bool:
     low = ci.get("low")
-    return low is not None and math.isfinite(low) and low > 0
+    return low is not None and math.isfinite(low) and low > margin
 
 
 def localisation_criterion(rows, policy: VerdictPolicy) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def faithfulness_criterion(rows, policy: VerdictPolicy) -> dict[str, Any]:
                                 "auc": _ci(part["auc"], policy), "random_auc": _ci(part["random_auc"], policy)}
     n = min((metrics[m]["n"] for m in GATED_FAITHFULNESS if m in metrics), default=0)
     out = {"n": n, "metrics": metrics,
-           "rule": "lower 95% CI bound of the AUC gain over a random pixel order > 0 for "
+           "rule": f"lower 95% CI bound of the AUC gain over a random pixel order > {policy.min_gain:g} for "
                    + " and ".join(GATED_FAITHFULNESS)}
     missing = [m for m in GATED_FAITHFULNESS if m not in metrics]
     if missing:
@@ -107,10 +111,11 @@ def faithfulness_criterion(rows, policy: VerdictPolicy) -> dict[str, Any]:
     if n < policy.min_cases:
         return {**out, "status": "insufficient",
                 "reason": f"faithfulness rests on {n} positive image(s) (< {policy.min_cases})"}
-    failed = [m for m in GATED_FAITHFULNESS if not _positive_lower_bound(metrics[m]["gain"])]
+    failed = [m for m in GATED_FAITHFULNESS if not _positive_lower_bound(metrics[m]["gain"], policy.min_gain)]
     if not failed:
         return {**out, "status": "passed"}
-    parts = [f"{m} gain over random order {_fmt(metrics[m]['gain'])}" for m in failed]
+    parts = [f"{m} gain over random order {_fmt(metrics[m]['gain'])} (needs lower bound > {policy.min_gain:g})"
+             for m in failed]
     return {**out, "status": "failed", "reason": "map no more faithful than a random order: " + "; ".join(parts)}
 
 

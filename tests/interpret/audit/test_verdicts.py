@@ -165,3 +165,12 @@ def test_gates_file_accepts_per_class_and_the_platform_policy_loads():
     assert g.per_class and g.name == "faithfulness_passed"
     names = {g.name for g in load_gates(Path(__file__).resolve().parents[3] / "mlflow_projects" / "gates.yaml")}
     assert {"boxed_classes_beat_chance", "faithful_maps", "maps_depend_on_the_model"} <= names
+
+
+def test_a_gain_that_is_merely_nonzero_is_not_evidence():
+    """A model whose probability barely moves gives gains of 1e-5 with a CI above 0: not a faithful map."""
+    rows = [{"image_id": f"i{i}", "class": "A", "metric": m, "auc": 0.5, "random_auc": 0.5, "gain": 1e-5 + 1e-7 * i}
+            for i in range(10) for m in ("deletion", "insertion")]
+    out = faithfulness_criterion(pd.DataFrame(rows), POLICY)
+    assert out["metrics"]["deletion"]["gain"]["low"] > 0
+    assert out["status"] == "failed" and "needs lower bound > 0.01" in out["reason"]
