@@ -106,7 +106,8 @@ def figure_png(fig) -> bytes:
 
 
 def bar_chart_png(labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str,
-                  ylim: tuple[float, float] | None = (0.0, 1.0), reference: float | None = None) -> bytes:
+                  ylim: tuple[float, float] | None = (0.0, 1.0), reference: float | None = None,
+                  intervals: Mapping[str, Sequence[Any]] | None = None) -> bytes:
     """A grouped bar chart as PNG bytes (matplotlib, Agg backend; NaN bars are left empty).
 
     Args:
@@ -115,6 +116,8 @@ def bar_chart_png(labels: Sequence[str], series: Mapping[str, Sequence[float]], 
         title: chart title.
         ylim: y-axis limits, or None for automatic.
         reference: optional horizontal dashed line (e.g. a gate threshold).
+        intervals: name -> one CI per label (a :meth:`interpret.stats.CI.to_dict` dict or None), drawn as
+            error bars (the 95% CI of the bar).
     """
     import matplotlib
 
@@ -129,7 +132,16 @@ def bar_chart_png(labels: Sequence[str], series: Mapping[str, Sequence[float]], 
         x = np.arange(n)
         for i, (name, values) in enumerate(series.items()):
             vals = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
-            ax.bar(x + (i - (k - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=name)
+            pos = x + (i - (k - 1) / 2) * width
+            ax.bar(pos, np.nan_to_num(vals, nan=0.0), width, label=name)
+            cis = (intervals or {}).get(name)
+            if cis:
+                lo = np.array([np.nan if not c or c.get("low") is None else c["low"] for c in cis], dtype=float)
+                hi = np.array([np.nan if not c or c.get("high") is None else c["high"] for c in cis], dtype=float)
+                ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(vals)
+                if ok.any():
+                    ax.errorbar(pos[ok], vals[ok], yerr=[np.maximum(vals[ok] - lo[ok], 0), np.maximum(hi[ok] - vals[ok], 0)],
+                                fmt="none", ecolor="#1d2330", elinewidth=1, capsize=2)
         if reference is not None:
             ax.axhline(reference, color="#c0392b", linestyle="--", linewidth=1)
         ax.set_xticks(x, [str(s) for s in labels], rotation=30, ha="right", fontsize=8)
@@ -266,7 +278,9 @@ def _performance(s: Mapping[str, Any]) -> str:
                    + "</div>")
     if rows:
         png = bar_chart_png([r["class"] for r in rows], {"AUROC": [r.get("auroc") for r in rows],
-                                                         "AP": [r.get("ap") for r in rows]}, "AUROC and AP per class")
+                                                         "AP": [r.get("ap") for r in rows]},
+                            "AUROC and AP per class (error bars: 95% CI)",
+                            intervals={"AUROC": [r.get("auroc_ci") for r in rows], "AP": [r.get("ap_ci") for r in rows]})
         out.append(_img(png, "performance per class"))
     return "".join(out)
 
@@ -301,7 +315,9 @@ def _localization(s: Mapping[str, Any], folder: Path) -> str:
                                                          "IoR": [r.get("ior") for r in rows],
                                                          "pointing": [r.get("pointing") for r in rows],
                                                          "pointing chance": [r.get("pointing_chance") for r in rows]},
-                            "Localisation per class")
+                            "Localisation per class (error bars: 95% CI)",
+                            intervals={"IoBB": [r.get("iobb_ci") for r in rows], "IoR": [r.get("ior_ci") for r in rows],
+                                       "pointing": [r.get("pointing_ci") for r in rows]})
         out.append(_img(png, "localisation per class"))
     names = loc.get("gallery")
     gallery = ([folder / "heatmaps" / n for n in names if (folder / "heatmaps" / n).is_file()] if names is not None
@@ -340,9 +356,9 @@ def _faithfulness(s: Mapping[str, Any], folder: Path) -> str:
             continue
         row = {"class": v["class"], "images": max(m.get("n", 0) for m in ms.values())}
         for name, m in ms.items():
-            row[f"{name} AUC"] = _ci(m.get("auc"))
-            row[f"{name} random"] = _num((m.get("random_auc") or {}).get("estimate"))
-            row[f"{name} gain"] = _ci(m.get("gain"))
+            row[f"{name} AUC (random order)"] = (f"{_num((m.get('auc') or {}).get('estimate'))} "
+                                                 f"({_num((m.get('random_auc') or {}).get('estimate'))})")
+            row[f"{name} gain [95% CI]"] = _ci(m.get("gain"))
         rows.append(row)
     out.append(_table(rows))
     for metric, name in (f.get("plots") or {}).items():
@@ -410,7 +426,7 @@ def _dissection(s: Mapping[str, Any]) -> str:
     if rows:
         png = bar_chart_png([r["class"] for r in rows], {"Disjoint": [r.get("disjoint") for r in rows],
                                                          "Unique": [r.get("unique") for r in rows]},
-                            "Dissection counts per class", ylim=None)
+                            "Dissection counts per class (means over images; no CI)", ylim=None)
         out.append(_img(png, "dissection per class"))
     return "".join(out)
 
