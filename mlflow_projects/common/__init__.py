@@ -6,7 +6,8 @@ Only glue lives here; the science is in :mod:`training` and :mod:`interpret`. Th
   :func:`parse_version` (a CLI's bare ``3`` or ``@alias``), :class:`ModelIdentity` and
   :func:`resolve_model_uri` (with the ``@champion`` -> ``@candidate`` fallback);
 - "the audit of a version": :func:`latest_audit`, :func:`version_audit` (its ``summary.json``) and
-  :func:`find_passing_audit` (its concept table, what the service serves);
+  :func:`find_passing_audit` (a :class:`PassingAudit`: its concept table, ``summary.json`` and ``ood.npz``,
+  what the service serves);
 - registering: :func:`register_version`.
 
 Registry look-ups fail with :class:`RegistryError` (a ``ValueError``) whose one-line message names the
@@ -30,7 +31,7 @@ from mlflow_projects.common.tracking import (artifact_root, check_manifest, ensu
 from mlflow_projects.common.cli import (ArgumentParser, choice_of, entry_parser, existing_file, int_at_least, nonneg_float, nonneg_int,
     positive_float, positive_int, quiet_console, quiet_third_party, run_cli, show_progress, unit_float)
 from mlflow_projects.common.registry import (AuditNotFound, CONCEPTS_ARTIFACT, FALLBACK_ALIAS, ModelIdentity,
-    RegistryError, SUMMARY_ARTIFACT, find_passing_audit, get_version, latest_audit, parse_model_uri, parse_version,
+    PassingAudit, RegistryError, SUMMARY_ARTIFACT, find_passing_audit, get_version, latest_audit, parse_model_uri, parse_version,
     register_version, resolve_model_uri, to_tag, version_audit)
 from mlflow_projects.common.reporting import (finite_metrics, log_config, log_table, print_table, table_metrics)
 from mlflow_projects.common.models import (CLIP_SPECS, load_audit_model, load_classifier, resolve_clip)
@@ -43,7 +44,7 @@ __all__ = [
     "DEFAULT_ARTIFACT_ROOT", "DEFAULT_DATA", "DEFAULT_GATES", "DEFAULT_TRACKING_URI", "DWARF_MIN_IMAGE_SIZE",
     "EXPERIMENTS", "FALLBACK_ALIAS", "ModelIdentity", "PROJECT_ROOT", "RegistryError", "SCRATCH_CLIP",
     "SUMMARY_ARTIFACT", "add_classifier_arguments", "artifact_root", "check_manifest", "choice_of",
-    "classifier_image_size", "ensure_data", "ensure_experiment", "existing_file", "find_passing_audit",
+    "classifier_image_size", "ensure_data", "ensure_experiment", "existing_file", "find_passing_audit", "PassingAudit",
     "finite_metrics", "get_version", "int_at_least", "latest_audit", "load_audit_model", "load_classifier",
     "log_config",
     "log_table", "manifest_arg", "nonneg_float", "nonneg_int", "parse_model_uri", "parse_version", "plot_roc",
