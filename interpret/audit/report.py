@@ -188,10 +188,18 @@ def _header(s: Mapping[str, Any]) -> str:
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e('' if v is None else v)}</td></tr>" for k, v in ident if v)
     drows = "".join(f"<tr><th>{_e(k)}</th><td>{_e('' if v is None else v)}</td></tr>" for k, v in data_rows
                     if v is not None)
+    return f"<h2>Model</h2><table>{rows}</table><h2>Data used</h2><table>{drows}</table>"
+
+
+def _title(s: Mapping[str, Any]) -> str:
+    model = s.get("model", {})
     status = s.get("status", "failed")
+    who = f"{model.get('name') or model.get('uri') or 'model'} version {model.get('version') or '-'}"
     return (f"<h1>Interpretation audit {_badge(status)}</h1>"
+            f"<p><b>{_e(who)}</b> ({_e(model.get('kind', 'classifier'))}, {_e(model.get('arch', ''))}) on "
+            f"{_e(s.get('data', {}).get('n_images', '?'))} probing images.</p>"
             f"<p class='note'>Created {_e(s.get('created', ''))}. This report is self-contained: every figure "
-            f"is embedded.</p><h2>Model</h2><table>{rows}</table><h2>Data used</h2><table>{drows}</table>")
+            "is embedded.</p>")
 
 
 _CRIT_TEXT = {"passed": "passed", "failed": "FAILED", "insufficient": "too few cases", "not_applicable": "n/a"}
@@ -567,7 +575,7 @@ def build_report(summary: Mapping[str, Any], folder: str | Path) -> str:
     model = summary.get("model", {})
     title = f"Audit of {model.get('name') or model.get('uri', 'model')} v{model.get('version') or '-'}"
     parts: Iterable[str] = (
-        _header(summary), _verdicts(summary), _gates(summary), _performance(summary),
+        _title(summary), _verdicts(summary), _gates(summary), _header(summary), _performance(summary),
         _localization(summary, folder), _faithfulness(summary, folder), _sanity(summary, folder),
         _dissection(summary), _concepts(summary, folder), _importance(summary), _shortcuts(summary), _ood(summary),
         _comparison(summary), _reproduce(summary),

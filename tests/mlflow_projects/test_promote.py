@@ -81,3 +81,41 @@ def test_promote_as_the_readme_runs_it_and_bad_input_is_one_line(tmp_path):
         bad = run(*args, "--gates", str(gates))
         assert bad.returncode == 2, (args, bad.stderr)
         assert "Traceback" not in bad.stderr and expect in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_a_dwarf_version_is_audited_and_promoted_by_the_same_gates(tmp_path, tiny_phantom):
+    """A registered cxr-dwarf version (the real pyfunc) is audited through the entry point, gets its verdict tags
+    and is promoted to @champion by `promote --name cxr-dwarf`, so `CXR_MODEL_URI=models:/cxr-dwarf@champion`
+    is reachable."""
+    import json
+
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from mlflow_projects import audit
+    from mlflow_projects.common import register_version, setup_tracking
+    from mlflow_projects.pyfunc_dwarf import log_dwarf_model, model_meta
+    from tests.training.dwarf_helpers import CLASSES, tiny_bundle
+    from training.dwarf.model import build_dwarf
+
+    gates = write_gates(tmp_path / "gates.yaml", auroc_mean=0.0)
+    with tracking(tmp_path):
+        torch.manual_seed(0)
+        model = build_dwarf(tiny_bundle(), CLASSES, d_model=32, heads=2).eval()
+        setup_tracking("cxr-dwarf")
+        with mlflow.start_run(run_name="tiny-dwarf"):
+            info = log_dwarf_model(model)
+        mv = register_version(info.model_uri, "cxr-dwarf", model_meta(model))
+        argv = ["--model-uri", "models:/cxr-dwarf@candidate", "--data", str(tiny_phantom), "--split", "all",
+                "--clip", "scratch", "--gates", str(gates), "--max-images", "16", "--sanity-images", "4",
+                "--faithfulness-steps", "4", "--n-bootstrap", "200", "--out", str(tmp_path / "a")]
+        assert audit.main(argv) == 0
+        summary = json.loads((tmp_path / "a" / "audit" / "summary.json").read_text())
+        assert summary["model"]["kind"] == "dwarf" and [v["class"] for v in summary["verdicts"]] == CLASSES
+        client = MlflowClient()
+        tags = client.get_model_version("cxr-dwarf", mv.version).tags
+        assert tags["audit.status"] == "passed" and json.loads(tags["audit.unfit_classes"]) == summary["unfit_classes"]
+        assert promote.main(["--name", "cxr-dwarf", "--gates", str(gates)]) == 0
+        assert str(client.get_model_version_by_alias("cxr-dwarf", "champion").version) == str(mv.version)
