@@ -467,7 +467,8 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
             and takes no baseline (``None``).
         score: ``probability`` (sigmoid of the target logit: :func:`training.models.probabilities`)
             or ``logit``.
-        random_repeats: random orders averaged into ``random_curves``.
+        random_repeats: random orders averaged into ``random_curves``; 0 skips them (``random_curves``,
+            ``random_auc`` and ``gain`` are NaN), e.g. for ROAD, whose paper compares MoRF with LeRF instead.
         seed: seed of the random orders and of ROAD's noise.
         batch_size: images per forward pass (and per ROAD solve); default all at once.
         blur_sigma: sigma in pixels of the ``blur`` baseline; default ``5 * min(H, W) / 224``.
@@ -479,7 +480,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
 
     Raises:
         ValueError: unknown metric / baseline / score (valid ones listed), ``steps < 1``,
-            ``random_repeats < 1``, a baseline given for ROAD, images / maps / targets of mismatched
+            ``random_repeats < 0``, a baseline given for ROAD, images / maps / targets of mismatched
             shapes, non-finite maps, or target indices outside the model's classes.
     """
     _check_metric(metric)
@@ -494,8 +495,8 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
         if baseline not in BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; valid: {list(BASELINES)}")
     if isinstance(random_repeats, bool) or not isinstance(random_repeats, (int, np.integer)) \
-            or random_repeats < 1:
-        raise ValueError(f"random_repeats must be an integer >= 1, got {random_repeats!r}")
+            or random_repeats < 0:
+        raise ValueError(f"random_repeats must be an integer >= 0, got {random_repeats!r}")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     if road and road_noise < 0:
@@ -523,7 +524,8 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
     g = torch.Generator().manual_seed(int(seed))
     rand_ranks = [torch.argsort(torch.randperm(N, generator=g)).to(images.device)
                   for _ in range(random_repeats)]                           # R x (N,)
-    noise_fields = ([torch.randn(C, H, W, generator=g) for _ in counts] if road and road_noise
+    gn = torch.Generator().manual_seed(int(seed) + 1)  # its own stream: the noise does not depend on random_repeats
+    noise_fields = ([torch.randn(C, H, W, generator=gn) for _ in counts] if road and road_noise
                     else None)                                              # (S+1) x (C, H, W)
     base = None if road else baseline_images(images, baseline, blur_sigma)  # (B, C, H, W)
     chunk = batch_size or max(B * T, 1)
@@ -579,7 +581,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
     fractions = counts / N
     span = fractions[-1] - fractions[0]
     curves_np = curves.double().numpy()
-    rand_np = rand_curves.double().numpy()
+    rand_np = rand_curves.double().numpy() if random_repeats else np.full_like(curves.double().numpy(), np.nan)
     auc = _trapezoid(curves_np, fractions, axis=-1) / span
     rauc = _trapezoid(rand_np, fractions, axis=-1) / span
     return FaithfulnessResult(metric=metric, baseline=ROAD_IMPUTATION if road else baseline,

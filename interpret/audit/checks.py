@@ -69,9 +69,11 @@ def faithfulness_section(model, probe: Probe, method: str, *, metrics: Sequence[
         seed: pair sampling, random orders and ROAD's noise.
 
     Returns:
-        ``(table, result_by_metric)``: the rows of :meth:`interpret.faithfulness.FaithfulnessResult.to_frame`
-        for every metric (``image_id, class, metric, auc, random_auc, gain, curve, random_curve, ...``) and
-        the :class:`~interpret.faithfulness.FaithfulnessResult` per metric.
+        ``(table, results_by_metric)``: the rows of :meth:`interpret.faithfulness.FaithfulnessResult.to_frame`
+        for every metric (``image_id, class, metric, auc, random_auc, gain, curve, random_curve, ...``; ROAD
+        has no random order: its ``random_auc`` and ``gain`` are NaN) and the
+        :class:`~interpret.faithfulness.FaithfulnessResult` objects per metric (one per group of images scored
+        for the same number of classes).
     """
     import pandas as pd
     import torch
@@ -85,16 +87,25 @@ def faithfulness_section(model, probe: Probe, method: str, *, metrics: Sequence[
         pairs = faithfulness_pairs(probe, cap, seed)
         if not group or not pairs:
             continue
-        maps = _maps_for_pairs(model, probe, pairs, method, batch_size)  # (P, 1, S, S)
-        x = probe.images[[i for i, _ in pairs]]  # (P, 1, S, S)
-        targets = torch.tensor([[c] for _, c in pairs])  # (P, 1)
-        ids = [probe.image_ids[i] for i, _ in pairs]
-        for metric in group:
-            res = faithfulness(model, x, targets, maps, metric, steps=steps,
-                               baseline=None if metric.startswith("road") else baseline,
-                               batch_size=batch_size, seed=seed)
-            results[metric] = res
-            frames.append(res.to_frame(ids, probe.classes))
+        # one call per number of classes an image is scored for, with all of an image's classes as its targets:
+        # the random-order curves are computed once per image and shared by its classes
+        by_image: dict[int, list[int]] = {}
+        for i, c in pairs:
+            by_image.setdefault(i, []).append(c)
+        for k in sorted({len(cs) for cs in by_image.values()}):
+            idx = [i for i, cs in by_image.items() if len(cs) == k]
+            targets = torch.tensor([by_image[i] for i in idx])  # (B, k)
+            flat = [(i, c) for i in idx for c in by_image[i]]
+            maps = _maps_for_pairs(model, probe, flat, method, batch_size).view(len(idx), k, probe.size, probe.size)
+            x = probe.images[idx]  # (B, 1, S, S)
+            ids = [probe.image_ids[i] for i in idx]
+            for metric in group:
+                road = metric.startswith("road")
+                # ROAD compares MoRF with LeRF (Rong et al. 2022), not with a random order: none is drawn
+                res = faithfulness(model, x, targets, maps, metric, steps=steps, baseline=None if road else baseline,
+                                   batch_size=batch_size, seed=seed, random_repeats=0 if road else 1)
+                results.setdefault(metric, []).append(res)
+                frames.append(res.to_frame(ids, probe.classes))
     if not frames:
         return pd.DataFrame(columns=["image_id", "class", "metric", "auc", "random_auc", "gain"]), {}
     table = pd.concat(frames, ignore_index=True)
@@ -179,7 +190,7 @@ def randomisation_plot_png(image: np.ndarray, examples: Sequence[tuple[str, np.n
 
 
 def curve_plot_png(table, metric: str, classes: Sequence[str]) -> bytes | None:
-    """Mean curve per class (solid: the map's order; dashed: random order) of one faithfulness metric, with
+    """Mean curve per class (solid: the map's order; dashed: random order, where one was drawn) of one metric, with
     the 95% interval of the per-image curves' mean (normal approximation, shaded)."""
     import matplotlib
 
@@ -201,6 +212,8 @@ def curve_plot_png(table, metric: str, classes: Sequence[str]) -> bytes | None:
             x = np.asarray(g["fractions"].iloc[0], dtype=float)
             for col, style, label in (("curve", "-", "map order"), ("random_curve", "--", "random order")):
                 y = np.stack([np.asarray(v, dtype=float) for v in g[col]])  # (n, S+1)
+                if not np.isfinite(y).any():  # ROAD draws no random order
+                    continue
                 mean = y.mean(0)
                 half = 1.96 * y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else np.zeros_like(mean)
                 ax.plot(x, mean, style, label=label, linewidth=1.2)

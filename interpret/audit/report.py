@@ -352,7 +352,8 @@ def _faithfulness(s: Mapping[str, Any], folder: Path) -> str:
            "The same is done in a seeded random pixel order. A faithful map makes the probability fall faster "
            "under deletion (lower AUC than random) and rise faster under insertion (higher AUC). ROAD "
            "(Rong et al. 2022) removes pixels with noisy linear imputation instead, most-relevant first (MoRF, lower "
-           "is better) and least-relevant first (LeRF, higher is better). <i>Gain</i> = advantage over the random "
+           "is better) and least-relevant first (LeRF, higher is better), and compares the two (LeRF &minus; MoRF "
+           "&gt; 0 for a faithful map; reported, not gated). <i>Gain</i> = advantage over the random "
            "order (&gt; 0: more faithful than random), averaged over images with a 95% bootstrap CI.</p>"]
     skipped = _skipped(s, "faithfulness")
     if skipped:
@@ -362,11 +363,20 @@ def _faithfulness(s: Mapping[str, Any], folder: Path) -> str:
         ms = (v.get("criteria", {}).get("faithfulness", {}).get("metrics") or {})
         if not ms:
             continue
-        row = {"class": v["class"], "images": max(m.get("n", 0) for m in ms.values())}
-        for name, m in ms.items():
-            row[f"{name} AUC (random order)"] = (f"{_num((m.get('auc') or {}).get('estimate'))} "
-                                                 f"({_num((m.get('random_auc') or {}).get('estimate'))})")
-            row[f"{name} gain [95% CI]"] = _ci(m.get("gain"))
+        row = {"class": v["class"], "images": max(m.get("n", 0) for m in ms.values())}  # replaced below
+        row["images"] = max(m.get("n", 0) for k, m in ms.items() if k in ("deletion", "insertion")) \
+            if any(k in ms for k in ("deletion", "insertion")) else row["images"]
+        for name in ("deletion", "insertion"):
+            m = ms.get(name)
+            if m:
+                row[f"{name} AUC (random order)"] = (f"{_num((m.get('auc') or {}).get('estimate'))} "
+                                                     f"({_num((m.get('random_auc') or {}).get('estimate'))})")
+                row[f"{name} gain [95% CI]"] = _ci(m.get("gain"))
+        if ms.get("road"):
+            row["ROAD images"] = ms["road"].get("n")
+            row["ROAD MoRF / LeRF AUC"] = (f"{_num((ms.get('road_morf', {}).get('auc') or {}).get('estimate'))} / "
+                                           f"{_num((ms.get('road_lerf', {}).get('auc') or {}).get('estimate'))}")
+            row["ROAD LeRF &minus; MoRF [95% CI]"] = _ci(ms["road"].get("lerf_minus_morf"))
         rows.append(row)
     out.append(_table(rows))
     for metric, name in (f.get("plots") or {}).items():

@@ -101,6 +101,12 @@ def faithfulness_criterion(rows, policy: VerdictPolicy) -> dict[str, Any]:
     for metric, part in rows.groupby("metric", sort=False):
         metrics[str(metric)] = {"n": int(len(part)), "gain": _ci(part["gain"], policy),
                                 "auc": _ci(part["auc"], policy), "random_auc": _ci(part["random_auc"], policy)}
+    if "road_morf" in metrics and "road_lerf" in metrics:  # ROAD's own comparison: LeRF keeps the score higher
+        pair = rows[rows["metric"] == "road_lerf"].merge(rows[rows["metric"] == "road_morf"], on="image_id",
+                                                        suffixes=("_lerf", "_morf"))
+        metrics["road"] = {"n": int(len(pair)), "lerf_minus_morf": _ci(pair["auc_lerf"] - pair["auc_morf"], policy),
+                           "rule": "reported, not gated: > 0 when removing the least relevant pixels first keeps "
+                                   "the class probability higher than removing the most relevant first"}
     n = min((metrics[m]["n"] for m in GATED_FAITHFULNESS if m in metrics), default=0)
     out = {"n": n, "metrics": metrics,
            "rule": f"lower 95% CI bound of the AUC gain over a random pixel order > {policy.min_gain:g} for "

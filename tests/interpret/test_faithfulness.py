@@ -261,7 +261,7 @@ def test_removal_counts():
     (dict(baseline="black"), "unknown baseline 'black'.*blur"),
     (dict(score="softmax"), "unknown score 'softmax'.*probability"),
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(random_repeats=0), "random_repeats"),
+    (dict(random_repeats=-1), "random_repeats"),
     (dict(metric="road_morf", baseline="blur"), "baseline must be None"),
     (dict(batch_size=0), "batch_size"),
 ])
@@ -269,6 +269,15 @@ def test_bad_arguments(kwargs, match):
     x = _images(2, 16)
     with pytest.raises(ValueError, match=match):
         faithfulness(TinyCNN(), x, 0, torch.rand(2, 1, 16, 16), **kwargs)
+
+
+def test_no_random_order_leaves_the_curves_and_marks_the_random_side_missing():
+    model, x = TinyCNN(), _images(3, 16)
+    maps = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    full = faithfulness(model, x, 0, maps, "road_morf", steps=4, seed=0)
+    bare = faithfulness(model, x, 0, maps, "road_morf", steps=4, seed=0, random_repeats=0)
+    np.testing.assert_array_equal(bare.curves, full.curves)
+    assert np.isnan(bare.random_auc).all() and np.isnan(bare.gain).all()
 
 
 def test_bad_shapes_and_values():
