@@ -272,10 +272,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, boo
                    help="comma-separated: deletion, insertion, road_morf, road_lerf")
     p.add_argument("--faithfulness-steps", type=positive_int, default=10)
     p.add_argument("--faithfulness-baseline", type=choice_of(("blur", "mean", "zero"), "baseline"), default="blur")
-    p.add_argument("--faithfulness-max-per-class", type=nonneg_int, default=40,
+    p.add_argument("--faithfulness-max-per-class", type=nonneg_int, default=30,
                    help="positive images per class in the faithfulness curves (0 = all)")
-    p.add_argument("--road-max-per-class", type=nonneg_int, default=10,
+    p.add_argument("--road-max-per-class", type=nonneg_int, default=5,
                    help="positive images per class in the ROAD curves (0 = all; reported, not gated)")
+    p.add_argument("--faithfulness-batch-size", type=positive_int, default=128,
+                   help="perturbed images per forward pass of the faithfulness curves")
     p.add_argument("--sanity-images", type=nonneg_int, default=16, help="images of the randomisation test (0 = not run)")
     p.add_argument("--min-cases", type=positive_int, default=5,
                    help="images a verdict criterion needs; fewer and the class is unfit (not checkable)")

@@ -96,7 +96,8 @@ def faithfulness_section(model, probe: Probe, method: str, *, metrics: Sequence[
             idx = [i for i, cs in by_image.items() if len(cs) == k]
             targets = torch.tensor([by_image[i] for i in idx])  # (B, k)
             flat = [(i, c) for i in idx for c in by_image[i]]
-            maps = _maps_for_pairs(model, probe, flat, method, batch_size).view(len(idx), k, probe.size, probe.size)
+            maps = _maps_for_pairs(model, probe, flat, method, min(batch_size, 32))  # (B * k, 1, S, S)
+            maps = maps.view(len(idx), k, probe.size, probe.size)
             x = probe.images[idx]  # (B, 1, S, S)
             ids = [probe.image_ids[i] for i in idx]
             for metric in group:
