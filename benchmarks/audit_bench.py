@@ -5,7 +5,7 @@ Runs :func:`interpret.audit.run_audit` on the same probing set and model, altern
 - ``base``: the audit without the new checks (``faithfulness_metrics=""``, ``sanity_images=0``): the sections
   of the audit before faithfulness and sanity existed (performance, localisation, dissection, concepts,
   importance, shortcuts; plus the OOD fit and verdict bookkeeping, both milliseconds), and
-- ``full``: the default audit (deletion, insertion, ROAD MoRF/LeRF, cascading and independent randomisation),
+- ``full``: the default audit (deletion and insertion curves, cascading and independent randomisation),
 
 and prints one JSON line: the median wall time of each over ``--repeats`` runs, ``full_vs_base`` (the target is
 <= 3.0 at 400 probing images x all classes at 128 px), and the median time of each new section in the full runs

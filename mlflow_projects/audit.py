@@ -268,8 +268,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, boo
     p.add_argument("--min-images", type=positive_int, default=10, help="mammi_floor: representatives per unit at least")
     p.add_argument("--dissection-min-cells", type=positive_int, default=7,
                    help="dissection runs only on feature maps with at least this many cells a side")
-    p.add_argument("--faithfulness-metrics", default="deletion,insertion,road_morf,road_lerf",
-                   help="comma-separated: deletion, insertion, road_morf, road_lerf")
+    p.add_argument("--faithfulness-metrics", default="deletion,insertion",
+                   help="comma-separated: deletion, insertion (gated), road_morf, road_lerf (ROAD, reported only)")
     p.add_argument("--faithfulness-steps", type=positive_int, default=10)
     p.add_argument("--faithfulness-baseline", type=choice_of(("blur", "mean", "zero"), "baseline"), default="blur")
     p.add_argument("--faithfulness-max-per-class", type=nonneg_int, default=30,

@@ -90,7 +90,8 @@ class AuditConfig:
     marker_threshold: float = 0.2  # attention share on text markers that flags a shortcut
     min_evidence: int = 10  # representative images an annotation needs to be served
     min_images: int = 10  # mammi_floor: representatives per unit at least
-    faithfulness_metrics: str = "deletion,insertion,road_morf,road_lerf"
+    # the gated metrics; add road_morf,road_lerf for ROAD (reported, not gated: a linear solve per image and step)
+    faithfulness_metrics: str = "deletion,insertion"
     faithfulness_steps: int = 10  # perturbation steps per curve
     faithfulness_baseline: str = "blur"  # deletion/insertion baseline image: blur, mean or zero
     faithfulness_max_per_class: int = 30  # positive images per class scored (0 = all)
