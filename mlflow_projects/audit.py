@@ -272,7 +272,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, boo
                    help="comma-separated: deletion, insertion (gated), road_morf, road_lerf (ROAD, reported only)")
     p.add_argument("--faithfulness-steps", type=positive_int, default=10)
     p.add_argument("--faithfulness-baseline", type=choice_of(("blur", "mean", "zero"), "baseline"), default="blur")
-    p.add_argument("--faithfulness-max-per-class", type=nonneg_int, default=30,
+    p.add_argument("--faithfulness-max-per-class", type=nonneg_int, default=20,
                    help="positive images per class in the faithfulness curves (0 = all)")
     p.add_argument("--road-max-per-class", type=nonneg_int, default=5,
                    help="positive images per class in the ROAD curves (0 = all; reported, not gated)")

@@ -94,7 +94,7 @@ class AuditConfig:
     faithfulness_metrics: str = "deletion,insertion"
     faithfulness_steps: int = 10  # perturbation steps per curve
     faithfulness_baseline: str = "blur"  # deletion/insertion baseline image: blur, mean or zero
-    faithfulness_max_per_class: int = 30  # positive images per class scored (0 = all)
+    faithfulness_max_per_class: int = 20  # positive images per class scored (0 = all)
     road_max_per_class: int = 5  # ... for ROAD (reported, not gated; its imputation is a linear solve per image)
     faithfulness_batch_size: int = 128  # perturbed images per forward pass (CPU throughput grows with the batch)
     sanity_images: int = 16  # probing images of the randomisation test (images with findings first)
