@@ -21,6 +21,8 @@ import mlflow
 import numpy as np
 import torch
 
+from training.models import probabilities
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,7 @@ class DwarfPyfunc(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             for start in range(0, len(x), batch):
                 out = self.model(x[start:start + batch])
-                probs.append(out.logits.float().sigmoid().numpy())
+                probs.append(probabilities(out.logits.float()).numpy())  # the one logits -> probabilities
                 maps.append(out.refined_maps.float().numpy())
                 if params.get("return_raw"):
                     raws.append(out.raw_maps.float().numpy())
@@ -90,7 +92,7 @@ def log_dwarf_model(model, name: str = "model", example_size: int | None = None)
     example = np.random.default_rng(0).random((1, 1, size, size), dtype=np.float32)
     with torch.no_grad():
         out = model(torch.from_numpy(example))
-    outputs = {"probabilities": out.logits.sigmoid().numpy(), "maps": out.refined_maps.numpy()}
+    outputs = {"probabilities": probabilities(out.logits).numpy(), "maps": out.refined_maps.numpy()}
     inferred = infer_signature(example, outputs, params={"return_raw": False, "batch_size": 32})
     # the model resizes internally and returns maps at the input size: any S x S is accepted
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]),
