@@ -286,7 +286,7 @@ class PassingAudit:
 
 
 def find_passing_audit(name: str | None, version: str | None, client=None,
-                       dst: str | os.PathLike | None = None) -> PassingAudit | None:
+                       dst: str | os.PathLike | None = None, status: str = "passed") -> PassingAudit | None:
     """The latest passing audit of ``name``/``version``: its concept table, ``summary.json`` and OOD detector.
 
     Looks for runs tagged ``model.name``, ``model.version`` and ``audit.status = 'passed'`` (the audit
@@ -299,6 +299,8 @@ def find_passing_audit(name: str | None, version: str | None, client=None,
         name: registered model name (None: no audit).
         version: version number (None: no audit).
         client: an ``MlflowClient`` (None: a new one on the current tracking URI).
+        status: the ``audit.status`` looked for (``"failed"``: the latest failed audit, whose verdicts and OOD
+            detector the service serves when a version has no passing audit).
         dst: where to keep the files: ``dst/<run_id>/audit/{concepts.parquet, summary.json, ood.npz}``
             (one folder per run: files of different audits never mix). None: a temporary folder, removed
             before returning (``folder`` is None then, so no OOD detector file).
@@ -314,14 +316,14 @@ def find_passing_audit(name: str | None, version: str | None, client=None,
         exps = [e.experiment_id for e in client.search_experiments(max_results=1000)]
         if exps:
             runs = client.search_runs(exps, filter_string=(f"tags.`model.name` = '{name}' and tags.`model.version` = "
-                                                           f"'{version}' and tags.`audit.status` = 'passed'"),
+                                                           f"'{version}' and tags.`audit.status` = '{status}'"),
                                       order_by=["attributes.start_time DESC"], max_results=20)
             candidates += [r.info.run_id for r in runs]
     except Exception as exc:  # noqa: BLE001 - a search failure only means "no concepts"
         log.warning("audit search failed (%s); serving without concepts", exc)
     try:
         tags = client.get_model_version(name, version).tags or {}
-        if tags.get("audit.status") == "passed" and tags.get("audit.run_id"):
+        if tags.get("audit.status") == status and tags.get("audit.run_id"):
             candidates.append(tags["audit.run_id"])
     except Exception:  # noqa: BLE001
         pass

@@ -262,6 +262,14 @@ class ExplanationService:
                 identity = resolve_model_uri(self.config.model_uri)
                 model = load_model(identity, self.config)
                 found = find_passing_audit(identity.name, identity.version, dst=self._audit_cache())
+                if found is None:  # no passing audit: the latest failed one's verdicts and OOD detector still
+                    # travel with every explanation (its concepts are not served: only a passing audit's are)
+                    found = find_passing_audit(identity.name, identity.version, dst=self._audit_cache(),
+                                               status="failed")
+                    if found is not None:
+                        log.warning("%s has no passing audit: serving the verdicts and OOD detector of its failed "
+                                    "audit run %s, without concepts", identity.uri, found.run_id)
+                        found.concepts = None
                 audit = None if found is None else (found.run_id, found.concepts, found.summary, found.ood_path)
             attach_audit(model, *(audit or (None,)))
             self.model = model

@@ -60,6 +60,7 @@ class LoadedModel:
     # from the latest passing audit (mlflow_projects.serving.verdicts.attach_audit)
     concepts: Any = None  # DataFrame (the audit's concepts.parquet) or None
     audit_run_id: str | None = None
+    audit_status: str | None = None  # "passed", or "failed" when the version has no passing audit
     unit_concepts: dict[int, dict[str, Any]] = field(default_factory=dict)  # served only: unit -> concepts, evidence
     min_evidence: int | None = None  # the audit's floor for a served annotation
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)  # class -> summary.json verdict

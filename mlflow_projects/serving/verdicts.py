@@ -55,6 +55,7 @@ def attach_audit(model, run_id: str | None, concepts=None, summary: Mapping[str,
     model.min_evidence = int(config.get("min_evidence") or DEFAULT_MIN_EVIDENCE)
     model.unit_concepts = served_unit_concepts(concepts, model.feature_layer, model.min_evidence)
     model.audited_method = config.get("attention")
+    model.audit_status = summary.get("status")  # "passed", or "failed" when no passing audit exists
     where = f"audit run {run_id}" if run_id else "no passing audit"
     if run_id is None:
         log.info("no passing audit with concepts for %s: serving without concepts, verdicts or OOD scores",
@@ -155,7 +156,7 @@ def verdict_entry(model, name: str) -> tuple[dict[str, Any] | None, str | None]:
 
     Returns:
         ``({"status": "fit" | "unfit", "reasons", "criteria": {name: status}, "figures": key_figures,
-        "audited_method", "audit_run_id"}, None)`` or ``(None, reason)``.
+        "audited_method", "audit_run_id", "audit_status"}, None)`` or ``(None, reason)``.
     """
     if not model.verdicts:
         return None, model.verdict_reason or NO_VERDICT
@@ -167,7 +168,8 @@ def verdict_entry(model, name: str) -> tuple[dict[str, Any] | None, str | None]:
             "reasons": [str(r) for r in row.get("reasons") or []],
             "criteria": {k: (v or {}).get("status") for k, v in crit.items()},
             "figures": key_figures(row, model.audited_method),
-            "audited_method": model.audited_method, "audit_run_id": model.audit_run_id}, None
+            "audited_method": model.audited_method, "audit_run_id": model.audit_run_id,
+            "audit_status": getattr(model, "audit_status", None)}, None
 
 
 def unfit_warning(name: str, verdict: Mapping[str, Any]) -> str:

@@ -130,6 +130,26 @@ def test_find_passing_audit(store, tmp_path):
     assert find_passing_audit(None, None) is None
 
 
+def test_find_a_failed_audit_when_no_passing_one(store, tmp_path):
+    """A version whose only audit failed: no passing audit, but the failed one is found when asked for (the
+    service then serves its verdicts and OOD detector, not its concepts)."""
+    import mlflow
+    import pandas as pd
+
+    client, _ = store
+    with mlflow.start_run() as failed:
+        mlflow.log_dict({"status": "failed", "verdicts": [{"class": "Effusion", "verdict": "unfit",
+                                                           "reasons": ["too few"]}]}, "audit/summary.json")
+        path = tmp_path / "concepts.parquet"
+        pd.DataFrame({"layer": ["head"], "unit": [0], "method": ["mammi"], "concepts": [["x"]],
+                      "scores": [[0.1]]}).to_parquet(path)
+        mlflow.log_artifact(str(path), "audit")
+        mlflow.set_tags({"model.name": "cxr-classifier", "model.version": "2", "audit.status": "failed"})
+    assert find_passing_audit("cxr-classifier", "2", client) is None
+    found = find_passing_audit("cxr-classifier", "2", client, status="failed")
+    assert found.run_id == failed.info.run_id and found.summary["verdicts"][0]["verdict"] == "unfit"
+
+
 def test_register_version_tags_and_alias(store, tmp_path):
     import mlflow
 

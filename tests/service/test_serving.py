@@ -588,6 +588,12 @@ def test_verdict_entries_warnings_and_key_figures(tmp_path, caplog):
     attach_audit(lm, None)  # no passing audit at all
     assert verdict_entry(lm, "Effusion") == (None, NO_VERDICT) and lm.ood is None
     json.dumps(fit, allow_nan=False)
+    # a version with only a failed audit: its verdicts travel with the explanations, said to come from a failed
+    # audit, and none of its concepts is served
+    attach_audit(lm, "failed-run", None, {**_summary(), "status": "failed"})
+    unfit, _ = verdict_entry(lm, "Nodule")
+    assert unfit["status"] == "unfit" and unfit["audit_status"] == "failed" and unfit["audit_run_id"] == "failed-run"
+    assert lm.unit_concepts == {}
 
 
 def _detector(k, layer="features.layer4", threshold=10.0):
