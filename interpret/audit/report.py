@@ -363,9 +363,8 @@ def _faithfulness(s: Mapping[str, Any], folder: Path) -> str:
         ms = (v.get("criteria", {}).get("faithfulness", {}).get("metrics") or {})
         if not ms:
             continue
-        row = {"class": v["class"], "images": max(m.get("n", 0) for m in ms.values())}  # replaced below
-        row["images"] = max(m.get("n", 0) for k, m in ms.items() if k in ("deletion", "insertion")) \
-            if any(k in ms for k in ("deletion", "insertion")) else row["images"]
+        gated = [m.get("n", 0) for k, m in ms.items() if k in ("deletion", "insertion")]
+        row = {"class": v["class"], "images": max(gated or [m.get("n", 0) for m in ms.values()])}
         for name in ("deletion", "insertion"):
             m = ms.get(name)
             if m:
