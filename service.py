@@ -5,12 +5,13 @@ chest X-ray model. Routes only: every decision lives in :mod:`mlflow_projects.se
 
 Settings come from the environment (``CXR_MODEL_URI``, ``MLFLOW_TRACKING_URI``, ``CXR_API_KEYS``,
 ``CXR_ALLOW_ANONYMOUS``, ``CXR_MAX_PIXELS``, ``CXR_MIN_IMAGE_SIDE``, ``CXR_MAX_BODY_BYTES``, ``CXR_WORKERS``,
-``CXR_CACHE_SIZE``, ``CXR_FEEDBACK_DIR``; see :class:`mlflow_projects.serving.settings.ServeConfig`). Importing this module
+``CXR_CACHE_SIZE``, ``CXR_FEEDBACK_DIR``, ``CXR_RECORDS_DIR``, ``CXR_RECORDS_RETENTION_DAYS``; see :class:`mlflow_projects.serving.settings.ServeConfig`). Importing this module
 refuses a non-loopback bind without API keys (:func:`mlflow_projects.serving.settings.check_bind_address`)
 and, inside a Bento, finds the model packaged with it (:mod:`mlflow_projects.serving.startup`).
 
 Routes: ``POST /predict``, ``POST /explain``, ``GET|POST /concepts``, ``POST /feedback`` and BentoML's
-``/livez``, ``/readyz`` (503 until the model is loaded), ``/metrics``. Middlewares:
+``/livez``, ``/readyz`` (503 until the model is loaded), ``/metrics``. Every ``/predict``, ``/explain`` and
+``/feedback`` leaves one record (:mod:`mlflow_projects.serving.records`) and answers its ``X-Request-ID``. Middlewares:
 :func:`mlflow_projects.serving.middleware.middleware_stack`.
 """
 import sys
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from mlflow_projects.serving import (DEFAULT_HOST, ExplanationService, ServingError, middleware_stack,
                                      startup_config)
+from mlflow_projects.serving.records import note_request, note_response, served_identity, set_identity_source
 
 try:
     CONFIG = startup_config(Path(__file__).resolve().parent)
@@ -36,12 +38,15 @@ get_routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # GET rou
 def _error(exc: ServingError, core: ExplanationService) -> JSONResponse:
     body = exc.to_dict()
     body["model"] = core.model_info()
+    note_response(body)
     headers = {"Retry-After": "5"} if exc.status == 503 else None
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def _ok(body: dict) -> JSONResponse:
-    """Serialise with json (the bodies carry large base64 strings; BentoML's pydantic pass is skipped)."""
+    """Serialise with json (the bodies carry large base64 strings; BentoML's pydantic pass is skipped);
+    the served facts go into the request's record."""
+    note_response(body)
     return JSONResponse(body)
 
 
@@ -53,7 +58,9 @@ def _concepts(core: ExplanationService) -> JSONResponse:
 
 
 def _read(path: Path | None) -> bytes | None:
-    return None if path is None else Path(path).read_bytes()
+    data = None if path is None else Path(path).read_bytes()
+    note_request(data)  # its size and SHA-256 go into the request's record, never its name
+    return data
 
 
 @bentoml.service(name="cxr-explainer", workers=CONFIG.workers, traffic={"timeout": 300},
@@ -65,6 +72,7 @@ class CXRExplainer:
     def __init__(self) -> None:
         self.core = ExplanationService(CONFIG)
         self.core.start()  # loads in the background; /readyz answers 503 until done
+        set_identity_source(lambda: served_identity(self.core))  # for records of requests refused before a route
 
     def __is_ready__(self) -> bool:
         return self.core.ready
@@ -122,5 +130,6 @@ class CXRExplainer:
             return _error(exc, self.core)  # type: ignore[return-value]
 
 
-for _cls, _options in middleware_stack(CONFIG.api_keys, CONFIG.max_body_bytes):
+for _cls, _options in middleware_stack(CONFIG.api_keys, CONFIG.max_body_bytes, CONFIG.records_dir,
+                                          CONFIG.records_retention_days):
     CXRExplainer.add_asgi_middleware(_cls, **_options)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# the service's per-request records go to a scratch folder, never the project's records/ (tests that read
+# records pass their own CXR_RECORDS_DIR)
+os.environ.setdefault("CXR_RECORDS_DIR", tempfile.mkdtemp(prefix="cxr-records-"))
 
 
 def require_folder(folder: Path, what: str) -> Path:

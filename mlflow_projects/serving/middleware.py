@@ -2,10 +2,13 @@
 (outermost first):
 
 1. :class:`AccessLogMiddleware`: one JSON line per request on logger ``cxr.access`` (method, path,
-   status, request and response bytes, duration, auth outcome, client address; never bodies, file
-   names or headers). Probes are not logged.
+   status, request and response bytes, duration, auth outcome, client address, request id; never bodies,
+   file names or headers). Probes are not logged.
+1b. :class:`mlflow_projects.serving.records.RecordMiddleware`: the durable per-request record of every
+   ``/predict``, ``/explain`` and ``/feedback`` (and the ``X-Request-ID`` header).
 2. :class:`AuthMiddleware`: Bearer keys from ``CXR_API_KEYS`` on every route but the probes
-   (``/livez``, ``/readyz``, ``/healthz``); 401 otherwise. No keys: authentication disabled.
+   (``/livez``, ``/readyz``, ``/healthz``) and the review page's static files (``/ui``: no data; the page
+   sends the key on its own calls); 401 otherwise. No keys: authentication disabled.
 3. :class:`BodyLimitMiddleware`: ``CXR_MAX_BODY_BYTES``; 413 from ``Content-Length`` before reading,
    and while streaming for bodies without one; 400 for an invalid ``Content-Length``.
 4. :class:`UploadMiddleware`: upload routes take multipart/form-data only (415; ``/feedback`` also
@@ -30,15 +33,17 @@ from mlflow_projects.serving.errors import ServingError
 access_log = logging.getLogger("cxr.access")
 
 __all__ = ["AccessLogMiddleware", "AuthMiddleware", "BodyLimitMiddleware", "UploadMiddleware", "middleware_stack",
-           "wrap", "check_multipart_fields", "check_json_fields", "ROUTE_FIELDS", "PROBES", "UPLOAD_ROUTES"]
+           "wrap", "check_multipart_fields", "check_json_fields", "ROUTE_FIELDS", "PROBES", "UPLOAD_ROUTES", "PUBLIC_PAGE"]
 
 PROBES = ("/livez", "/readyz", "/healthz")
+PUBLIC_PAGE = "/ui"  # the review page's static files (HTML/CSS/JS, no data): served without a key
 UPLOAD_ROUTES = ("/predict", "/explain", "/feedback")
 # multipart fields each upload route accepts: (file fields, text fields)
 ROUTE_FIELDS: dict[str, tuple[frozenset, frozenset]] = {
     "/predict": (frozenset({"image"}), frozenset()),
     "/explain": (frozenset({"image"}), frozenset({"method", "targets", "top_neurons"})),
-    "/feedback": (frozenset({"image", "mask"}), frozenset({"finding", "image_sha256", "boxes", "mask_png", "author"})),
+    "/feedback": (frozenset({"image", "mask"}), frozenset({"finding", "image_sha256", "boxes", "mask_png", "author",
+                                                           "judgement", "method"})),
 }
 ACCESS_RECORD = "cxr.access"  # scope key of the per-request record the access log writes
 _DISPOSITION = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"([^\r\n]*)', re.IGNORECASE)
@@ -160,7 +165,8 @@ class AccessLogMiddleware:
                 "event": "access", "method": scope.get("method", ""), "path": scope.get("path", ""),
                 "status": record["status"], "request_bytes": max(declared_n, record["read"]),
                 "response_bytes": record["out"], "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
-                "auth": record["auth"], "client": (scope.get("client") or [None])[0]}))
+                "auth": record["auth"], "client": (scope.get("client") or [None])[0],
+                "request_id": record.get("request_id")}))
 
 
 class AuthMiddleware:
@@ -189,7 +195,9 @@ class AuthMiddleware:
         return "ok" if ok else "invalid"
 
     async def __call__(self, scope, receive, send) -> None:
-        if _passes(scope):
+        path = scope.get("path", "")
+        if _passes(scope) or (scope.get("method") in ("GET", "HEAD")
+                              and (path == PUBLIC_PAGE or path.startswith(PUBLIC_PAGE + "/"))):
             await self.app(scope, receive, send)
             return
         outcome = self.authorise(_headers(scope))
@@ -315,15 +323,22 @@ class UploadMiddleware:
         await self.app(scope, replay, send)
 
 
-def middleware_stack(api_keys: Sequence[str] = (), max_body_bytes: int = 128 * 1024 * 1024) -> list[tuple[type, dict]]:
+def middleware_stack(api_keys: Sequence[str] = (), max_body_bytes: int = 128 * 1024 * 1024,
+                     records_dir: str | None = None, records_retention_days: int = 183) -> list[tuple[type, dict]]:
     """The service's middlewares with their options, outermost first (the order BentoML's
     ``add_asgi_middleware`` and Starlette apply them in).
 
     Args:
         api_keys: ``CXR_API_KEYS``.
         max_body_bytes: ``CXR_MAX_BODY_BYTES``.
+        records_dir: ``CXR_RECORDS_DIR`` (None: ``<project>/records``).
+        records_retention_days: ``CXR_RECORDS_RETENTION_DAYS``.
     """
-    return [(AccessLogMiddleware, {}), (AuthMiddleware, {"api_keys": tuple(api_keys)}),
+    from mlflow_projects.serving.records import RecordMiddleware
+
+    return [(AccessLogMiddleware, {}),
+            (RecordMiddleware, {"folder": records_dir, "retention_days": records_retention_days}),
+            (AuthMiddleware, {"api_keys": tuple(api_keys)}),
             (BodyLimitMiddleware, {"max_body_bytes": max_body_bytes}), (UploadMiddleware, {})]
 
 

@@ -75,6 +75,8 @@ class ServeConfig:
     overlay_max_side: int = 1024  # CXR_OVERLAY_MAX_SIDE: overlay PNG side bound (aspect kept)
     top_neurons: int = 5  # default k of top units
     feedback_dir: str | None = None  # CXR_FEEDBACK_DIR
+    records_dir: str | None = None  # CXR_RECORDS_DIR: per-request records (default <project>/records)
+    records_retention_days: int = 183  # CXR_RECORDS_RETENTION_DAYS: record files older than this are removed
     cache_dir: str | None = None  # CXR_SERVE_CACHE: where registry artifacts are downloaded
     # A model already on disk (a Bento's model, see mlflow_projects.serving.startup): its folder holds the
     # MLflow model under ``mlflow_model/`` and optionally ``audit/`` (concepts.parquet, summary.json, ood.npz);
@@ -106,6 +108,8 @@ class ServeConfig:
                    batch_wait_ms=_env_int("CXR_BATCH_WAIT_MS", 0, 0, env),
                    overlay_max_side=_env_int("CXR_OVERLAY_MAX_SIDE", 1024, 8, env),
                    feedback_dir=env.get("CXR_FEEDBACK_DIR") or None,
+                   records_dir=env.get("CXR_RECORDS_DIR") or None,
+                   records_retention_days=_env_int("CXR_RECORDS_RETENTION_DAYS", 183, 1, env),
                    cache_dir=env.get("CXR_SERVE_CACHE") or None)
 
     @property
