@@ -9,7 +9,8 @@ Settings come from the environment (``CXR_MODEL_URI``, ``MLFLOW_TRACKING_URI``, 
 refuses a non-loopback bind without API keys (:func:`mlflow_projects.serving.settings.check_bind_address`)
 and, inside a Bento, finds the model packaged with it (:mod:`mlflow_projects.serving.startup`).
 
-Routes: ``POST /predict``, ``POST /explain``, ``GET|POST /concepts``, ``POST /feedback`` and BentoML's
+Routes: ``POST /predict``, ``POST /explain``, ``GET|POST /concepts``, ``POST /feedback``, the review page
+``GET /ui/`` (:mod:`mlflow_projects.serving.review`) and BentoML's
 ``/livez``, ``/readyz`` (503 until the model is loaded), ``/metrics``. Every ``/predict``, ``/explain`` and
 ``/feedback`` leaves one record (:mod:`mlflow_projects.serving.records`) and answers its ``X-Request-ID``. Middlewares:
 :func:`mlflow_projects.serving.middleware.middleware_stack`.
@@ -24,6 +25,7 @@ from starlette.responses import JSONResponse
 
 from mlflow_projects.serving import (DEFAULT_HOST, ExplanationService, ServingError, middleware_stack,
                                      startup_config)
+from mlflow_projects.serving.review import review_app
 from mlflow_projects.serving.records import note_request, note_response, served_identity, set_identity_source
 
 try:
@@ -66,6 +68,7 @@ def _read(path: Path | None) -> bytes | None:
 @bentoml.service(name="cxr-explainer", workers=CONFIG.workers, traffic={"timeout": 300},
                  http={"host": DEFAULT_HOST, "port": 3000})
 @bentoml.asgi_app(get_routes, path="/")
+@bentoml.asgi_app(review_app(), path="/ui")
 class CXRExplainer:
     """Chest X-ray findings with attention maps and unit concepts of the registered model."""
 
@@ -121,11 +124,13 @@ class CXRExplainer:
     @bentoml.api(route="/feedback")
     def feedback(self, finding: t.Any = None, image: Path = None, image_sha256: t.Any = None,
                  boxes: t.Any = None, mask: Path = None, mask_png: t.Any = None,
-                 author: t.Any = None) -> dict:
-        """Store a clinician's boxes ``[[x, y, w, h], ...]`` or mask PNG for an image and a finding; returns its id."""
+                 author: t.Any = None, judgement: t.Any = None, method: t.Any = None) -> dict:
+        """Store a clinician's boxes ``[[x, y, w, h], ...]`` or mask PNG for an image and a finding, or their
+        ``judgement`` (on / off the finding) of the ``method``'s map; returns its id."""
         try:
             return _ok(self.core.feedback(finding=finding, image=_read(image), image_sha256=image_sha256,  # type: ignore[return-value]
-                                          boxes=boxes, mask=_read(mask), mask_png=mask_png, author=author))
+                                          boxes=boxes, mask=_read(mask), mask_png=mask_png, author=author,
+                                          judgement=judgement, method=method))
         except ServingError as exc:
             return _error(exc, self.core)  # type: ignore[return-value]
 

@@ -44,7 +44,7 @@ from mlflow_projects.common.registry import CONCEPTS_ARTIFACT, OOD_ARTIFACT, SUM
 from mlflow_projects.serving.batching import LRUCache, MicroBatcher
 from mlflow_projects.serving.errors import ServingError
 from mlflow_projects.serving.feedback import FeedbackError, FeedbackStore, validate_boxes, validate_mask_png
-from mlflow_projects.serving.images import DecodedImage, decode_upload, grey_png, overlay_png, preprocess
+from mlflow_projects.serving.images import DecodedImage, decode_upload, display_png, grey_png, overlay_png, preprocess
 from mlflow_projects.serving.metrics import metrics_text
 from mlflow_projects.serving.runtime import LoadedModel, load_model
 from mlflow_projects.serving.settings import ServeConfig
@@ -190,6 +190,14 @@ def read_packaged_audit(folder: str | Path, run_id: str | None) -> tuple | None:
         except ValueError as exc:
             log.warning("%s is unreadable (%s); no verdicts", summary_path, exc)
     return run_id, table, summary, ood_path if ood_path.is_file() else None
+
+
+def _valid_method(m: LoadedModel, method: Any) -> str:
+    """``method`` lower-cased when it is one of the model's methods; else a 400 listing them."""
+    if not isinstance(method, str) or method.strip().lower() not in m.methods:
+        raise ServingError(400, f"unknown method {method!r} for this {m.kind} model; valid: {list(m.methods)}",
+                           valid=list(m.methods))
+    return method.strip().lower()
 
 
 class ExplanationService:
@@ -364,10 +372,7 @@ class ExplanationService:
     def _parse_explain(self, m: LoadedModel, method: Any, targets: Any, top_neurons: Any) -> tuple[str, list[str] | None, int]:
         if method is None or (isinstance(method, str) and not method.strip()):
             method = m.methods[0]
-        if not isinstance(method, str) or method.strip().lower() not in m.methods:
-            raise ServingError(400, f"unknown method {method!r} for this {m.kind} model; valid: {list(m.methods)}",
-                               valid=list(m.methods))
-        method = method.strip().lower()
+        method = _valid_method(m, method)
         names: list[str] | None = None
         if targets is not None and targets != "" and targets != []:
             if isinstance(targets, str):
@@ -419,7 +424,9 @@ class ExplanationService:
         Returns:
             ``{"model", "image", "method", "findings", "targets", "heatmaps": [{target, class_index,
             probability, verdict, overlay_png, overlay_size, map_png, map_size, map_range, top_units}],
-            "warnings", "ood", "cached", "audit_run_id", "explain_ms"}``. ``verdict`` is the audit's
+            "image_png", "methods", "warnings", "ood", "cached", "audit_run_id", "explain_ms"}``; ``image_png``
+            is the image alone at the overlays' size (the review page fades the overlay over it), ``methods``
+            the model's valid methods. ``verdict`` is the audit's
             (:func:`~mlflow_projects.serving.verdicts.verdict_entry`) or null with ``verdict_reason``;
             ``warnings`` has one sentence per unfit target (its overlay carries an ``UNFIT: <reason>``
             banner); ``ood`` as in :meth:`predict`.
@@ -485,7 +492,8 @@ class ExplanationService:
             heatmaps.append({**item, **entries[c], "top_units": u})
         self.counts[f"explain_{method}"] += 1
         return {"model": m.identity.public(), "image": self._image_info(img), "method": method,
-                "findings": findings, "targets": names, "heatmaps": heatmaps, "warnings": warnings,
+                "methods": list(m.methods), "findings": findings, "targets": names, "heatmaps": heatmaps,
+                "image_png": display_png(img.pixels, self.config.overlay_max_side)[0], "warnings": warnings,
                 **self._ood(m, out), "cached": not missing, "audit_run_id": m.audit_run_id,
                 "explain_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
@@ -515,8 +523,9 @@ class ExplanationService:
 
     # -- feedback
     def feedback(self, *, finding: Any, image: bytes | None = None, image_sha256: Any = None, boxes: Any = None,
-                 mask: bytes | None = None, mask_png: Any = None, author: Any = None) -> dict[str, Any]:
-        """Store a clinician's boxes or mask for an image and a finding.
+                 mask: bytes | None = None, mask_png: Any = None, author: Any = None, judgement: Any = None,
+                 method: Any = None) -> dict[str, Any]:
+        """Store a clinician's boxes or mask for an image and a finding, or their judgement of a served map.
 
         Args:
             finding: a class of the served model (canonical NIH spelling; aliases are mapped).
@@ -526,9 +535,11 @@ class ExplanationService:
             mask: a PNG file (non-zero = finding) or ``mask_png`` base64 text.
             mask_png: base64 PNG text, instead of ``mask``.
             author: free text (<= 128 characters).
+            judgement: ``on`` / ``off``: the served map of ``method`` lies on the finding / misses it.
+            method: one of the model's methods, the map judged (required with ``judgement``).
 
         Returns:
-            ``{"id", "image_sha256", "finding", "created", "model"}``.
+            ``{"id", "image_sha256", "finding", "created", "model"}`` (plus ``judgement`` and ``method`` when given).
 
         Raises:
             ServingError: 400 naming the bad field.
@@ -552,17 +563,21 @@ class ExplanationService:
             sha = str(image_sha256)
         else:
             raise ServingError(400, "send the image (multipart field 'image') or its 'image_sha256'")
+        judged = str(judgement).strip().lower() if judgement not in (None, "") else None
+        how = _valid_method(m, method) if method not in (None, "") else None
         try:
             box_list = validate_boxes(boxes, img.width if img else None, img.height if img else None) if boxes else None
             mask_b64 = validate_mask_png(mask) if mask else (validate_mask_png(mask_png) if mask_png else None)
             rec = self.feedback_store.append(image_sha256=sha, finding=name, boxes=box_list, mask_png=mask_b64,
                                              author=author if author else None,
-                                             image=img.pixels if img else None, model=m.identity.public())
+                                             image=img.pixels if img else None, model=m.identity.public(),
+                                             judgement=judged, method=how)
         except FeedbackError as exc:
             raise ServingError(400, str(exc)) from None
         self.counts["feedback"] += 1
         return {"id": rec["id"], "image_sha256": rec["image_sha256"], "finding": rec["finding"],
-                "created": rec["created"], "model": m.identity.public()}
+                "created": rec["created"], "model": m.identity.public(),
+                **{k: rec[k] for k in ("judgement", "method") if k in rec}}
 
     # -- metrics
     def metrics_text(self) -> str:

@@ -7,6 +7,11 @@ format :mod:`training.dwarf.supervision` reads (``load_feedback`` / ``FeedbackDa
      "boxes": [[x, y, w, h], ...] | "mask_png": "<base64 PNG>", "created": "2025-01-31T12:00:00Z",
      "author": "dr-x", "image_path": "images/<sha256>.png"}
 
+A record may instead (or also) carry a clinician's judgement of the served map: ``"judgement": "on"`` (the
+map lies on the finding) or ``"off"`` (it misses it), with the ``"method"`` whose map was judged. Such a
+record has no region, so DWARF training skips it (:class:`training.dwarf.supervision.FeedbackDataset`);
+it is kept for review.
+
 Writes are atomic and never overwrite: the record is written to a hidden temporary file in the same
 folder (``.<id>.json.tmp``, which ``*.json`` globs skip), flushed and fsynced, then hard-linked to its
 final name (``os.link`` fails if the name exists) and the folder is fsynced. A crash leaves either no
@@ -39,10 +44,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeedbackStore", "FeedbackError", "default_feedback_dir", "validate_boxes", "validate_mask_png"]
+__all__ = ["FeedbackStore", "FeedbackError", "default_feedback_dir", "validate_boxes", "validate_mask_png", "JUDGEMENTS"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_AUTHOR = 128
+JUDGEMENTS = ("on", "off")  # the judged map lies on the finding / misses it
 
 
 class FeedbackError(ValueError):
@@ -165,7 +171,8 @@ class FeedbackStore:
 
     def append(self, *, image_sha256: str, finding: str, boxes: Sequence[Sequence[float]] | None = None,
                mask_png: str | None = None, author: str | None = None, image: np.ndarray | None = None,
-               model: dict[str, Any] | None = None) -> dict[str, Any]:
+               model: dict[str, Any] | None = None, judgement: str | None = None,
+               method: str | None = None) -> dict[str, Any]:
         """Validate and store one record.
 
         Args:
@@ -176,20 +183,27 @@ class FeedbackStore:
             author: free text, at most 128 characters.
             image: optional decoded image (H, W) float in [0, 1]; stored once as ``images/<sha>.png``.
             model: optional ``{name, version, alias}`` of the served model (kept for provenance).
+            judgement: ``"on"`` / ``"off"``: the served map of ``method`` lies on the finding / misses it.
+            method: the attention method whose map was judged (validated by the caller); needed with ``judgement``.
 
         Returns:
             The record as written.
 
         Raises:
-            FeedbackError: bad hash, finding, author, or neither boxes nor mask.
+            FeedbackError: bad hash, finding, author, judgement or method; or no boxes, mask nor judgement.
         """
         sha = str(image_sha256 or "").lower()
         if not _SHA256.match(sha):
             raise FeedbackError(f"image_sha256 must be 64 hex characters, got {str(image_sha256)[:80]!r}")
         if not isinstance(finding, str) or not finding.strip():
             raise FeedbackError("finding must be a non-empty class name")
-        if not boxes and not mask_png:
-            raise FeedbackError("feedback needs 'boxes' ([[x, y, w, h], ...]) or a 'mask' PNG")
+        if judgement is not None and judgement not in JUDGEMENTS:
+            raise FeedbackError(f"judgement must be one of {list(JUDGEMENTS)}, got {str(judgement)[:40]!r}")
+        if judgement is not None and (not isinstance(method, str) or not method.strip()):
+            raise FeedbackError("a judgement needs the 'method' whose map was judged")
+        if not boxes and not mask_png and judgement is None:
+            raise FeedbackError("feedback needs 'boxes' ([[x, y, w, h], ...]), a 'mask' PNG or a 'judgement' "
+                                f"{list(JUDGEMENTS)} of the map")
         if author is not None and (not isinstance(author, str) or len(author) > MAX_AUTHOR):
             raise FeedbackError(f"author must be a string of at most {MAX_AUTHOR} characters")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -203,13 +217,17 @@ class FeedbackStore:
             record["mask_png"] = mask_png
         if author:
             record["author"] = author
+        if judgement is not None:
+            record["judgement"] = judgement
+        if method:
+            record["method"] = method.strip()
         if image is not None:
             record["image_path"] = self._store_image(sha, image)
         if model:
             record["model"] = {k: model.get(k) for k in ("name", "version", "alias")}
         _atomic_create(self.folder / f"{record['id']}.json", json.dumps(record, indent=1).encode("utf-8"))
         log.info("feedback %s stored (finding %s, %s)", record["id"], record["finding"],
-                 "boxes" if boxes else "mask")
+                 "boxes" if boxes else ("mask" if mask_png else f"map judged {judgement}"))
         return record
 
     def _store_image(self, sha: str, image: np.ndarray) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from mlflow_projects.serving.errors import ServingError
 from mlflow_projects.serving.settings import DEFAULT_MIN_IMAGE_SIDE
 
-__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "grey_png", "draw_banner",
+__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "display_png", "grey_png", "draw_banner",
            "BANNER_RGB"]
 
 BANNER_RGB = (176, 0, 32)  # the warning band of an overlay (dark red; white text)
@@ -127,6 +127,31 @@ def png_b64(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _display_grey(pixels: np.ndarray, max_side: int):
+    """The image as an 8-bit grey PIL image at its size bounded by ``max_side`` (aspect kept)."""
+    from PIL import Image
+
+    h, w = pixels.shape
+    scale = min(1.0, max_side / max(h, w))
+    ow, oh = max(1, round(w * scale)), max(1, round(h * scale))
+    grey = Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return grey.resize((ow, oh), Image.BILINEAR) if (ow, oh) != (w, h) else grey
+
+
+def display_png(pixels: np.ndarray, max_side: int) -> tuple[str, list[int]]:
+    """The image alone, grey, at the size of its :func:`overlay_png` (what the review page lays the overlay on).
+
+    Args:
+        pixels: the image (H, W) in [0, 1].
+        max_side: bound of the longer side (``CXR_OVERLAY_MAX_SIDE``).
+
+    Returns:
+        ``(base64 PNG, [width, height])``.
+    """
+    grey = _display_grey(pixels, max_side)
+    return png_b64(np.asarray(grey)), list(grey.size)
+
+
 def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: float = 0.45,
                 banner: str | None = None) -> tuple[str, list[int]]:
     """Colour the normalised map over the image, at the image size bounded by ``max_side``.
@@ -143,12 +168,8 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: floa
     """
     from PIL import Image
 
-    h, w = pixels.shape
-    scale = min(1.0, max_side / max(h, w))
-    ow, oh = max(1, round(w * scale)), max(1, round(h * scale))
-    grey = Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8))
-    if (ow, oh) != (w, h):
-        grey = grey.resize((ow, oh), Image.BILINEAR)
+    grey = _display_grey(pixels, max_side)
+    ow, oh = grey.size
     hm = Image.fromarray(np.clip(heat, 0, 1).astype(np.float32)).resize((ow, oh), Image.BILINEAR)
     idx = (np.clip(np.asarray(hm), 0, 1) * 255 + 0.5).astype(np.uint8)  # (oh, ow)
     colour = _jet()[idx].astype(np.float32)  # (oh, ow, 3)

@@ -21,10 +21,13 @@ folder, any file name ending in ``.json``)::
       "boxes": [[x, y, w, h], ...],         # optional: pixels of the original image
       "mask_png": "iVBORw0KGgo...",         # optional: base64 PNG, non-zero = finding, any size
       "created": "2025-01-31T12:00:00Z",    # str, ISO 8601
-      "author": "dr-x"                      # str, optional
+      "author": "dr-x",                     # str, optional
+      "judgement": "on" | "off",            # optional: the served map of "method" lies on / misses the finding
+      "method": "gradcam"                   # str, with "judgement"
     }
 
-A record must carry ``boxes`` or ``mask_png`` (both: their union). A record marks its finding as
+A record must carry ``boxes`` or ``mask_png`` (both: their union), or a ``judgement``; a judgement alone has
+no region, so :class:`FeedbackDataset` skips it (it is kept for review). A record marks its finding as
 present, with the given region; it says nothing about other findings. Several records for the same
 image are merged (union of regions, one channel per finding). When ``image_path`` is absent the image
 is found by its SHA-256 in a lookup built with :func:`index_images_by_sha256`.
@@ -212,6 +215,8 @@ class FeedbackRecord:
     mask_png: str | None = None  # base64 PNG
     image_path: str | None = None
     author: str | None = None
+    judgement: str | None = None  # "on" / "off": the served map of `method` lies on / misses the finding
+    method: str | None = None
     source: Path | None = None  # the JSON file it came from
 
     @classmethod
@@ -224,20 +229,25 @@ class FeedbackRecord:
         for box in boxes:
             if len(box) != 4 or box[2] <= 0 or box[3] <= 0:
                 raise ValueError(f"feedback record{where}: box {box} must be [x, y, w, h] with w, h > 0")
-        if not boxes and not data.get("mask_png"):
-            raise ValueError(f"feedback record{where} has neither 'boxes' nor 'mask_png'")
+        if not boxes and not data.get("mask_png") and not data.get("judgement"):
+            raise ValueError(f"feedback record{where} has neither 'boxes', 'mask_png' nor 'judgement'")
         return cls(id=str(data["id"]), image_sha256=str(data["image_sha256"]).lower(), finding=str(data["finding"]),
                    created=str(data["created"]), boxes=[[float(v) for v in b] for b in boxes],
                    mask_png=data.get("mask_png"), image_path=data.get("image_path"), author=data.get("author"),
-                   source=source)
+                   judgement=data.get("judgement"), method=data.get("method"), source=source)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"id": self.id, "image_sha256": self.image_sha256, "finding": self.finding, "created": self.created}
-        for key in ("boxes", "mask_png", "image_path", "author"):
+        for key in ("boxes", "mask_png", "image_path", "author", "judgement", "method"):
             value = getattr(self, key)
             if value:
                 out[key] = value
         return out
+
+    @property
+    def has_region(self) -> bool:
+        """Whether the record draws a region (boxes or a mask), not only a judgement of a map."""
+        return bool(self.boxes or self.mask_png)
 
     def region(self, width: int, height: int, size: int) -> torch.Tensor:
         """The record's region as an (S, S) {0, 1} mask for an original image of ``width`` x ``height``."""
@@ -318,7 +328,7 @@ class FeedbackDataset(Dataset):
     Args:
         records: from :func:`load_feedback`.
         classes: class names (order of the channels); records of other findings are skipped with a
-            warning.
+            warning, records without a region (a judgement of a map only) with an info line.
         image_size: S.
         folder: base folder for relative ``image_path`` (default: each record's own folder).
         image_lookup: ``{sha256: path}`` for records without ``image_path``.
@@ -330,7 +340,13 @@ class FeedbackDataset(Dataset):
         index = {c: i for i, c in enumerate(self.classes)}
         lookup = {k.lower(): Path(v) for k, v in (image_lookup or {}).items()}
         groups: dict[str, dict[str, Any]] = {}
+        judged = [r for r in records if not r.has_region]
+        if judged:
+            log.info("%d feedback records judge a map without drawing a region: kept for review, not trained on",
+                     len(judged))
         for rec in records:
+            if not rec.has_region:
+                continue
             if rec.finding not in index:
                 log.warning("feedback %s: finding %r not among classes %s; skipped", rec.id, rec.finding, self.classes)
                 continue
