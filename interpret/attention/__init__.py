@@ -32,7 +32,7 @@ from interpret.attention.gradcampp import GradCAMPlusPlus
 __all__ = ["attention_maps", "get_method", "list_methods", "AttentionMethod", "GradientLayerMethod",
            "PixelMethod", "CAM", "DwarfMaps", "GradCAM", "GradCAMPlusPlus", "IntegratedGradientsMethod",
            "SmoothGradMethod", "format_targets", "minmax_normalize", "upsample", "finalize_maps",
-           "cam_from_features", "SERVED_RELU"]
+           "cam_from_features", "SERVED_RELU", "method_layer"]
 
 _METHODS: dict[str, type[AttentionMethod]] = {
     "cam": CAM,
@@ -61,6 +61,18 @@ def list_methods(model: nn.Module | None = None) -> list[str]:
         if only is not None:
             return list(only)
     return list(_METHODS)
+
+
+def method_layer(method: str, feature_layer: str | None) -> str | None:
+    """What a method's maps are computed on, as the service's records and reports name it: the explained
+    layer (``feature_layer``) for layer methods, ``"input"`` for input-attribution methods, ``"model"`` for
+    maps a model computes itself (``dwarf``); None for an unknown method."""
+    cls = {**_METHODS, **_MODEL_METHODS}.get(method)
+    if cls is None:
+        return None
+    if cls in _MODEL_METHODS.values():
+        return "model"
+    return feature_layer if cls.uses_layer else "input"
 
 
 def get_method(method: str, model: nn.Module, layer: str | None = None,

@@ -422,7 +422,7 @@ class ExplanationService:
             top_neurons: k units per target (default 5).
 
         Returns:
-            ``{"model", "image", "method", "findings", "targets", "heatmaps": [{target, class_index,
+            ``{"model", "image", "method", "layer", "findings", "targets", "heatmaps": [{target, class_index,
             probability, verdict, overlay_png, overlay_size, map_png, map_size, map_range, top_units}],
             "image_png", "methods", "warnings", "ood", "cached", "audit_run_id", "explain_ms"}``; ``image_png``
             is the image alone at the overlays' size (the review page fades the overlay over it), ``methods``
@@ -491,7 +491,10 @@ class ExplanationService:
                 warnings.append(unfit_warning(name, verdict))
             heatmaps.append({**item, **entries[c], "top_units": u})
         self.counts[f"explain_{method}"] += 1
+        from interpret.attention import method_layer
+
         return {"model": m.identity.public(), "image": self._image_info(img), "method": method,
+                "layer": method_layer(method, m.feature_layer),
                 "methods": list(m.methods), "findings": findings, "targets": names, "heatmaps": heatmaps,
                 "image_png": display_png(img.pixels, self.config.overlay_max_side)[0], "warnings": warnings,
                 **self._ood(m, out), "cached": not missing, "audit_run_id": m.audit_run_id,
