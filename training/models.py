@@ -37,6 +37,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -168,8 +169,43 @@ class CXRClassifier(nn.Module):
         feats = self.forward_features(x)
         return self.forward_head(feats), feats
 
+    def select_classes(self, names: Sequence[str]) -> "CXRClassifier":
+        """A copy whose outputs are ``names`` (a subset, in that order): the head keeps their rows (CAM stays
+        exact) and the metadata follows (what the audit scores when a probing set labels only some classes)."""
+        idx = class_indices(self.class_names, names)
+        new = copy.deepcopy(self)
+        new.head = linear_rows(self.head, idx)
+        subset_metadata(new, self, idx)
+        return new
+
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, classes={len(self.class_names)}, feature_layer={self.feature_layer!r}"
+
+
+def class_indices(classes: Sequence[str], names: Sequence[str]) -> list[int]:
+    """Indices of ``names`` among ``classes``; an unknown name lists the valid ones."""
+    missing = [n for n in names if n not in classes]
+    if missing or not names:
+        raise ValueError(f"classes {missing or names} are not outputs of the model; valid: {list(classes)}")
+    return [list(classes).index(n) for n in names]
+
+
+def linear_rows(lin: nn.Linear, idx: Sequence[int]) -> nn.Linear:
+    """A new ``nn.Linear`` holding the rows ``idx`` of ``lin`` (a head restricted to some classes)."""
+    new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight[list(idx)])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[list(idx)])
+    return new.to(lin.weight.device, lin.weight.dtype)
+
+
+def subset_metadata(new: nn.Module, old: nn.Module, idx: Sequence[int]) -> None:
+    """Class names, thresholds and their positives of ``old`` restricted to ``idx``, set on ``new``."""
+    new.class_names = [old.class_names[i] for i in idx]
+    new.thresholds = [old.thresholds[i] for i in idx]
+    if old.threshold_positives is not None:
+        new.threshold_positives = [old.threshold_positives[i] for i in idx]
 
 
 # ---- architecture builders ------------------------------------------------------------------
@@ -460,6 +496,17 @@ def save_checkpoint(model: CXRClassifier, path: str | os.PathLike, **metadata: A
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "checkpoint_format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:  # an imported model
+        from training.imported import save_imported
+
+        ckpt = save_imported(model)
+        ckpt.update({"thresholds": [float(t) for t in model.thresholds],
+                     "threshold_positives": _optional_ints(getattr(model, "threshold_positives", None)),
+                     "min_val_positives": _optional_int(getattr(model, "min_val_positives", None)),
+                     "input_spec": model.input_spec, "metadata": dict(metadata),
+                     "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+        torch.save(ckpt, path)
+        return path
     ckpt = {"format": CHECKPOINT_FORMAT, "arch": model.arch, "config": dict(model.config),
             "classes": list(model.class_names), "thresholds": [float(t) for t in model.thresholds],
             "threshold_positives": _optional_ints(getattr(model, "threshold_positives", None)),
@@ -483,10 +530,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p.resolve()}")
     ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint (written by save_checkpoint)")
-    model = create_model(ckpt["arch"], classes=ckpt["classes"], **ckpt.get("config", {}))
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    from training.imported import IMPORTED_FORMAT, load_imported
+
+    if isinstance(ckpt, Mapping) and ckpt.get("format") == IMPORTED_FORMAT:
+        model = load_imported(ckpt)  # an imported model (training.imported), rebuilt from its source
+    elif not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{p} is not a {CHECKPOINT_FORMAT} or {IMPORTED_FORMAT} checkpoint (written by save_checkpoint)")
+    else:
+        model = create_model(ckpt["arch"], classes=ckpt["classes"], **ckpt.get("config", {}))
+        model.load_state_dict(ckpt["state_dict"], strict=True)
     from training.metrics import thresholds_from_json  # None (JSON null) or NaN: no threshold
 
     model.thresholds = thresholds_from_json(ckpt["thresholds"])
