@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from interpret.attention.tokens import layer_maps
 from interpret.hooks import capture, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -260,16 +261,13 @@ class GradientLayerMethod(AttentionMethod):
                 capture(self.model, self.layer, gradients=True) as cap:
             logits = self.model(x)                                          # (B, K)
             tgt = self._targets(targets, B, logits)                         # (B, T)
-            acts = cap.activations[self.layer]                              # (B, K, h, w)
-            if acts.dim() != 4:
-                raise ValueError(f"layer {self.layer!r} output has shape {tuple(acts.shape)}; "
-                                 f"{self.name} needs a (B, K, h, w) feature map")
+            acts = layer_maps(self.model, self.layer, cap.activations[self.layer])  # (B, K, h, w)
             T = tgt.shape[1]
             for t in range(T):
                 score = logits.gather(1, tgt[:, t:t + 1]).sum()
                 cap.gradients.pop(self.layer, None)
                 torch.autograd.grad(score, x, retain_graph=t < T - 1)
-                grads = cap.gradients[self.layer]                           # (B, K, h, w)
+                grads = layer_maps(self.model, self.layer, cap.gradients[self.layer])  # (B, K, h, w)
                 w = self.weights(acts, grads)                               # (B, K)
                 out.append(torch.einsum("bk,bkhw->bhw", w, acts))
         return torch.stack(out, 1)                                          # (B, T, h, w)

@@ -69,6 +69,9 @@ class CAM(AttentionMethod):
     def __init__(self, model: nn.Module, layer: str | None = None, head: str = "head",
                  relu: bool | None = None):
         super().__init__(model, layer, relu)
+        if head == "head" and hasattr(model, "head_kind") and model.head is None:
+            raise ValueError(f"cam is exact only for a global-average-pool + linear head; this {model.arch} has "
+                             "another head (e.g. a ViT's class token): use method='gradcam'")
         try:
             lin = resolve_layer(model, head)
         except ValueError as e:
