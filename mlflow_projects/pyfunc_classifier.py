@@ -81,9 +81,8 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
                 logits, f = self._onnx().run(["logits", "features"], {"images": np.ascontiguousarray(chunk)})
             else:
                 with torch.no_grad():
-                    f_t = self.model.forward_features(torch.from_numpy(chunk))
-                    logits = self.model.forward_head(f_t).numpy()
-                    f = f_t.numpy()
+                    lg, f_t = self.model.forward_all(torch.from_numpy(chunk))
+                    logits, f = lg.numpy(), f_t.numpy()
             probs.append(probabilities(logits))
             if want_features:
                 feats.append(f)
@@ -103,7 +102,17 @@ def model_meta(model) -> dict[str, Any]:
     return {"arch": model.arch, "classes": list(model.class_names), "thresholds": thresholds_to_json(model.thresholds),
             "threshold_positives": None if positives is None else [int(n) for n in positives],
             "min_val_positives": None if minimum is None else int(minimum),
-            "input": model.input_spec, "feature_layer": model.feature_layer, "head": "gap_linear"}
+            "input": model.input_spec, "feature_layer": model.feature_layer,
+            "head": getattr(model, "head_kind", "gap_linear"), **_imported_meta(model)}
+
+
+def _imported_meta(model) -> dict[str, Any]:
+    """``imported``: where an imported model came from (:mod:`training.imported`); nothing for a trained one."""
+    spec = getattr(model, "spec", None)
+    if not spec or getattr(model, "checkpoint_format", None) is None:
+        return {}
+    return {"imported": {"source": spec["source"], "name": spec["name"], "kwargs": spec.get("kwargs", {}),
+                         "outputs": model.outputs, "token_grid": model.token_grid}}
 
 
 def log_classifier_model(model, name: str = "model", onnx: bool = True):

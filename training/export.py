@@ -41,8 +41,7 @@ class _LogitsAndFeatures(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(images)  # (B, K, h, w)
-        return self.model.forward_head(feats), feats  # (B, C), (B, K, h, w)
+        return self.model.forward_all(images)  # (B, C) logits, (B, K, h, w) features of one pass
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
@@ -61,7 +60,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | Non
     """Export ``model`` (a :class:`training.models.CXRClassifier`) to ONNX and verify it.
 
     Args:
-        model: classifier with ``forward_features`` and ``forward_head``; exported from a CPU copy in
+        model: classifier with ``forward_all`` (logits and feature maps of one pass: a trained or an imported
+            classifier, :mod:`training.imported`); exported from a CPU copy in
             eval mode (the caller's model is not changed).
         path: output ``.onnx`` file (parents created).
         image_size: side S of the example input (default: ``model.input_spec["size"]``). Batch is

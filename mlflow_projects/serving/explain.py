@@ -151,7 +151,7 @@ def top_units(model: LoadedModel, pooled: np.ndarray, classes: Sequence[int], k:
         concept_method, evidence}``, largest contribution first; ``concepts`` only where the audit serves
         them (``model.unit_concepts``), ``evidence`` the images they rest on (None: no served concept).
     """
-    if k <= 0 or model.kind != "classifier":
+    if k <= 0 or model.kind != "classifier" or model.head_weight is None:  # no GAP + linear head: no exact units
         return [[] for _ in classes]
     import torch
 
@@ -194,6 +194,10 @@ def read_packaged_audit(folder: str | Path, run_id: str | None) -> tuple | None:
 
 def _valid_method(m: LoadedModel, method: Any) -> str:
     """``method`` lower-cased when it is one of the model's methods; else a 400 listing them."""
+    if isinstance(method, str) and method.strip().lower() == "cam" and m.kind == "classifier" and m.head_weight is None:
+        raise ServingError(400, "cam is exact only for a global-average-pool + linear head; this model has another "
+                                f"head (e.g. a ViT's class token): use gradcam; valid: {list(m.methods)}",
+                           valid=list(m.methods))
     if not isinstance(method, str) or method.strip().lower() not in m.methods:
         raise ServingError(400, f"unknown method {method!r} for this {m.kind} model; valid: {list(m.methods)}",
                            valid=list(m.methods))

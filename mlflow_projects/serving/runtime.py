@@ -170,7 +170,22 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
         dst.mkdir(parents=True, exist_ok=True)
         onnx_path = dst / "model.onnx"
         log.warning("%s has no artifacts/model.onnx; exporting one to %s", identity.uri, onnx_path)
-        export_onnx(net, onnx_path, image_size=size)
+        try:
+            export_onnx(net, onnx_path, image_size=size)
+        except Exception as exc:  # noqa: BLE001 - an imported model that does not export: the torch path
+            log.warning("%s does not export to ONNX (%s: %s); serving it with torch", identity.uri,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            onnx_path = None
+    # CAM and unit contributions need a GAP + linear head (an imported ViT has none: Grad-CAM is its default)
+    linear = getattr(net, "head", None) is not None
+    methods = CLASSIFIER_METHODS if linear else tuple(m for m in CLASSIFIER_METHODS if m != "cam")
+    common = dict(torch_model=net, feature_layer=meta.get("feature_layer") or net.feature_layer,
+                  head_weight=net.head.weight.detach().numpy().astype(np.float32) if linear else None,
+                  head_bias=(net.head.bias.detach().numpy().astype(np.float32)
+                             if linear and net.head.bias is not None else None),
+                  **_threshold_support(meta, net, len(classes)))
+    if onnx_path is None:
+        return LoadedModel(identity, "classifier", classes, thresholds, size, meta, methods, **common)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -182,11 +197,7 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
     names = {o.name for o in session.get_outputs()}
     if not {"logits", "features"} <= names:
         raise ServingError(503, f"{onnx_path.name} outputs {sorted(names)}; expected logits and features")
-    return LoadedModel(identity, "classifier", classes, thresholds, size, meta, CLASSIFIER_METHODS, torch_model=net,
-                       session=session, head_weight=net.head.weight.detach().numpy().astype(np.float32),
-                       head_bias=net.head.bias.detach().numpy().astype(np.float32),
-                       feature_layer=meta.get("feature_layer") or net.feature_layer,
-                       **_threshold_support(meta, net, len(classes)))
+    return LoadedModel(identity, "classifier", classes, thresholds, size, meta, methods, session=session, **common)
 
 
 def _threshold_support(meta: dict[str, Any], net: Any, n_classes: int) -> dict[str, Any]:
