@@ -230,6 +230,16 @@ class ImportedClassifier(nn.Module):
         return self.get_submodule(self.head_name) if self.head_name else None
 
     @property
+    def penultimate_hint(self) -> str | None:
+        """The block before the feature layer where the usual rule cannot see it (a DenseNet body: the
+        second-to-last child of its ``features`` holding a convolution, e.g. ``transition3``), else None."""
+        if not isinstance(self.net, _DenseNetForward):
+            return None
+        convs = [n for n, m in self.net.net.features.named_children()
+                 if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+        return f"net.net.features.{convs[-2]}" if len(convs) >= 2 else None
+
+    @property
     def head_kind(self) -> str:
         return "gap_linear" if self.head_name else "other"
 

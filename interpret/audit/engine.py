@@ -46,7 +46,8 @@ import numpy as np
 from interpret.audit._util import Sections, _json_default
 from interpret.audit.concepts import concept_section
 from interpret.audit.gates import Gate, evaluate_gates, flat_metrics, gates_passed
-from interpret.audit.probe import Probe, file_fingerprint, load_probe, penultimate_layer, probe_patients
+from interpret.audit.probe import (Probe, file_fingerprint, labelled_classes, load_probe, penultimate_layer,
+                                   probe_patients)
 from interpret.audit.sections import (attention_pass, dissection_section, gallery_cases, importance_section,
                                       infer, localization_summary, performance_section, save_gallery)
 from interpret.audit.shortcuts import shortcut_section
@@ -54,6 +55,8 @@ from interpret.audit.shortcuts import shortcut_section
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+NOT_GAP_LINEAR = ("not applicable: the head is not global average pooling + linear (e.g. a ViT's class token), so "
+                  "unit contributions and final-layer concepts are not exact; maps by Grad-CAM")
 ATTENTION_METHODS = ("auto", "cam", "gradcam", "gradcampp", "integrated_gradients", "smoothgrad", "dwarf")
 ANNOTATION_METHODS = ("mammi", "mammi_floor", "www", "clip_dissect")
 
@@ -139,7 +142,7 @@ def explanation_rows(model, probe: Probe, cases: Sequence[tuple[str, str]], meth
         concepts), and ``map`` (the (S, S) float map, for the gallery; not stored).
     """
     from interpret import attention_maps
-    from interpret.importance import top_units, unit_contributions
+    from interpret.importance import is_gap_linear, top_units, unit_contributions
 
     served = dict(served or {})
     index = {iid: i for i, iid in enumerate(probe.image_ids)}
@@ -149,7 +152,7 @@ def explanation_rows(model, probe: Probe, cases: Sequence[tuple[str, str]], meth
         x = probe.images[i:i + 1]
         maps, raw = attention_maps(model, x, [[c]], method=method, return_raw=True)  # (1, 1, S, S), (1, 1, h, w)
         units = []
-        if model.feature_layer is not None:
+        if is_gap_linear(model):  # exact unit contributions only through a GAP + linear head
             contrib = unit_contributions(model, x, [[c]]).contributions[0, 0]  # (K,)
             units = top_units(contrib, top_k, {int(k): list(v["concepts"]) for k, v in served.items()})
         r = raw[0, 0].detach().float().numpy()
@@ -188,8 +191,14 @@ def _resolve_attention(cfg: AuditConfig, model) -> str:
     only = explained_with(model)
     if cfg.attention not in ATTENTION_METHODS:
         raise ValueError(f"unknown attention method {cfg.attention!r}; valid: {', '.join(ATTENTION_METHODS)}")
+    from interpret.importance import is_gap_linear
+
+    linear = only is not None or is_gap_linear(model)
     if cfg.attention == "auto":
-        return only[0] if only else "cam"
+        return only[0] if only else ("cam" if linear else "gradcam")
+    if cfg.attention == "cam" and not linear:
+        raise ValueError(f"attention method 'cam' is exact only for a global-average-pool + linear head; this "
+                         f"{model.arch} has another head (e.g. a ViT's class token): use gradcam (auto picks it)")
     if only and cfg.attention not in only:
         raise ValueError(f"attention method {cfg.attention!r} does not apply to a {model.arch} model; valid: "
                          f"{', '.join(('auto',) + tuple(only))}")
@@ -308,15 +317,31 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     stage = _Stages(steps)
     sections = Sections()
     size = cfg.image_size or int(model.input_spec.get("size") or 224)
+    all_classes = list(model.class_names)
+    labelled = labelled_classes(manifest)
+    not_audited = {c: "the probing manifest has no positive label or box of it" for c in all_classes if c not in labelled}
+    if not_audited and hasattr(model, "select_classes"):
+        audited = [c for c in all_classes if c in labelled]
+        if not audited:
+            raise ValueError(f"the probing manifest labels none of the model's classes {all_classes}; its labels: "
+                             f"{sorted(labelled) or 'none'} (class names are canonical NIH spellings)")
+        log.warning("not audited (the probing set does not label them): %s", ", ".join(not_audited))
+        model = model.select_classes(audited)  # outputs, head rows and thresholds of the shared classes
+    else:
+        not_audited = {}
+    from interpret.importance import is_gap_linear
+
+    linear = not dwarf and is_gap_linear(model)
     probe = load_probe(manifest, model.class_names, size, cfg.split, cfg.max_images, cfg.seed)
-    penult = "" if dwarf else (cfg.penultimate_layer or penultimate_layer(model))
+    penult = "" if not linear else (cfg.penultimate_layer or penultimate_layer(model))
     thresholds = _threshold_info(model)
     summary: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {**{k: model_info.get(k) for k in ("uri", "requested_uri", "name", "version", "run_id")},
                   "kind": "dwarf" if dwarf else "classifier",
-                  "arch": model.arch, "classes": list(model.class_names),
+                  "arch": model.arch, "classes": list(model.class_names), "all_classes": all_classes,
+                  "not_audited": not_audited, "head": "gap_linear" if linear else ("dwarf" if dwarf else "other"),
                   "thresholds": [thresholds[c]["threshold"] for c in model.class_names],
                   "unreliable_thresholds": {c: v["reason"] for c, v in thresholds.items() if not v["reliable"]},
                   "feature_layer": model.feature_layer,
@@ -441,11 +466,12 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     steps.update()
 
     stage("concepts")
-    if dwarf:
+    if not linear:
         from interpret.audit.concepts import ConceptResult, _empty_concepts
 
         concepts = ConceptResult({"method": cfg.method, "layers": {}}, {}, _empty_concepts())
-        sections.skip("concepts", "not applicable to a DWARF model (no feature-layer units to annotate)")
+        sections.skip("concepts", "not applicable to a DWARF model (no feature-layer units to annotate)" if dwarf
+                      else NOT_GAP_LINEAR)
     else:
         concepts = concept_section(cfg, model, probe, feats, penult, sections, clip)
     summary["evaluation"] = concepts.evaluation
@@ -456,10 +482,11 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     stage("importance")
     served: dict[int, dict] = {}
     imp_summary: dict[str, Any] = {"per_class": {}, "concept_coverage": None}
-    if dwarf:
+    if not linear:
         pd.DataFrame(columns=["class", "unit", "importance", "rank", "concepts", "related"]).to_parquet(
             out / "neuron_importance.parquet", index=False)
-        sections.skip("importance", "not applicable to a DWARF model (no GAP + linear head)")
+        sections.skip("importance", "not applicable to a DWARF model (no GAP + linear head)" if dwarf
+                      else NOT_GAP_LINEAR)
     else:
         from interpret.annotation import served_unit_concepts
         from interpret.audit.concepts import flag_blind_units
@@ -543,7 +570,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     stage("verdicts")
     verdicts = class_verdicts(probe.classes, positives=summary["data"]["positives"], localization=ap.localization,
                               faithfulness=faith, sanity=sanity,
-                              importance=None if dwarf else imp_summary["per_class"], thresholds=thresholds,
+                              importance=imp_summary["per_class"] if linear else None, thresholds=thresholds,
                               policy=policy)
     summary["verdicts"] = verdicts
     summary["unfit_classes"] = unfit_classes(verdicts)

@@ -92,11 +92,31 @@ def phantom_artefacts(manifest: Path, df, image_ids: Sequence[str], size: int) -
     return out
 
 
+def labelled_classes(manifest: Path) -> set[str]:
+    """The classes a manifest labels: those with at least one positive label or box in any row (a class with
+    neither cannot be audited on it)."""
+    from training.data.cells import as_list
+    from training.data.schema import read_manifest
+
+    df = read_manifest(manifest)
+    found: set[str] = set()
+    for labels in df["labels"]:
+        found.update(str(v) for v in as_list(labels) or [])
+    if "boxes" in df:
+        for boxes in df["boxes"]:
+            found.update(str(b["label"]) for b in as_list(boxes) or [] if b is not None)
+    return found
+
+
 def penultimate_layer(model) -> str:
     """The block before the feature layer: the second-to-last child of ``model.features`` (up to the
     feature layer) that contains a convolution (ResNet: ``features.layer3``; DenseNet121:
-    ``features.transition3``)."""
+    ``features.transition3``); a model may name it (``penultimate_hint``, an imported DenseNet)."""
     import torch.nn as nn
+
+    hint = getattr(model, "penultimate_hint", None)
+    if hint:
+        return hint
 
     top = model.feature_layer.split(".")
     parent = model.get_submodule(".".join(top[:-1])) if len(top) > 1 else model

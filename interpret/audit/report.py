@@ -177,6 +177,7 @@ def _header(s: Mapping[str, Any]) -> str:
     ident = [("Model", f"{model.get('name') or '(unregistered)'} version {model.get('version') or '-'}"),
              ("Model URI", model.get("uri")), ("Architecture", model.get("arch")),
              ("Classes", ", ".join(model.get("classes", []))),
+             ("Not audited", "; ".join(f"{c} ({why})" for c, why in (model.get("not_audited") or {}).items())),
              ("Stored thresholds", ", ".join(_num(t, 2) for t in model.get("thresholds", []))),
              ("Feature layer", model.get("feature_layer")), ("Penultimate layer", model.get("penultimate_layer")),
              ("Training run", model.get("run_id"))]
