@@ -122,7 +122,8 @@ class RecordWriter:
         self._fd: int | None = None
         self._day: _dt.date | None = None
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.prune()
+        self._pruned_on = self.clock().date()
+        self.prune(self._pruned_on)
 
     def path_for(self, day: _dt.date) -> Path:
         return self.folder / f"requests-{day.isoformat()}.jsonl"
@@ -152,10 +153,10 @@ class RecordWriter:
             if day != self._day:
                 if self._fd is not None:
                     os.close(self._fd)
-                rotated = self._day is not None
                 self._fd = os.open(self.path_for(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
                 self._day = day
-                if rotated:
+                if day > self._pruned_on:  # a new day: the retention moves on
+                    self._pruned_on = day
                     self.prune(day)
             n = os.write(self._fd, line)
             if n != len(line):  # a regular file takes the whole line or fails (disk full): never half a record

@@ -181,8 +181,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def bentoml_serve(args: list[str], cwd: Path, env: dict, log_path: Path, timeout: float = 240) -> Iterator[str]:
-    """``bentoml serve *args`` on a free loopback port; yields the base URL once ``/readyz`` answers 200.
+def bentoml_serve(args: list[str], cwd: Path, env: dict, log_path: Path, timeout: float = 240,
+                  procs: list | None = None) -> Iterator[str]:
+    """``bentoml serve *args`` on a free loopback port; yields the base URL once ``/readyz`` answers 200
+    (``procs``, when given, receives the server's process: the leader of its own process group).
 
     Fails the test with the server log's tail when the server exits or is not ready within ``timeout`` s;
     the server is stopped on exit.
@@ -196,6 +198,8 @@ def bentoml_serve(args: list[str], cwd: Path, env: dict, log_path: Path, timeout
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(bentoml), "serve", *args, "--port", str(port)], cwd=cwd, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    if procs is not None:
+        procs.append(proc)
     try:
         deadline = time.time() + timeout
         while True:
