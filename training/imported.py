@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ImportedClassifier", "InputAdapter", "ImportError_", "import_model", "build_network", "SOURCES",
            "IMPORTED_FORMAT", "save_imported", "load_imported", "check_state_dict", "xrv_targets",
-           "is_imported", "tokens_to_maps", "read_state_dict"]
+           "is_imported", "tokens_to_maps", "read_state_dict", "calibrate_thresholds"]
 
 IMPORTED_FORMAT = "cxr-imported/1"
 SOURCES = ("xrv", "timm", "torchvision", "torchscript", "factory")
@@ -774,3 +774,43 @@ def load_imported(ckpt: Mapping[str, Any]) -> ImportedClassifier:
     model.output_index = ckpt.get("output_index")
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model
+
+
+# ---- thresholds ---------------------------------------------------------------------------------------
+def calibrate_thresholds(model: nn.Module, manifest: str | os.PathLike, *, split: str = "val",
+                         min_positives: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Per-class decision thresholds of ``model`` chosen on a manifest's split (max F1,
+    :func:`training.metrics.choose_thresholds`): a class with fewer than ``min_positives`` known positives
+    there gets none (NaN). Sets ``thresholds``, ``threshold_positives`` and ``min_val_positives`` on the model.
+
+    Args:
+        model: a classifier (``class_names``; ``model(x) -> logits``).
+        manifest: the user's manifest; its ``split`` rows are used.
+        split: ``val`` (default), ``train``, ``test``.
+        min_positives: default :data:`training.metrics.MIN_VAL_POSITIVES`.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{"images": N, "positives": {class: n}, "thresholds": {class: t | None}}``.
+
+    Raises:
+        ValueError: the split has no images.
+    """
+    from training.data.dataset import ManifestDataset
+    from training.metrics import MIN_VAL_POSITIVES, choose_thresholds, positive_counts
+    from training.train import predict
+
+    minimum = int(MIN_VAL_POSITIVES if min_positives is None else min_positives)
+    ds = ManifestDataset(manifest, classes=list(model.class_names), image_size=int(model.input_spec["size"]),
+                         split=split)
+    if len(ds) == 0:
+        raise ValueError(f"no images in split {split!r} of {manifest}; thresholds are calibrated on a validation split")
+    probs, targets = predict(model, ds, batch_size)
+    thresholds = choose_thresholds(targets, probs, min_positives=minimum)
+    counts = positive_counts(targets)
+    model.thresholds = [float(t) for t in thresholds]
+    model.threshold_positives = [int(n) for n in counts]
+    model.min_val_positives = minimum
+    return {"images": len(ds), "positives": dict(zip(model.class_names, map(int, counts))),
+            "thresholds": {c: (float(t) if math.isfinite(float(t)) else None)
+                           for c, t in zip(model.class_names, thresholds)}}
