@@ -68,7 +68,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | Non
             dynamic; the spatial size is fixed to S.
         opset: ONNX opset.
         check: run ``onnx.checker`` and compare ONNX Runtime with eager on a random batch of 2.
-        atol: absolute tolerance of that comparison (also scaled by 1e-4 relative).
+        atol: tolerance of that comparison, times the largest output magnitude when above 1 (plus 1e-4 relative).
 
     Returns:
         The written path.
@@ -102,7 +102,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, image_size: int | Non
             if ref.shape != got.shape:
                 raise OnnxMismatchError(f"ONNX {name} shape {got.shape} != eager {ref.shape}")
             err = float(np.max(np.abs(ref - got))) if ref.size else 0.0
-            if not np.allclose(got, ref, atol=atol, rtol=1e-4):
-                raise OnnxMismatchError(f"ONNX {name} differ from eager PyTorch by up to {err:.3g} (atol {atol})")
+            # float32 rounding grows with the outputs' scale (an imported model fed [-1024, 1024] has feature maps
+            # in the hundreds): the tolerance is atol times the largest magnitude, at least atol
+            tol = atol * max(1.0, float(np.max(np.abs(ref)))) if ref.size else atol
+            if not np.allclose(got, ref, atol=tol, rtol=1e-4):
+                raise OnnxMismatchError(f"ONNX {name} differ from eager PyTorch by up to {err:.3g} (tolerance {tol:.3g})")
             log.info("ONNX %s max |diff| vs eager: %.2e", name, err)
     return path
