@@ -219,6 +219,8 @@ def where_to_look(result: DemoResult, port: int) -> str:
                      f"http://127.0.0.1:{port}  (stop with: kill {result.service_pid})")
     else:
         lines.append(f"  MLFLOW_TRACKING_URI={shlex.quote(uri)} .venv/bin/bentoml serve {SERVICE_TARGET} --port {port}")
+    lines += ["Review page (open an image, judge and correct its explanations; boxes feed train_dwarf --feedback):",
+              f"  http://127.0.0.1:{port}/ui/" + ("" if result.service_pid else "   (once the service runs)")]
     lines.append("=" * 72)
     return "\n".join(lines)
 

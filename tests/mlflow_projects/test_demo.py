@@ -16,6 +16,7 @@ def test_where_to_look_names_ui_report_and_service(tmp_path):
     assert str(tmp_path / "audit" / "audit" / "report.html") in text
     assert f"bentoml serve {demo.SERVICE_TARGET} --port 3000" in text and "promoted to @champion" in text
     assert "serves @champion" in text
+    assert "Review page" in text and "http://127.0.0.1:3000/ui/" in text
     refused = demo.DemoResult("sqlite:////x/mlflow.db", tmp_path / "m.parquet", "3", "2", tmp_path / "audit",
                               "failed", False, {"total": 42.0})
     text = demo.where_to_look(refused, 3000)

@@ -133,16 +133,17 @@ def test_review_walkthrough_in_chromium(server, browser, real_fixtures):
     assert page.eval_on_selector("#method", "s => [...s.options].map(o => o.value)") == [
         "cam", "gradcam", "gradcampp", "integrated_gradients", "smoothgrad"]
     target = page.eval_on_selector("input[name=finding]:checked", "r => r.value")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # nothing wider than the screen
     shot("02_findings_and_cam_overlay")
     # 3. another method, another opacity
     cam_overlay = page.get_attribute("#overlay", "src")
     page.select_option("#method", "gradcam")
     until("document.querySelector('#status').textContent.startsWith('gradcam map')")
     assert page.get_attribute("#overlay", "src") != cam_overlay
-    page.fill("#opacity", "40")
-    assert page.eval_on_selector("#overlay", "o => o.style.opacity") == "0.4"
-    assert page.inner_text("#opacity-value") == "40%"
-    shot("03_gradcam_opacity_40")
+    page.fill("#opacity", "60")
+    assert page.eval_on_selector("#overlay", "o => o.style.opacity") == "0.6"
+    assert page.inner_text("#opacity-value") == "60%"
+    shot("03_gradcam_opacity_60")
     # 4. a box drawn with the mouse
     rect = page.locator("#boxes").bounding_box()
     x0, y0 = rect["x"] + 0.25 * rect["width"], rect["y"] + 0.30 * rect["height"]
