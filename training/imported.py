@@ -16,7 +16,9 @@ Sources (:func:`import_model`; nothing is ever downloaded):
   keeps the random initialisation, for tests);
 - ``timm:<name>`` / ``torchvision:<name>``: an architecture built with no pretrained weights and the class
   count, then a local state dict (1- or 3-channel first layer);
-- ``torchscript:<file>``: a TorchScript program whose top-level children run in sequence (checked);
+- ``torchscript:<file>``: a TorchScript program whose top-level children run in sequence (checked); hooks
+  cannot enter a ScriptModule, so its trunk (the children up to the last spatial map) is the feature layer and,
+  its head being no ``nn.Linear`` module, it is explained with Grad-CAM;
 - ``factory:<module>:<function>``: a Python factory returning an ``nn.Module``, with its keyword arguments
   (the module must be importable wherever the model is loaded again), then an optional state dict.
 
@@ -510,6 +512,14 @@ def _script_chain(program: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
                     split = i + 1
         if not split:
             raise ImportError_("no top-level child of the TorchScript model outputs a spatial map (B, K, h, w)")
+        x = torch.rand(2, int(spec["channels"]), int(spec["image_size"]), int(spec["image_size"]))
+        with torch.no_grad():
+            whole, chained = program(x), _ScriptChain(program, int(split))(x)
+        if not torch.is_tensor(whole) or whole.shape != chained.shape or not torch.allclose(whole, chained, atol=1e-5,
+                                                                                             rtol=1e-4):
+            raise ImportError_("the TorchScript model's forward is not the sequence of its top-level children, so it "
+                               "cannot be split at a feature layer; import it as a state dict with its architecture "
+                               "(timm:, torchvision:) or a factory instead")
     return _ScriptChain(program, int(split))
 
 
