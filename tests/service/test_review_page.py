@@ -198,7 +198,9 @@ def test_review_walkthrough_in_chromium(server, browser, real_fixtures):
     page.set_viewport_size({"width": 768, "height": 1024})
     page.set_input_files("#file", str(nih))
     page.wait_for_selector("#error", state="hidden")
-    until("document.querySelector('#overlay').complete && !document.querySelector('#stage').hidden")
+    until("!document.querySelector('#stage').hidden && document.querySelector('#overlay').complete"
+          " && document.querySelector('#caption').textContent.includes('512 x 512')"
+          " && document.querySelector('#status').textContent.startsWith('gradcam map')")
     assert page.evaluate("document.documentElement.scrollWidth") <= 768
     shot("08_tablet")
     assert errors == []

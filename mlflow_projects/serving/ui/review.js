@@ -83,6 +83,8 @@
     state.finding = null;
     state.boxes = [];
     state.selected = -1;
+    el.stage.hidden = true;  // never the previous image under this one's findings
+    el.findings.hidden = true;
     const ticket = ++state.request;
     setBusy(true);
     say(`Analysing ${file.name} ...`);
