@@ -9,7 +9,9 @@ there) and logs the folder it wrote. Everything is first written to a local fold
 ``outputs/audits/<stamp>-<model>``): the ``audit/`` artifacts and ``audit_state.json`` (what to log and
 where). Then one MLflow run logs params, metrics and the ``audit/`` folder; the run is tagged with the
 model name/version and the model version gets tags ``audit.run_id``, ``audit.status``, ``audit.summary``
-and ``audit.unfit_classes`` (JSON list of the classes whose explanations the audit found unfit). If the tracking server cannot be reached at that point, the folder stays, the command
+and ``audit.unfit_classes`` (JSON list of the classes whose explanations the audit found unfit). The run
+also holds the version's model card (``audit/model_card.md`` and ``.html``, :mod:`interpret.audit.model_card`),
+linked from the version's description. If the tracking server cannot be reached at that point, the folder stays, the command
 says where and exits with status 75 (EX_TEMPFAIL); ``--resume FOLDER`` logs it later without recomputing
 anything. Bad input (unknown model, version or alias, missing manifest, gates or reports file, a CLIP that
 cannot be resolved) exits with status 2 and one line saying what is wrong, before anything is written.
@@ -35,7 +37,8 @@ from interpret.audit import ANNOTATION_METHODS, ATTENTION_METHODS, SCHEMA_VERSIO
 from mlflow_projects.common import (CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI, ModelIdentity, RegistryError,
                                     check_manifest, choice_of, entry_parser, load_audit_model, log_config,
                                     nonneg_float, nonneg_int, positive_int, resolve_clip, resolve_model_uri,
-                                    setup_tracking, to_tag, unit_float, version_audit)
+                                    setup_tracking, to_tag, unit_float, version_audit, card_facts, link_card,
+                                    write_card)
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +217,15 @@ def publish_audit(folder: str | Path) -> str:
             if model.get("name"):
                 tags.update({"model.name": model["name"], "model.version": str(model["version"])})
             mlflow.set_tags(tags)
+            # the model card needs the audit run's id (and the registry's facts): written here, logged with the rest
+            write_card(summary, folder / ARTIFACT_DIR, card_facts(summary, run_id, client))
             mlflow.log_artifacts(str(folder / ARTIFACT_DIR), ARTIFACT_DIR)
         if model.get("name"):
             for key, value in {"audit.run_id": run_id, "audit.status": summary["status"],
                                "audit.summary": text,
                                "audit.unfit_classes": json.dumps(summary.get("unfit_classes", []))}.items():
                 client.set_model_version_tag(model["name"], model["version"], key, to_tag(value))
+            link_card(client, model["name"], model["version"], run_id, ARTIFACT_DIR)
     except Exception as exc:
         if isinstance(exc, (FileNotFoundError, KeyError)) or tracking_reachable():
             raise

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_projects.common import (ClassifierRunConfig, EXPERIMENTS, add_classifier_arguments, choice_of,
+from mlflow_projects.common import (data_tags, ClassifierRunConfig, EXPERIMENTS, add_classifier_arguments, choice_of,
                                     ensure_data, entry_parser, log_config, nonneg_float, nonneg_int, positive_float,
                                     positive_int, print_table, quiet_console, register_version, run_cli,
                                     show_progress, start_run, train_one)
@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         log_config(cfg)
-        mlflow.set_tags({"manifest": str(manifest), "classes": ",".join(classes), "task": cfg.task})
+        mlflow.set_tags({"manifest": str(manifest), "classes": ",".join(classes), "task": cfg.task,
+                         **data_tags(manifest)})  # the model card's manifest SHA-256 and sources
         dist = class_distribution({"train": train_ds, "val": val_ds, "test": test_ds}, classes)
         dist.to_csv(tmp / "class_distribution.csv", index=False)
         mlflow.log_artifact(str(tmp / "class_distribution.csv"), "data")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from mlflow_projects.common import (DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, entry_parser,
+from mlflow_projects.common import (data_tags, DEFAULT_DATA, DWARF_MIN_IMAGE_SIZE, EXPERIMENTS, ensure_data, entry_parser,
                                     finite_metrics, int_at_least, log_config, manifest_arg, nonneg_int,
                                     positive_float, positive_int, print_table, quiet_console, register_version,
                                     resolve_clip, run_cli, show_progress, start_run, unit_float)
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     with start_run(cfg.experiment, run_name="train_dwarf") as run, tempfile.TemporaryDirectory() as tmp:
         log_config(cfg)
         mlflow.set_tags({"clip.resolved": clip_used, "manifest": str(manifest), "classes": ",".join(classes),
-                         "device": device})
+                         "device": device, **data_tags(manifest)})
         tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, lam=cfg.lam, w_fp=cfg.w_fp, seed=cfg.seed,
                            device=device, checkpoint_dir=str(Path(tmp) / "ckpt"), progress=show_progress())
         model_kw = dict(d_model=cfg.d_model, decoder_layers=cfg.decoder_layers, heads=cfg.heads,

@@ -19,7 +19,8 @@ Modules: :mod:`~mlflow_projects.common.settings` (paths, defaults, experiments),
 :mod:`~mlflow_projects.common.registry` (registering, model references, audits of versions),
 :mod:`~mlflow_projects.common.reporting` (config, metrics and tables of a run),
 :mod:`~mlflow_projects.common.models` (a registered classifier, the audited model, a CLIP by one rule),
-:mod:`~mlflow_projects.common.classifier_run` (classifier training runs). ``python -m
+:mod:`~mlflow_projects.common.classifier_run` (classifier training runs),
+:mod:`~mlflow_projects.common.cards` (the model card's facts from the registry, writing and linking it). ``python -m
 mlflow_projects.common setup`` creates the tracking store and the experiments.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mlflow_projects.common.reporting import (finite_metrics, log_config, log_ta
 from mlflow_projects.common.models import (CLIP_SPECS, load_audit_model, load_classifier, resolve_clip)
 from mlflow_projects.common.classifier_run import (ClassifierRunConfig, add_classifier_arguments,
     classifier_image_size, plot_roc, train_one)
+from mlflow_projects.common.cards import card_facts, data_tags, link_card, write_card
 
 __all__ = [
     "ArgumentParser", "entry_parser",
@@ -50,4 +52,5 @@ __all__ = [
     "log_table", "manifest_arg", "nonneg_float", "nonneg_int", "parse_model_uri", "parse_version", "plot_roc",
     "positive_float", "positive_int", "print_table", "quiet_console", "quiet_third_party", "register_version",
     "resolve_clip", "resolve_model_uri", "run_cli", "setup_tracking", "show_progress", "start_run",
-    "table_metrics", "to_tag", "tracking_uri", "train_one", "unit_float", "version_audit"]
+    "table_metrics", "to_tag", "tracking_uri", "train_one", "unit_float", "version_audit",
+    "card_facts", "data_tags", "link_card", "write_card"]
