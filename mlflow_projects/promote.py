@@ -27,7 +27,8 @@ from mlflow import MlflowClient
 
 from interpret.audit.gates import GateResult, evaluate_gates, gates_passed, load_gates, short_summary
 from mlflow_projects.common import (AuditNotFound, CANDIDATE, CHAMPION, DEFAULT_GATES, DEFAULT_TRACKING_URI,
-                                    entry_parser, existing_file, get_version, latest_audit, parse_version)
+                                    entry_parser, existing_file, get_version, keep_card_line, latest_audit,
+                                    parse_version)
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,15 @@ def promote(name: str, version: str | None = None, gates: str | Path = DEFAULT_G
     summary.setdefault("mlflow", {})["run_id"] = run_id
     text = short_summary(summary, results)
     ok = gates_passed(results)
+    old = client.get_model_version(name, version).description  # its model card line is kept
     if ok:
         client.set_registered_model_alias(name, alias, version)
-        client.update_model_version(name, version, description=text)
+        client.update_model_version(name, version, description=keep_card_line(text, old))
         client.set_model_version_tag(name, version, "promotion.status", "promoted")
         msg = f"{name} version {version} is now @{alias} (audit run {run_id})"
     else:
-        client.update_model_version(name, version, description=f"Promotion to @{alias} refused.\n{text}")
+        client.update_model_version(name, version,
+                                    description=keep_card_line(f"Promotion to @{alias} refused.\n{text}", old))
         client.set_model_version_tag(name, version, "promotion.status", "refused")
         failed = "\n  ".join(r.line() for r in results if not r.passed)
         msg = f"refusing to promote {name} version {version} to @{alias}; failed gates:\n  {failed}"

@@ -38,7 +38,7 @@ from mlflow_projects.common.reporting import (finite_metrics, log_config, log_ta
 from mlflow_projects.common.models import (CLIP_SPECS, load_audit_model, load_classifier, resolve_clip)
 from mlflow_projects.common.classifier_run import (ClassifierRunConfig, add_classifier_arguments,
     classifier_image_size, plot_roc, train_one)
-from mlflow_projects.common.cards import card_facts, data_tags, link_card, write_card
+from mlflow_projects.common.cards import card_facts, data_tags, keep_card_line, link_card, write_card
 
 __all__ = [
     "ArgumentParser", "entry_parser",
@@ -53,4 +53,4 @@ __all__ = [
     "positive_float", "positive_int", "print_table", "quiet_console", "quiet_third_party", "register_version",
     "resolve_clip", "resolve_model_uri", "run_cli", "setup_tracking", "show_progress", "start_run",
     "table_metrics", "to_tag", "tracking_uri", "train_one", "unit_float", "version_audit",
-    "card_facts", "data_tags", "link_card", "write_card"]
+    "card_facts", "data_tags", "keep_card_line", "link_card", "write_card"]

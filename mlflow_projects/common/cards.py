@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["data_tags", "card_facts", "training_facts", "write_card", "link_card", "CARD_FILES", "USE_TAGS"]
+__all__ = ["data_tags", "card_facts", "training_facts", "write_card", "link_card", "keep_card_line", "CARD_FILES", "USE_TAGS"]
 
 CARD_FILES = ("model_card.md", "model_card.html")
 USE_TAGS = ("intended_use", "intended_users", "provider")  # version tags (stated by the provider)
@@ -143,6 +143,16 @@ def link_card(client, name: str, version: str, audit_run_id: str, artifact_dir: 
     mv = client.get_model_version(name, str(version))
     line = (f"Model card: runs:/{audit_run_id}/{artifact_dir}/{CARD_FILES[0]} (HTML: "
             f"runs:/{audit_run_id}/{artifact_dir}/{CARD_FILES[1]}), from audit run {audit_run_id}")
-    text = _LINK.sub("", mv.description or "").rstrip()
-    client.update_model_version(name, str(version), description=(text + "\n\n" if text else "") + line)
+    client.update_model_version(name, str(version), description=keep_card_line(_LINK.sub("", mv.description or ""),
+                                                                              line))
     return line
+
+
+def keep_card_line(text: str, old_description: str | None) -> str:
+    """``text`` followed by the card line of ``old_description`` (if it has one): a description rewritten
+    elsewhere (``promote``) keeps pointing at the card."""
+    m = _LINK.search(old_description or "")
+    text = (text or "").rstrip()
+    if not m:
+        return text
+    return (text + "\n\n" if text else "") + m.group(0).strip()

@@ -123,6 +123,13 @@ def test_the_audit_writes_and_links_the_card_and_model_card_rebuilds_it(tmp_path
         assert mv.description.count("Model card:") == 1
         logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/audit/model_card.md")).read_text()
         assert "Second reader for adult frontal chest films" in logged
+        # promotion rewrites the description with the audit summary and keeps pointing at the card
+        from mlflow_projects import promote
+
+        assert promote.main(["--name", "cxr-classifier", "--version", version, "--gates", str(gates)]) == 0
+        desc = client.get_model_version("cxr-classifier", version).description
+        assert desc.count("Model card:") == 1 and f"runs:/{run_id}/audit/model_card.md" in desc
+        assert "Audit passed" in desc
     # bad input: one line, exit 2, nothing written
     cmd = [sys.executable, "-m", "mlflow_projects.model_card", "--out", str(tmp_path / "bad")]
     for uri_arg, words in (("models:/cxr-classifier/9", "version"), ("models:/nope/1", "nope")):
