@@ -53,7 +53,6 @@ import io
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -255,21 +254,11 @@ class ImportedClassifier(nn.Module):
         return f"arch={self.arch!r}, classes={len(self.class_names)}, feature_layer={self.feature_layer!r}"
 
     # ---- forward ----
-    def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-            return
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"images must be (B, 1, S, S) float in [0, 1], got shape {tuple(x.shape)}")
-        if not self._input_checked and x.numel():
-            self._input_checked = True
-            lo, hi = float(x.detach().min()), float(x.detach().max())
-            if lo < -1e-3 or hi > 1 + 1e-3:
-                warnings.warn(f"{self.arch}: input range [{lo:.3g}, {hi:.3g}] is outside [0, 1]; the model scales "
-                              "and normalises internally and expects images scaled to [0, 1]", stacklevel=3)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) of images (B, 1, S, S) in [0, 1]."""
-        self._check_input(x)
+        from training.models import check_input
+
+        check_input(self, x)
         out = self.net(self.normalize(x))
         if isinstance(out, (tuple, list)):
             out = out[0]

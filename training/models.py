@@ -78,6 +78,25 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """The input check of every classifier (trained or imported): ``(B, 1, S, S)``, and once, a warning when the
+    values lie outside [0, 1] (the model normalises internally). Skipped while tracing or exporting.
+
+    Raises:
+        ValueError: not a (B, 1, S, S) tensor.
+    """
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"images must be (B, 1, S, S) float in [0, 1], got shape {tuple(x.shape)}")
+    if not model._input_checked and x.numel():
+        model._input_checked = True
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            warnings.warn(f"{model.arch}: input range [{lo:.3g}, {hi:.3g}] is outside [0, 1]; the model "
+                          "normalises internally and expects images scaled to [0, 1]", stacklevel=4)
+
+
 class CXRClassifier(nn.Module):
     """A grey-input classifier: ``normalize -> features -> GAP -> head``.
 
@@ -133,16 +152,7 @@ class CXRClassifier(nn.Module):
                 "mean": self.normalize.mean.flatten().tolist(), "std": self.normalize.std.flatten().tolist()}
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-            return
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"images must be (B, 1, S, S) float in [0, 1], got shape {tuple(x.shape)}")
-        if not self._input_checked and x.numel():
-            self._input_checked = True
-            lo, hi = float(x.detach().min()), float(x.detach().max())
-            if lo < -1e-3 or hi > 1 + 1e-3:
-                warnings.warn(f"{self.arch}: input range [{lo:.3g}, {hi:.3g}] is outside [0, 1]; the model "
-                              "normalises internally and expects images scaled to [0, 1]", stacklevel=3)
+        check_input(self, x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps of ``feature_layer``.
