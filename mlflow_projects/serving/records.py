@@ -192,10 +192,12 @@ def current_record() -> dict | None:
 
 
 def note_request(data: bytes | None) -> None:
-    """Record the uploaded image's size and SHA-256 (the bytes as sent; nothing of their content)."""
+    """Record the uploaded image's size; its SHA-256 (of the bytes as sent, nothing of their content) comes
+    from the response, which computed it already, or is computed when the record is written (a refused image)."""
     rec = _CURRENT.get()
     if rec is not None and data is not None:
-        rec["input"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        rec["input"] = {**(rec.get("input") or {}), "bytes": len(data)}
+        rec["_upload"] = data
 
 
 def note_response(body: Mapping[str, Any]) -> None:
@@ -270,6 +272,9 @@ class RecordMiddleware:
                     record.update({k: v for k, v in dict(_IDENTITY[0]()).items() if record.get(k) is None})
                 except Exception:  # noqa: BLE001 - the record must still be written
                     pass
+            upload = record.pop("_upload", None)
+            if upload is not None and not (record.get("input") or {}).get("sha256"):
+                record["input"] = {**record["input"], "sha256": hashlib.sha256(upload).hexdigest()}
             access = scope.get("cxr.access") or {}
             record["auth"] = record["auth"] or access.get("auth")
             record["status"] = status if status is not None else record["status"]

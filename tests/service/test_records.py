@@ -183,6 +183,19 @@ def test_middleware_one_record_per_request_written_before_the_answer_leaves(tmp_
                                                                       ("/predict", 415, "ok")]
     assert len({x["request_id"] for x in recs}) == 3
 
+    async def refusing(scope, receive, send):  # a route that refuses the image it read (a 400)
+        await receive()
+        note_request(b"not an image")
+        note_response({"error": "cannot decode", "status": 400, "model": None})
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = wrap(refusing, middleware_stack(records_dir=str(folder)))
+    assert _asgi(app, "/predict", [mp], part)[0] == 400
+    last = read_records(folder)[-1]
+    assert last["status"] == 400 and last["input"] == {"bytes": 12, "sha256": hashlib.sha256(b"not an image").hexdigest()}
+    assert "_upload" not in last
+
     async def crashing(scope, receive, send):
         raise RuntimeError("boom")
 
