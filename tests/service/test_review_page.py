@@ -193,6 +193,8 @@ def test_review_walkthrough_in_chromium(server, browser, real_fixtures):
     page.set_input_files("#file", str(broken))
     page.wait_for_selector("#error:not([hidden])")
     assert "/predict answered 4" in page.inner_text("#error")
+    assert page.is_hidden("#stage") and page.is_hidden("#findings")  # nothing of the previous image stays
+    assert page.inner_text("#units") == "" and page.inner_text("#verdict").startswith("Waiting")
     shot("07_bad_file_error")
     # 9. a tablet: one column, nothing wider than the screen
     page.set_viewport_size({"width": 768, "height": 1024})

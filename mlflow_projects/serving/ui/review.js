@@ -83,8 +83,12 @@
     state.finding = null;
     state.boxes = [];
     state.selected = -1;
-    el.stage.hidden = true;  // never the previous image under this one's findings
+    el.stage.hidden = true;  // nothing of the previous image stays under this one's name
     el.findings.hidden = true;
+    el.ood.hidden = true;
+    el.verdict.replaceChildren(node("p", "Waiting for the explanation ...", "muted"));
+    el.units.replaceChildren();
+    renderBoxes();
     const ticket = ++state.request;
     setBusy(true);
     say(`Analysing ${file.name} ...`);
