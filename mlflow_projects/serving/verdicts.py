@@ -67,6 +67,11 @@ def attach_audit(model, run_id: str | None, concepts=None, summary: Mapping[str,
     verdicts = summary.get("verdicts")
     if verdicts:
         model.verdicts = {str(v["class"]): dict(v) for v in verdicts}
+        # a served class the audit did not check (its probing set has no case of it) is never served as if it
+        # had passed: it is unfit, with the audit's reason, so its maps carry the warning and the UNFIT band
+        for cls, why in ((summary.get("model") or {}).get("not_audited") or {}).items():
+            model.verdicts.setdefault(str(cls), {"class": str(cls), "verdict": "unfit", "criteria": {},
+                                                 "reasons": [f"not audited: {why}"]})
         model.verdict_reason = None
         unfit = [c for c, v in model.verdicts.items() if v.get("verdict") != "fit"]
         log.info("verdicts from %s: unfit classes %s", where, ", ".join(unfit) or "none")

@@ -696,3 +696,19 @@ def test_explain_verdicts_are_the_audits(core, registry):
     assert e["warnings"] == [f"{c}: the audit found this explanation unfit: {by_class[c]['reasons'][0]}"
                              + (f" (+{len(by_class[c]['reasons']) - 1} more)" if len(by_class[c]["reasons"]) > 1 else "")
                              for c in unfit]
+
+
+def test_a_class_the_audit_did_not_check_is_served_unfit_with_the_reason(tmp_path):
+    """A class listed under summary.json's ``model.not_audited`` (no case of it in the probing set) gets an
+    unfit verdict, its warning and UNFIT band, never a silent null."""
+    from mlflow_projects.serving.verdicts import attach_audit, unfit_warning, verdict_entry
+
+    _, lm = _tiny_loaded_model(tmp_path)
+    summary = {**_summary(), "model": {"not_audited": {"Hernia": "the probing manifest has no positive label or "
+                                                                 "box of it"}}}
+    attach_audit(lm, "run1", _table(), summary)
+    verdict, reason = verdict_entry(lm, "Hernia")
+    assert reason is None and verdict["status"] == "unfit"
+    assert verdict["reasons"] == ["not audited: the probing manifest has no positive label or box of it"]
+    assert "not audited" in unfit_warning("Hernia", verdict)
+    assert verdict_entry(lm, "Effusion")[0]["status"] == "fit"  # audited classes keep their own verdicts
