@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -172,7 +173,7 @@ def _md_block(block: tuple) -> list[str]:
 
 
 def _html_text(text: str) -> str:
-    s = _e(text)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(text))
     return s.replace(_e(NOT_KNOWN), f'<span class="unknown">{_e(NOT_KNOWN)}</span>')
 
 
@@ -252,8 +253,12 @@ def _intended_use(s: Mapping[str, Any], f: CardFacts) -> list[tuple]:
 def _inputs(s: Mapping[str, Any], f: CardFacts) -> list[tuple]:
     spec = s.get("model", {}).get("input") or {}
     svc = f.service or {}
-    norm = spec.get("normalisation") or (f"(x - mean) / std with mean {spec.get('mean')} and std {spec.get('std')}, "
-                                         "inside the model" if spec.get("mean") is not None else None)
+    def r4(v):
+        return [round(float(x), 4) for x in v] if isinstance(v, (list, tuple)) else v
+
+    norm = spec.get("normalisation") or (f"(x - mean) / std with mean {r4(spec.get('mean'))} and std "
+                                         f"{r4(spec.get('std'))}, inside the model" if spec.get("mean") is not None
+                                         else None)
     rows = [("Image size the model sees", f"{spec['size']} x {spec['size']} px (resized)" if spec.get("size")
              else NOT_KNOWN),
             ("Channels", _known(spec.get("channels"))),
@@ -307,8 +312,8 @@ def _training_data(s: Mapping[str, Any], f: CardFacts) -> list[tuple]:
                             "data/class_distribution.json)."))
     d = s.get("data", {})
     blocks.append(("p", f"The audit's probing set: {d.get('n_images', '?')} images of split '{d.get('split', '?')}' "
-                        f"from {_known(d.get('manifest'))} (fingerprint {_known(d.get('fingerprint'))}); sources: "
-                        f"{_sources_text(f.probe_sources)}; {d.get('n_with_boxes', '?')} with boxes."))
+                        f"from {_known(d.get('manifest'))} (fingerprint {_known(d.get('fingerprint'))}; the manifest's "
+                        f"sources: {_sources_text(f.probe_sources)}); {d.get('n_with_boxes', '?')} with boxes."))
     return blocks
 
 
@@ -370,9 +375,15 @@ def _explanations(s: Mapping[str, Any], f: CardFacts) -> list[tuple]:
         blocks.append(("p", f"Per-class verdicts: {NOT_KNOWN} (audit written before verdicts existed)."))
     san = s.get("sanity") or {}
     if san:
-        blocks.append(("p", f"Model-parameter randomisation test (cascading, {san.get('n_images', '?')} images): "
-                            f"{'passed' if san.get('passed') else 'failed' if san.get('passed') is False else 'not run'}; "
-                            f"thresholds {san.get('thresholds', {}).get('rule', NOT_KNOWN)}."))
+        th = san.get("thresholds") or {}
+        per = {v.get("class"): ((v.get("criteria") or {}).get("sanity") or {}).get("status")
+               for v in s.get("verdicts") or []}
+        failed = [c for c, st in per.items() if st not in ("passed", None)]
+        blocks.append(("p", f"Model-parameter randomisation test (cascading, {san.get('n_images', '?')} images): the "
+                            f"maps must change once every block is randomised (mean Spearman < "
+                            f"{th.get('max_spearman', '?')}, mean SSIM < {th.get('max_ssim', '?')}); "
+                            + (f"not met for {', '.join(failed)}." if failed else
+                               "met for every class." if per else f"per class {NOT_KNOWN}.")))
     c = s.get("concepts") or {}
     vlm = c.get("vlm_check") or {}
     if c.get("method"):
@@ -411,8 +422,10 @@ def _limitations(s: Mapping[str, Any], f: CardFacts) -> list[tuple]:
     c = s.get("concepts") or {}
     for layer, v in (c.get("layers") or {}).items():
         if v.get("below_min_evidence"):
-            items.append(f"{layer}: {100 * float(v['below_min_evidence']):.0f}% of annotated units rest on fewer than "
-                         f"{v.get('min_evidence', '?')} images; their concepts are withheld.")
+            n_ann = int(v.get("n_annotated") or v.get("units") or 0)
+            below = round(float(v["below_min_evidence"]) * n_ann)
+            items.append(f"{layer}: {below} of {n_ann} annotated units rest on fewer than {v.get('min_evidence', '?')} "
+                         "images; their concepts are withheld.")
     flagged = [r["class"] for r in (s.get("shortcuts") or {}).get("per_class") or [] if r.get("flagged")]
     if flagged:
         items.append(f"Possible shortcuts (attention mostly outside the lungs or on markers): {', '.join(flagged)}.")
@@ -452,21 +465,22 @@ def _records(s: Mapping[str, Any], f: CardFacts) -> list[tuple]:
 def _regulatory(card: ModelCard) -> list[tuple]:
     known = {sid: blocks for sid, _, blocks in card.sections}
 
-    def status(sections: Sequence[str], gap: str) -> str:
-        if not sections:
-            return "not covered"
-        unknown = [sid for sid in sections if any(NOT_KNOWN in " ".join(map(str, b[1:])) for b in known.get(sid, []))]
-        return "partly covered" if gap or unknown else "covered"
+    def unknown_in(sections: Sequence[str]) -> list[str]:
+        return [sid for sid in sections if any(NOT_KNOWN in " ".join(map(str, b[1:])) for b in known.get(sid, []))]
 
+    titles = dict(SECTIONS)
     rows, mapping = [], []
     for regime, items in (("EU AI Act Art. 13(3)", ARTICLE_13_3), ("FDA AI-DSF draft guidance (Jan. 2025)",
                                                                   FDA_AI_DSF_2025)):
         for item, text, sections, gap in items:
-            st = status(sections, gap)
-            titles = ", ".join(t for sid, t in SECTIONS if sid in sections) or "none"
-            rows.append((regime, item, text, titles, st, gap or "-"))
+            unknown = unknown_in(sections)
+            st = "not covered" if not sections else "partly covered" if gap or unknown else "covered"
+            gaps = [g for g in (gap, f"{NOT_KNOWN} in: {', '.join(titles[u] for u in unknown)}" if unknown else "")
+                    if g]
+            rows.append((regime, item, text, ", ".join(titles[sid] for sid in sections) or "none", st,
+                         "; ".join(gaps) or "-"))
             mapping.append({"regime": regime, "item": item, "text": text, "sections": list(sections), "status": st,
-                            "gap": gap})
+                            "gap": "; ".join(gaps)})
     card.mapping = mapping
     return [("p", "Each documentation item, the sections of this card that answer it, and what the card cannot "
                   "answer. 'partly covered' also means a section it relies on has a field that is not known."),
