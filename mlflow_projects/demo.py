@@ -211,6 +211,10 @@ def where_to_look(result: DemoResult, port: int) -> str:
         f"  mlflow ui --backend-store-uri {shlex.quote(uri)} --port 5000   # then open http://127.0.0.1:5000",
         "Audit report (self-contained HTML):",
         f"  {report}",
+        "Model card (for compliance: what the model is, how it was audited, its limits; Markdown beside it):",
+        f"  {Path(report).with_name('model_card.html')}",
+        "Request records of the service (one line per /predict, /explain, /feedback; verify or export a period):",
+        "  python -m mlflow_projects.serving.records verify --dir records",
         "Explanation service (serves @champion):" if result.promoted else
         "Explanation service (no @champion yet: serves @candidate, every response carries a warning):",
     ]

@@ -432,6 +432,8 @@ def export_records(folder: str | os.PathLike, out: str | os.PathLike, since: _dt
         raise ValueError(f"export file must end in .csv or .parquet, got {out.name!r}")
     rows = [_flatten(r) for r in read_records(folder, since, until)]
     df = pd.DataFrame(rows, columns=list(_FLAT))
+    for col in ("status", "input_bytes", "input_width", "input_height", "response_bytes"):
+        df[col] = df[col].astype("Int64")  # integers stay integers where a refused request has none
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         df.to_csv(out, index=False)

@@ -88,8 +88,10 @@ def test_export_a_time_range_as_csv_and_parquet(tmp_path):
     df = pd.read_csv(out)
     assert n == 2 and list(df["request_id"].map(lambda v: int(str(v), 16) if isinstance(v, str) else v)) == [1, 2]
     assert {"model_name", "input_sha256", "targets", "response_sha256", "latency_ms"} <= set(df.columns)
+    w.write({**_rec(9, T0), "input": None, "status": 415})  # a refused upload: no image facts
     out, n = export_records(tmp_path / "rec", tmp_path / "x.parquet")
-    assert n == 4 and len(pd.read_parquet(out)) == 4
+    df = pd.read_parquet(out)
+    assert n == 5 and len(df) == 5 and str(df["input_bytes"].dtype) == "Int64" and df["input_bytes"].isna().sum() == 1
     with pytest.raises(ValueError, match=r"\.csv or \.parquet"):
         export_records(tmp_path / "rec", tmp_path / "x.xlsx")
 
