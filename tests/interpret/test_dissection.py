@@ -143,3 +143,67 @@ def test_bad_arguments():
         dissect(Net(), _loader(), layer="featurez", classes=["A", "B"], progress=False)
     with pytest.raises(ValueError, match="classes="):
         dissect(Net(), _loader(), progress=False)
+
+
+def _reference_rows(acts, boxes, labels, thr, size, connectivity):
+    """The definition, one unit at a time: per (image, class | any) components on a box, units hit."""
+    from scipy import ndimage
+
+    from interpret.localization import boxes_to_mask
+
+    s = ndimage.generate_binary_structure(2, connectivity)
+    rows = []
+    for i in range(acts.shape[0]):
+        b, lab = np.asarray(boxes[i], np.float32).reshape(-1, 4), np.asarray(labels[i]).reshape(-1)
+        present = sorted(set(lab.tolist()))
+        masks = {k: boxes_to_mask(b[lab == k], size) for k in present}
+        if present:
+            masks[-1] = np.logical_or.reduce([masks[k] for k in present])
+        comps = {k: 0 for k in masks}
+        units = {k: 0 for k in masks}
+        for u in range(acts.shape[1]):
+            up = F.interpolate(acts[i:i + 1, u:u + 1], size=size, mode="bilinear",
+                               align_corners=False)[0, 0]
+            lab_u, _ = ndimage.label((up > thr[u]).numpy(), structure=s)
+            for k, m in masks.items():
+                n = len(set(np.unique(lab_u[m]).tolist()) - {0})
+                comps[k] += n
+                units[k] += n > 0
+        rows += [(str(i), k, comps[k], units[k]) for k in present] + (
+            [(str(i), -1, comps[-1], units[-1])] if present else [])
+    return rows
+
+
+def _rows(res):
+    names = {n: k for k, n in enumerate(res.classes)} | {"any": -1}
+    return [(r.image_id, names[r[1]], int(r.components), int(r.units))
+            for r in res.per_image.itertuples(index=False)]
+
+
+@pytest.mark.parametrize("connectivity", [1, 2])
+@pytest.mark.parametrize("case", ["random", "planted"])
+def test_batched_labelling_counts_equal_the_per_unit_reference(case, connectivity):
+    g = torch.Generator().manual_seed(connectivity)
+    N, C, h, S = 6, 7, 5, 40
+    if case == "random":      # smooth random maps: many small components, some touching unit borders
+        acts = torch.randn(N, C, h, h, generator=g)
+    else:                     # planted blobs: unit u fires at its own places, touching neighbours' blobs
+        acts = torch.zeros(N, C, h, h)
+        for i in range(N):
+            for u in range(C):
+                ys, xs = torch.randint(0, h, (2, 1 + u % 3), generator=g)
+                acts[i, u, ys, xs] = 1.0 + u
+        acts[:, 3] = acts[:, 2]                      # identical maps on adjacent units stay apart
+    boxes, labels = [], []
+    for i in range(N):
+        k = i % 3                                     # 0, 1 or 2 boxes (images 0 and 3: none)
+        xy = torch.rand(k, 2, generator=g) * S * 0.6
+        boxes.append(torch.cat([xy, xy + S * 0.4], 1))
+        labels.append(torch.randint(0, 2, (k,), generator=g))
+    for chunk in (1, 3, 64):
+        res = dissect_activations(acts, boxes, labels, ["A", "B"], S, q=0.2, unit_chunk=chunk,
+                                  connectivity=connectivity, batch_size=4)
+        thr = torch.as_tensor(res.thresholds, dtype=torch.float32)
+        ref = _reference_rows(acts, boxes, labels, thr, (S, S), connectivity)
+        assert _rows(res) == ref
+        assert sum(r[2] for r in ref) > 0
