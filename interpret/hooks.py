@@ -75,20 +75,24 @@ class Captured:
         activations: layer name -> detached clone of its output (last forward pass).
         gradients: layer name -> gradient of the backpropagated quantity with respect to that output
             (last backward pass through it; only when ``gradients=True``).
+        leaves: layer name -> the leaf tensor (``requires_grad``) that replaced its output (last
+            forward pass; only when ``cut=True``): pass it to ``torch.autograd.grad``.
     """
 
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    leaves: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def clear(self) -> None:
         """Forget everything recorded so far."""
         self.activations.clear()
         self.gradients.clear()
+        self.leaves.clear()
 
 
 @contextlib.contextmanager
 def capture(model: nn.Module, layers: str | Sequence[str],
-            gradients: bool = False) -> Iterator[Captured]:
+            gradients: bool = False, cut: bool = False) -> Iterator[Captured]:
     """Record the outputs (and optionally output gradients) of named layers.
 
     Every forward pass through a captured layer stores a detached *clone* of its output, made inside
@@ -101,6 +105,11 @@ def capture(model: nn.Module, layers: str | Sequence[str],
         model: the network.
         layers: one dotted layer name or several.
         gradients: also record output gradients.
+        cut: replace each layer's output, downstream, by a copy of a fresh leaf tensor that requires
+            grad (``Captured.leaves``): a backward pass stops at the layer, and with frozen
+            parameters and an input without grad no graph is built upstream of it at all (Grad-CAM
+            needs the gradients at the layer only). The copy keeps in-place operations downstream
+            (DenseNet's ReLU) off the leaf and the recorded activations.
 
     Yields:
         A :class:`Captured` filled as the model runs.
@@ -119,10 +128,18 @@ def capture(model: nn.Module, layers: str | Sequence[str],
         def hook(module, inputs, output):
             out = _first_tensor(output)
             store.activations[name] = out.detach().clone()
+            if cut:
+                leaf = store.activations[name].requires_grad_(True)
+                store.leaves[name] = leaf
+                store.activations[name] = leaf.detach()
+                out = leaf.clone()                                  # what the layers downstream see
+                output = out if isinstance(output, torch.Tensor) else type(output)(
+                    [out, *output[1:]])
             if gradients and out.requires_grad:
                 def save_grad(grad: torch.Tensor) -> None:
                     store.gradients[name] = grad.detach().clone()
                 out.register_hook(save_grad)
+            return output if cut else None
         return hook
 
     try:

@@ -236,8 +236,10 @@ class AttentionMethod:
 class GradientLayerMethod(AttentionMethod):
     """Layer methods weighting activation channels by functions of the gradients (Grad-CAM family).
 
-    One forward pass with the graph, then one backward pass per target column over the whole batch
-    (``torch.autograd.grad`` towards the input, so parameter ``.grad`` is never touched).
+    One forward pass, then one backward pass per target column over the whole batch, down to the
+    explained layer only: parameters are frozen (and restored afterwards) and the layer's output is cut
+    into a leaf (``capture(..., cut=True)``), so no graph is built upstream of the layer and
+    ``torch.autograd.grad`` w.r.t. that leaf never touches a parameter's ``.grad``.
     """
 
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -255,19 +257,18 @@ class GradientLayerMethod(AttentionMethod):
     def raw(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
         images = _check_images(images)
         B = images.shape[0]
-        x = images.detach().clone().requires_grad_(True)
         out = []
         with model_state(self.model), torch.enable_grad(), \
-                capture(self.model, self.layer, gradients=True) as cap:
-            logits = self.model(x)                                          # (B, K)
+                capture(self.model, self.layer, cut=True) as cap:
+            logits = self.model(images.detach())                            # (B, K)
             tgt = self._targets(targets, B, logits)                         # (B, T)
+            leaf = cap.leaves[self.layer]                                   # the layer's output
             acts = layer_maps(self.model, self.layer, cap.activations[self.layer])  # (B, K, h, w)
             T = tgt.shape[1]
             for t in range(T):
                 score = logits.gather(1, tgt[:, t:t + 1]).sum()
-                cap.gradients.pop(self.layer, None)
-                torch.autograd.grad(score, x, retain_graph=t < T - 1)
-                grads = layer_maps(self.model, self.layer, cap.gradients[self.layer])  # (B, K, h, w)
+                grad, = torch.autograd.grad(score, leaf, retain_graph=t < T - 1)
+                grads = layer_maps(self.model, self.layer, grad)            # (B, K, h, w)
                 w = self.weights(acts, grads)                               # (B, K)
                 out.append(torch.einsum("bk,bkhw->bhw", w, acts))
         return torch.stack(out, 1)                                          # (B, T, h, w)
