@@ -23,7 +23,8 @@ from interpret.annotation.www import topk_representatives
 __all__ = ["Mammi", "MammiFloor", "adaptive_representatives", "floor_representatives"]
 
 
-def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93) -> torch.Tensor:
+def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93,
+                             extrema: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """MAMMI's adaptive representative selection.
 
     ``tau_i = max(A_i) - (1 - alpha) (max(A_i) - min(A_i))``, selection ``A_ik > tau_i``. The images at
@@ -34,17 +35,22 @@ def adaptive_representatives(acts: torch.Tensor, alpha: float = 0.93) -> torch.T
         acts: (N, U) pooled activations.
         alpha: in (0, 1]; larger puts tau nearer the maximum, so fewer images are selected (0.93 in the
             paper: the top 7 % of the activation range).
+        extrema: ``(max, min)`` over images, (U,) each, when the caller has them already.
 
     Returns:
         (U, N) boolean selection.
     """
     alpha = check_fraction(alpha, "alpha")
-    hi, lo = acts.amax(0), acts.amin(0)  # (U,)
+    hi, lo = extrema if extrema is not None else (acts.amax(0), acts.amin(0))  # (U,)
     tau = hi - (1.0 - alpha) * (hi - lo)
-    return ((acts > tau) | (acts == hi)).T  # (U, N)
+    # ``A > tau or A == max`` in one comparison: where tau reaches the maximum, the largest float
+    # below it selects exactly the images at the maximum
+    tau = torch.where(tau < hi, tau, torch.nextafter(hi, torch.full_like(hi, -float("inf"))))
+    return (acts > tau).T  # (U, N)
 
 
-def floor_representatives(acts: torch.Tensor, alpha: float = 0.93, min_images: int = 10) -> torch.Tensor:
+def floor_representatives(acts: torch.Tensor, alpha: float = 0.93, min_images: int = 10,
+                          extrema: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """MAMMI's adaptive set united with the ``min_images`` top-activating images of each unit.
 
     Args:
@@ -61,7 +67,7 @@ def floor_representatives(acts: torch.Tensor, alpha: float = 0.93, min_images: i
         >>> adaptive_representatives(acts).sum().item(), floor_representatives(acts, min_images=3).sum().item()
         (1, 3)
     """
-    return adaptive_representatives(acts, alpha) | topk_representatives(acts, min_images)
+    return adaptive_representatives(acts, alpha, extrema) | topk_representatives(acts, min_images)
 
 
 @register("mammi")
@@ -77,8 +83,12 @@ class Mammi(RepresentativeAnnotator):
         super().__init__(unit_chunk)
         self.alpha = check_fraction(alpha, "alpha")
 
-    def representatives(self, acts: torch.Tensor) -> torch.Tensor:
-        return adaptive_representatives(acts, self.alpha)
+    def representatives(self, acts: torch.Tensor, extrema=None) -> torch.Tensor:
+        return adaptive_representatives(acts, self.alpha, extrema)
+
+    def select(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hi, lo = acts.amax(0), acts.amin(0)  # (u,) once for the threshold and the constant units
+        return self.representatives(acts, (hi, lo)), hi == lo
 
 
 @register("mammi_floor")
@@ -96,5 +106,5 @@ class MammiFloor(Mammi):
         super().__init__(alpha, unit_chunk)
         self.min_images = check_positive_int(min_images, "min_images")
 
-    def representatives(self, acts: torch.Tensor) -> torch.Tensor:
-        return floor_representatives(acts, self.alpha, self.min_images)
+    def representatives(self, acts: torch.Tensor, extrema=None) -> torch.Tensor:
+        return floor_representatives(acts, self.alpha, self.min_images, extrema)
