@@ -118,6 +118,37 @@ def _http_cell(base: str, headers: dict, route: str, data: dict, images: list[by
     return _stats(lat, wall)
 
 
+def _stage_breakdown(lm, images: list[bytes], cfg, requests: int) -> dict:
+    """Median milliseconds of each step of ``/predict`` and ``/explain method=cam`` run in-process, one image at
+    a time: decode, resize (preprocess), ORT, the CAM map, the three PNG encodings of a response, JSON."""
+    import statistics
+
+    from mlflow_projects.serving import decode_upload, preprocess
+    from mlflow_projects.serving.explain import explanation_maps
+    from mlflow_projects.serving.images import display_png, grey_png, overlay_png
+
+    times: dict[str, list[float]] = {}
+
+    def clock(name, fn, *a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+        return out
+
+    for i in range(max(requests, 5)):
+        img = clock("decode", decode_upload, images[i % len(images)], 50_000_000)
+        x = clock("resize", preprocess, img.pixels, lm.image_size)[None]
+        out = clock("ort", lm.run_batch, x)[0]
+        clock("json_predict", json.dumps, {"findings": out["probabilities"].tolist(), "image": {"sha256": img.sha256}})
+        maps, raw = clock("map", explanation_maps, lm, x, [0], "cam", out)
+        ov = clock("png_overlay", overlay_png, img.pixels, maps[0], cfg.overlay_max_side)
+        mp = clock("png_map", grey_png, raw[0])
+        im = clock("png_image", display_png, img.pixels, cfg.overlay_max_side)
+        clock("json_explain", json.dumps, {"findings": out["probabilities"].tolist(), "heatmaps": [
+            {"overlay_png": ov[0], "map_png": mp[0]}], "image_png": im[0]})
+    return {k: round(statistics.median(v[1:] or v), 3) for k, v in times.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="resnet18")
@@ -194,6 +225,8 @@ def main(argv=None) -> int:
             lat.append(time.perf_counter() - s)
         inproc_full = _stats(lat, time.perf_counter() - t0)
 
+        breakdown = _stage_breakdown(lm, images, cfg, args.requests)
+
         result = {"bench": "serve", "arch": args.arch if not args.model_uri else served["uri"],
                   "image_size": lm.image_size, "upload_side": args.image_side, "requests_per_cell": args.requests,
                   "ort_threads": cfg.intra_op_threads, "model": served, "inprocess_ort": inproc,
@@ -214,6 +247,13 @@ def main(argv=None) -> int:
             hi = max(args.concurrency)
             result["predict_throughput_gain_c%d_vs_c%d" % (hi, c1)] = round(
                 result[f"predict_c{hi}"]["rps"] / result[f"predict_c{c1}"]["rps"], 3)
+        # where the time goes: in-process stage medians; HTTP = the route's p50 minus their sum
+        result["stages_ms"] = breakdown
+        pred_sum = sum(breakdown[k] for k in ("decode", "resize", "ort", "json_predict"))
+        cam_sum = pred_sum - breakdown["json_predict"] + sum(
+            breakdown[k] for k in ("map", "png_overlay", "png_map", "png_image", "json_explain"))
+        result["stages_ms"]["http_and_rest_predict"] = round(result[f"predict_c{c1}"]["p50_ms"] - pred_sum, 2)
+        result["stages_ms"]["http_and_rest_explain_cam"] = round(result[f"explain_cam_c{c1}"]["p50_ms"] - cam_sum, 2)
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         vals = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines()
                 if ln.startswith(("cxr_batches_total", "cxr_batched_items_total"))}

@@ -42,6 +42,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def onnx_providers() -> list[str]:
+    """ONNX Runtime execution providers to ask for: CUDA first when the installed onnxruntime has it (the
+    ``gpu`` extra, ``onnxruntime-gpu``), then CPU (always there, and ORT's fallback for unsupported nodes).
+
+    Returns:
+        e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` or ``["CPUExecutionProvider"]``.
+    """
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in have else []) + ["CPUExecutionProvider"]
+
+
 def seed_everything(seed: int, threads: int | None = None) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA) with ``seed``.
 

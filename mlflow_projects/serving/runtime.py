@@ -193,7 +193,13 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    # no busy-waiting of ORT's threads after a run: on a few cores they starved the decoding, the CAM map and
+    # the PNG encoding of the same request (2 cores: ORT 16 -> 8 ms, CAM map 24 -> 3 ms; benchmarks/serve_bench.py)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from training.runtime import onnx_providers
+
+    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=onnx_providers())
+    log.info("ONNX Runtime runs %s on %s (%d threads)", identity.uri, session.get_providers()[0], threads)
     names = {o.name for o in session.get_outputs()}
     if not {"logits", "features"} <= names:
         raise ServingError(503, f"{onnx_path.name} outputs {sorted(names)}; expected logits and features")

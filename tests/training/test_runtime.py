@@ -94,3 +94,16 @@ def test_collate_stacks_tensors_keeps_ragged_fields_as_lists_and_fills_defaults(
     assert filled["image"].dtype == torch.float32
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+def test_onnx_providers_choose_cuda_only_when_onnxruntime_has_it(monkeypatch):
+    import onnxruntime as ort
+
+    from training.runtime import onnx_providers
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_providers() == ["CPUExecutionProvider"]
+

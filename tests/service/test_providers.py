@@ -1,0 +1,36 @@
+"""The service asks ONNX Runtime for CUDA when the installed onnxruntime has it (the gpu extra), else CPU."""
+from __future__ import annotations
+
+
+def test_service_session_asks_for_the_chosen_providers_and_logs_them(monkeypatch, tmp_path, caplog):
+    import json
+    import logging
+
+    import onnxruntime as ort
+
+    from mlflow_projects.serving.runtime import load_model
+    from mlflow_projects.serving.settings import ServeConfig
+    from training.export import export_onnx
+    from training.models import create_model, save_checkpoint
+
+    art = tmp_path / "artifacts"
+    art.mkdir()
+    net = create_model("test_resnet", num_classes=2, image_size=32).eval()
+    save_checkpoint(net, art / "checkpoint.pt")
+    export_onnx(net, art / "model.onnx", image_size=32)
+    (art / "meta.json").write_text(json.dumps({"classes": net.class_names, "input": net.input_spec}))
+    asked = []
+    real = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None):
+        asked.append(providers)
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    identity = type("Identity", (), {"uri": "models:/m/1"})()
+    with caplog.at_level(logging.INFO, logger="mlflow_projects.serving.runtime"):
+        m = load_model(identity, ServeConfig(threads=1), source=tmp_path)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    assert m.session is not None
+    assert any("ONNX Runtime runs models:/m/1 on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
