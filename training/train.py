@@ -315,6 +315,7 @@ def fit(model: CXRClassifier, train_ds: Dataset, val_ds: Dataset, config: TrainC
     cuda = device.type == "cuda"
     amp = cuda if cfg.amp is None else (bool(cfg.amp) and cuda)
     channels_last = cuda if cfg.channels_last is None else (bool(cfg.channels_last) and cuda)
+    log.info("training on %s (amp %s, channels_last %s)", device, amp, channels_last)
 
     seed_everything(cfg.seed)
     loss_fn = create_loss(cfg.loss, pos, neg, **cfg.loss_kwargs).to(device)

@@ -259,6 +259,7 @@ def train(model: DwarfModel, dataset: Dataset, method: str, config: TrainConfig,
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
     device = resolve_device(config.device)
     amp = bool(config.amp and device.type == "cuda")
+    log.info("DWARF training on %s (amp %s)", device, amp)
     seed_everything(config.seed)
     model.to(device)
     labels = label_matrix(dataset) if labels is None else np.asarray(labels)
