@@ -149,6 +149,45 @@ def _stage_breakdown(lm, images: list[bytes], cfg, requests: int) -> dict:
     return {k: round(statistics.median(v[1:] or v), 3) for k, v in times.items()}
 
 
+def _record_cost(folder: Path, body_bytes: int, repeats: int = 200) -> dict:
+    """Milliseconds the per-request record middleware adds to a request whose response has ``body_bytes``: the
+    same trivial ASGI app with and without :class:`~mlflow_projects.serving.records.RecordMiddleware`, timed
+    alternately (medians)."""
+    import asyncio
+    import statistics
+
+    from mlflow_projects.serving.records import RecordMiddleware
+
+    body = b"x" * body_bytes
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    wrapped = RecordMiddleware(app, folder=folder)
+
+    async def recv():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def sink(message):
+        pass
+
+    async def one(a):
+        scope = {"type": "http", "path": "/predict", "method": "POST", "headers": []}
+        t0 = time.perf_counter()
+        await a(scope, recv, sink)
+        return time.perf_counter() - t0
+
+    async def run():
+        plain, rec = [], []
+        for _ in range(repeats):
+            plain.append(await one(app))
+            rec.append(await one(wrapped))
+        return statistics.median(rec) - statistics.median(plain)
+
+    return {"response_bytes": body_bytes, "added_ms": round(asyncio.run(run()) * 1000, 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="resnet18")
@@ -254,6 +293,7 @@ def main(argv=None) -> int:
             breakdown[k] for k in ("map", "png_overlay", "png_map", "png_image", "json_explain"))
         result["stages_ms"]["http_and_rest_predict"] = round(result[f"predict_c{c1}"]["p50_ms"] - pred_sum, 2)
         result["stages_ms"]["http_and_rest_explain_cam"] = round(result[f"explain_cam_c{c1}"]["p50_ms"] - cam_sum, 2)
+        result["record_middleware"] = [_record_cost(tmp / "records-bench", n) for n in (600, 300_000)]
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         vals = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines()
                 if ln.startswith(("cxr_batches_total", "cxr_batched_items_total"))}
