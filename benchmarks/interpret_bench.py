@@ -31,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import side_by_side  # noqa: E402
 
 logger = logging.getLogger("interpret_bench")
 
@@ -92,22 +93,6 @@ def build_model(cfg: Config):
 
     model = create_model(cfg.model, num_classes=cfg.classes, image_size=cfg.image_size)
     return model.eval()
-
-
-def side_by_side(ref, fn, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of ``ref`` and ``fn`` timed back to back per repeat, and the median ratio."""
-    ref(), fn()                                            # warm-up
-    t_ref, t_fn, ratio = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ref()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        t_ref.append(t1 - t0)
-        t_fn.append(t2 - t1)
-        ratio.append((t2 - t1) / (t1 - t0))
-    return statistics.median(t_ref), statistics.median(t_fn), statistics.median(ratio)
 
 
 def rss_probe(cfg: Config, n: int) -> int:
