@@ -191,9 +191,9 @@ class _Counter:
         s2 = ndimage.generate_binary_structure(2, connectivity)
         self.structure = np.zeros((3, 3, 3), bool)
         self.structure[1] = s2                                              # no links across units
-        self.inter = torch.zeros(self.C, self.K, dtype=torch.float64)
-        self.area_t = torch.zeros(self.C, dtype=torch.float64)
-        self.area_l = torch.zeros(self.K, dtype=torch.float64)
+        self.inter = np.zeros((self.C, self.K))                              # pixel counts
+        self.area_t = np.zeros(self.C)
+        self.area_l = np.zeros(self.K)
         self.detect = np.zeros((self.C, self.K), bool)                     # unit ever hit class k
         self.rows: list[tuple[str, int, int, int]] = []                    # id, class(-1=any), comps, units
 
@@ -205,7 +205,9 @@ class _Counter:
         # bilinear upsampling is a convex combination of low-resolution values, so a unit whose
         # low-resolution map never exceeds T_u has no pixel above it: only the others are upsampled,
         # thresholded and labelled (exactly the same components, a fraction of the work at q = 0.01)
-        live = (acts.flatten(2).amax(2) > thr).cpu()                           # (B, C)
+        live = (acts.flatten(2).amax(2) > thr).cpu().numpy()                   # (B, C)
+        # after the upsampling everything is counted in NumPy: the small per-image torch ops (sums, casts,
+        # zeros) each waited for a thread pool to wake, which dominated on a busy 2-core machine
         for i in range(acts.shape[0]):
             b = np.asarray(boxes[i], np.float32).reshape(-1, 4)
             lab = np.asarray(box_labels[i]).reshape(-1).astype(int)
@@ -213,30 +215,31 @@ class _Counter:
             box_masks = {k: boxes_to_mask(b[lab == k], (H, W)) for k in present}
             any_mask = np.logical_or.reduce(list(box_masks.values())) if present else None
             if masks is not None:
-                L = masks[i].reshape(self.K, -1).float().cpu()                 # (K, HW)
-                L = (L > 0.5).float()
+                L = masks[i].reshape(self.K, -1).float().cpu().numpy() > 0.5   # (K, HW) bool
             else:
-                L = torch.zeros(self.K, H * W)
+                L = np.zeros((self.K, H * W), bool)
                 for k, m in box_masks.items():
-                    L[k] = torch.from_numpy(m.reshape(-1).astype(np.float32))
-            self.area_l += L.sum(1).double()
+                    L[k] = m.reshape(-1)
+            self.area_l += np.count_nonzero(L, axis=1)
+            concepts = np.flatnonzero(L.any(1))                                # classes with pixels
             comps = {k: 0 for k in present}
             units = {k: 0 for k in present}
             comps_any = units_any = 0
-            alive = torch.nonzero(live[i]).flatten()                           # (C',) unit indices
+            alive = np.flatnonzero(live[i])                                    # (C',) unit indices
             for c0 in range(0, len(alive), self.unit_chunk):
                 cu = alive[c0:c0 + self.unit_chunk]                            # (Cc,)
-                cd = cu.to(acts.device)
+                cd = torch.from_numpy(cu).to(acts.device)
                 up = F.interpolate(acts[i, cd][:, None], size=(H, W), mode="bilinear",
                                    align_corners=False)[:, 0]                  # (Cc, H, W)
-                on = (up > thr[cd, None, None]).cpu()                          # (Cc, H, W) bool
-                onf = on.reshape(len(cu), -1).float()                          # (Cc, HW)
-                self.area_t.index_add_(0, cu, onf.sum(1).double())
-                self.inter.index_add_(0, cu, (onf @ L.t()).double())          # (Cc, K)
+                on = (up > thr[cd, None, None]).cpu().numpy()                  # (Cc, H, W) bool
+                flat = on.reshape(len(cu), -1)                                 # (Cc, HW)
+                self.area_t[cu] += np.count_nonzero(flat, axis=1)
+                for k in concepts:
+                    self.inter[cu, k] += np.count_nonzero(flat & L[k], axis=1)
                 if not present:
                     continue
                 # one labelling call for the chunk: a 3-D structure without links across units
-                labels, n = ndimage.label(on.numpy(), structure=self.structure)
+                labels, n = ndimage.label(on, structure=self.structure)
                 if n == 0:
                     continue
                 # component ids grow in raster order over (unit, y, x): unit of a component id
@@ -253,7 +256,7 @@ class _Counter:
                     else:
                         comps[k] += len(ids_k)
                         units[k] += len(hit_units)
-                        self.detect[cu.numpy()[hit_units], k] = True
+                        self.detect[cu[hit_units], k] = True
             for k in present:
                 self.rows.append((ids[i], k, comps[k], units[k]))
             if present:
@@ -283,8 +286,7 @@ def _result(counter: _Counter, classes: Sequence[str], thresholds, errors, iou_t
                "components": int(anyp["components"].sum()), "unit_hits": int(anyp["units"].sum()),
                "units_detecting": int(counter.detect.any(1).sum())}
     union = counter.area_t[:, None] + counter.area_l[None, :] - counter.inter
-    iou = torch.where(union > 0, counter.inter / union.clamp(min=1e-12),
-                      torch.zeros_like(union)).numpy()
+    iou = np.where(union > 0, counter.inter / np.maximum(union, 1e-12), 0.0)
     best = iou.argmax(1) if iou.shape[1] else np.zeros(iou.shape[0], int)
     best_iou = iou[np.arange(iou.shape[0]), best] if iou.shape[1] else np.zeros(iou.shape[0])
     unit_concepts = pd.DataFrame({
