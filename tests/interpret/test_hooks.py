@@ -63,3 +63,21 @@ def test_unknown_layer_lists_valid_names():
     with pytest.raises(ValueError, match="at least one"):
         with capture(model, []):
             pass
+
+
+def test_cut_stops_backward_at_the_layer_with_the_same_gradient():
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    x = torch.randn(2, 1, 6, 6, requires_grad=True)
+    with capture(model, "features", gradients=True) as full:
+        model(x)[:, 1].sum().backward()
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with capture(model, "features", cut=True) as cap:
+        logits = model(x.detach())                           # nothing upstream requires grad
+        assert logits.requires_grad and not cap.leaves["features"].grad_fn
+        grad, = torch.autograd.grad(logits[:, 1].sum(), cap.leaves["features"])
+    torch.testing.assert_close(cap.activations["features"], full.activations["features"])  # pre-ReLU
+    torch.testing.assert_close(grad, full.gradients["features"])
+    assert all(p.grad is None for p in model.parameters()) and _hooks(model) == 0
