@@ -64,6 +64,12 @@ def as_tensor(x: Any, name: str, ndim: int | None = None, dtype: torch.dtype = t
     return t
 
 
+#: Units whose representatives are selected at once. Whole-width slices of the (N, U) activations are
+#: contiguous: selecting 2,048 units at once took 0.14 s where 256-unit (strided) slices took 0.21 s (512 units x
+#: 20,000 images, 2 cores; benchmarks/concept_bench.py). Memory: unit_chunk x N booleans (100 MB at 50,000 images).
+UNIT_CHUNK = 2048
+
+
 def _normalise(x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     """Rows to unit norm; rows already unit-norm (within ``tol``: the documented input) are not copied."""
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -107,7 +113,7 @@ class Annotator:
     on_nonpositive: str = "empty"
     needs_embeddings: bool = True
 
-    def __init__(self, unit_chunk: int = 256) -> None:
+    def __init__(self, unit_chunk: int = UNIT_CHUNK) -> None:
         if int(unit_chunk) < 1:
             raise ValueError(f"unit_chunk must be >= 1, got {unit_chunk}")
         self.unit_chunk = int(unit_chunk)

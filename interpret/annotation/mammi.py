@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from interpret.annotation.base import RepresentativeAnnotator, check_fraction, check_positive_int, register
+from interpret.annotation.base import (UNIT_CHUNK, RepresentativeAnnotator, check_fraction, check_positive_int,
+                                       register)
 from interpret.annotation.www import topk_representatives
 
 __all__ = ["Mammi", "MammiFloor", "adaptive_representatives", "floor_representatives"]
@@ -79,7 +80,7 @@ class Mammi(RepresentativeAnnotator):
         unit_chunk: units processed together (bounds memory to ``unit_chunk * N`` booleans).
     """
 
-    def __init__(self, alpha: float = 0.93, unit_chunk: int = 256) -> None:
+    def __init__(self, alpha: float = 0.93, unit_chunk: int = UNIT_CHUNK) -> None:
         super().__init__(unit_chunk)
         self.alpha = check_fraction(alpha, "alpha")
 
@@ -102,7 +103,7 @@ class MammiFloor(Mammi):
         unit_chunk: units processed together.
     """
 
-    def __init__(self, alpha: float = 0.93, min_images: int = 10, unit_chunk: int = 256) -> None:
+    def __init__(self, alpha: float = 0.93, min_images: int = 10, unit_chunk: int = UNIT_CHUNK) -> None:
         super().__init__(alpha, unit_chunk)
         self.min_images = check_positive_int(min_images, "min_images")
 

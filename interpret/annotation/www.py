@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from interpret.annotation.base import RepresentativeAnnotator, check_positive_int, register
+from interpret.annotation.base import UNIT_CHUNK, RepresentativeAnnotator, check_positive_int, register
 
 __all__ = ["Www", "topk_representatives"]
 
@@ -40,7 +40,7 @@ class Www(RepresentativeAnnotator):
         unit_chunk: units processed together.
     """
 
-    def __init__(self, top_k: int = 40, unit_chunk: int = 256) -> None:
+    def __init__(self, top_k: int = 40, unit_chunk: int = UNIT_CHUNK) -> None:
         super().__init__(unit_chunk)
         self.top_k = check_positive_int(top_k, "top_k")
 
