@@ -34,6 +34,6 @@ run() {  # cap seconds, then the command; prints the command's last line (its JS
   if [ -n "$out" ]; then echo "$out"; else echo "{\"bench\": \"$2\", \"failed\": true, \"cap_s\": $cap, \"stderr\": $(tail -c 400 /tmp/gpu_check.err | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}"; fi
   return 0
 }
-run 90 "$PY" benchmarks/concept_bench.py --full --device cuda
+run 90 "$PY" benchmarks/concept_bench.py --full --device cuda --loop-units 64
 run 60 "$PY" benchmarks/dwarf_bench.py --device cuda
 run 120 "$PY" benchmarks/serve_bench.py
