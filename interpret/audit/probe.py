@@ -30,12 +30,13 @@ class Probe:
         return int(self.images.shape[-1])
 
 
-def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
+def file_fingerprint(path: Path, chunk: int = 1 << 20, length: int | None = 16) -> str:
+    """SHA-256 hex of a file's bytes, its first ``length`` characters (None: all 64)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:length]
 
 
 def load_probe(manifest: Path, classes: Sequence[str], image_size: int, split: str, max_images: int,

@@ -26,30 +26,29 @@ USE_TAGS = ("intended_use", "intended_users", "provider")  # version tags (state
 _LINK = re.compile(r"\n?Model card: .*$", re.MULTILINE)
 
 
-def data_tags(manifest: str | os.PathLike) -> dict[str, str]:
-    """``data.manifest_sha256`` and ``data.sources`` (JSON: images per ``source``) of a training manifest."""
-    import hashlib
-
+def manifest_sources(manifest: str | os.PathLike) -> dict[str, int]:
+    """Images per ``source`` of a manifest ({} when it has no such column)."""
     import pandas as pd
 
-    path = Path(manifest)
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    sources: dict[str, int] = {}
     try:
-        col = pd.read_parquet(path, columns=["source"])["source"]
-        sources = {str(k): int(v) for k, v in col.fillna("unknown").value_counts().items()}
+        col = pd.read_parquet(manifest, columns=["source"])["source"]
     except Exception:  # noqa: BLE001 - a manifest without the column: sources not known
-        pass
-    return {"data.manifest_sha256": h.hexdigest(), "data.sources": json.dumps(sources, sort_keys=True)}
+        return {}
+    return {str(k): int(v) for k, v in col.fillna("unknown").value_counts().items()}
+
+
+def data_tags(manifest: str | os.PathLike) -> dict[str, str]:
+    """``data.manifest_sha256`` and ``data.sources`` (JSON: images per ``source``) of a training manifest."""
+    from interpret.audit.probe import file_fingerprint
+
+    return {"data.manifest_sha256": file_fingerprint(Path(manifest), length=None),
+            "data.sources": json.dumps(manifest_sources(manifest), sort_keys=True)}
 
 
 def _sources_of(manifest: str | None) -> dict[str, int] | None:
     if not manifest or not Path(manifest).is_file():
         return None
-    return json.loads(data_tags(manifest)["data.sources"]) or None
+    return manifest_sources(manifest) or None
 
 
 def training_facts(client, run_id: str | None) -> dict[str, Any]:
