@@ -59,9 +59,10 @@ def _concepts(core: ExplanationService) -> JSONResponse:
         return _error(exc, core)
 
 
-def _read(path: Path | None) -> bytes | None:
+def _read(path: Path | None, is_input: bool = True) -> bytes | None:
     data = None if path is None else Path(path).read_bytes()
-    note_request(data)  # its size and SHA-256 go into the request's record, never its name
+    if is_input:
+        note_request(data)  # the image's size and SHA-256 go into the request's record, never its name
     return data
 
 
@@ -129,7 +130,7 @@ class CXRExplainer:
         ``judgement`` (on / off the finding) of the ``method``'s map; returns its id."""
         try:
             return _ok(self.core.feedback(finding=finding, image=_read(image), image_sha256=image_sha256,  # type: ignore[return-value]
-                                          boxes=boxes, mask=_read(mask), mask_png=mask_png, author=author,
+                                          boxes=boxes, mask=_read(mask, is_input=False), mask_png=mask_png, author=author,
                                           judgement=judgement, method=method))
         except ServingError as exc:
             return _error(exc, self.core)  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mlflow_projects.serving.records import read_records, verify_records
-from tests.service.helpers import bentoml_serve, png_bytes
+from tests.service.helpers import bentoml_serve, mask_png_bytes, png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -111,6 +111,20 @@ def test_no_phi_of_the_dicom_fixtures_in_any_record(served, real_fixtures):
     time.sleep(0.5)
     for s in secrets:
         assert s not in log_path.read_text(errors="replace"), f"PHI {s!r} in the server log"
+
+
+def test_a_feedback_with_image_and_mask_records_the_image_not_the_mask(served):
+    import hashlib
+
+    client, folder, _, _ = served
+    img = png_bytes(72, 64, seed=7)
+    r = client.post("/feedback", files={"image": ("a.png", img, "image/png"),
+                                        "mask": ("m.png", mask_png_bytes(72, 64), "image/png")},
+                    data={"finding": "Effusion"})
+    assert r.status_code == 200, r.text[:300]
+    rec = next(x for x in read_records(folder) if x["request_id"] == r.headers["x-request-id"])
+    assert rec["input"]["bytes"] == len(img) and rec["input"]["sha256"] == hashlib.sha256(img).hexdigest()
+    assert rec["feedback_id"] == r.json()["id"]
 
 
 def test_sigkill_mid_burst_leaves_parseable_files_with_every_answer_recorded(served):
