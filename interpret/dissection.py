@@ -409,11 +409,16 @@ def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: 
                         q: float = 0.01, quantile: str = "exact", bins: int = 2048,
                         iou_threshold: float = 0.04, masks: torch.Tensor | None = None,
                         image_ids: Sequence[str] | None = None, batch_size: int = 16,
-                        unit_chunk: int = 64, connectivity: int = 1) -> DissectionResult:
+                        unit_chunk: int = 64, connectivity: int = 1,
+                        exact_budget_bytes: int = 1 << 62) -> DissectionResult:
     """Dissection from precomputed feature maps (e.g. the audit's probing features).
 
     Args:
-        activations: (N, C, h, w).
+        activations: (N, C, h, w): a tensor, an array, or an object with ``shape``, ``dim()`` and slicing
+            that returns tensors (the audit's on-disk :class:`interpret.audit.store.SpillArray`, read in
+            ``batch_size`` slices).
+        exact_budget_bytes: under ``quantile="auto"``, exact quantiles while the maps fit in this many bytes
+            (they are then held in memory), else the streaming histogram.
         boxes: per image (K_i, 4) xyxy in pixels of the ``image_size`` image.
         box_labels: per image (K_i,) class indices.
         classes: class names.
@@ -425,7 +430,8 @@ def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: 
     Returns:
         A :class:`DissectionResult`.
     """
-    acts = torch.as_tensor(activations)
+    acts = activations if hasattr(activations, "dim") and hasattr(activations, "shape") else torch.as_tensor(
+        activations)
     if acts.dim() != 4 or len(boxes) != acts.shape[0] or len(box_labels) != acts.shape[0]:
         raise ValueError(f"need activations (N, C, h, w) and N boxes / box_labels; got "
                          f"{tuple(acts.shape)}, {len(boxes)}, {len(box_labels)}")
@@ -439,4 +445,4 @@ def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: 
                    masks[s:e] if masks is not None else None, size, ids[s:e])
 
     return _run(factory, classes, q, quantile, bins, iou_threshold, unit_chunk, connectivity,
-                1 << 62, acts.shape[0], {"layer": None})
+                exact_budget_bytes, acts.shape[0], {"layer": None})
