@@ -12,8 +12,24 @@ loss          a+                                       a-                       
 ``bce``       1                                        1                                        0
 ``wbce``      N- / N                                   N+ / N                                   0
 ``focal``     alpha (.25)                              1 - alpha                                2
-``cb_focal``  (1 - beta) / (1 - beta^N+)  (beta .9999)  (1 - beta) / (1 - beta^N-)               2
+``cb_focal``  w+ / (w+ + w-)  (beta .9999)            w- / (w+ + w-)                           2
 ============  =======================================  =======================================  =====
+
+with the class-balanced weights of Cui et al. ``w+ = (1 - beta) / (1 - beta^N+)``,
+``w- = (1 - beta) / (1 - beta^N-)``.
+
+**CB-Focal scaling** (``normalize``): DESIGN.md writes the raw weights ``a+ = w+``, ``a- = w-``. With
+NIH-like counts (thousands of positives, tens of thousands of negatives, beta .9999) they are about 1e-4,
+so the loss is about 2e-5 and the median parameter gradient about 1e-8: half the gradients fall below
+Adam's eps and the coupled L2 term (weight decay 1e-6) outweighs them, so that arm barely trains. The
+authors' released code (imba-explain ``ClassBalancedLoss.receive_data_dist_info``) normalises the pair:
+``alpha = (1 - beta^N-) / (1 - beta^N+)`` (= w+ / w-), ``alpha /= 1 + alpha``, and uses
+``a+ = alpha``, ``a- = 1 - alpha`` (the mmcls sigmoid focal loss with a per-class alpha). That is the
+default here (``normalize="authors"``); the ratio ``a+ / a-`` is the same as the raw form's, only the
+scale differs. ``normalize="raw"`` keeps DESIGN.md's raw weights. One departure from the authors'
+configuration: their configs multiply the CB-Focal loss by ``loss_weight=50`` (and Focal by 10);
+here every loss has scale 1 (under Adam a constant factor only moves the gradients relative to eps and
+weight decay).
 
 N+ and N- are the positive and negative counts per class of the *training split*; counts of 0 are
 treated as 1 (that class never occurs with that label during training, so the weight is unused). The
@@ -37,10 +53,13 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["cost_sensitive_bce", "bce_loss", "wbce_loss", "focal_loss", "cb_focal_loss", "class_balanced_weights",
-           "CostSensitiveLoss", "BCELoss", "WBCELoss", "FocalLoss", "CBFocalLoss", "create_loss", "list_losses"]
+           "cb_focal_weights", "CB_NORMALIZATIONS", "CostSensitiveLoss", "BCELoss", "WBCELoss", "FocalLoss", "CBFocalLoss", "create_loss", "list_losses"]
 
 Counts = Sequence[float] | np.ndarray | torch.Tensor
 _REDUCTIONS = ("mean", "sum", "none")
+#: Scalings of the CB-Focal class weights: ``authors`` (imba-explain, normalised pair, the default) and ``raw``
+#: (DESIGN.md's ``(1 - beta) / (1 - beta^N)``).
+CB_NORMALIZATIONS = ("authors", "raw")
 
 
 # ---- functional form ---------------------------------------------------------------------------
@@ -134,12 +153,49 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
     return cost_sensitive_bce(logits, targets, alpha, 1.0 - alpha, gamma, reduction)
 
 
+def cb_focal_weights(pos_counts: Counts, neg_counts: Counts, beta: float = 0.9999,
+                     normalize: str = "authors") -> tuple[torch.Tensor, torch.Tensor]:
+    """Class weights ``(a+, a-)`` of CB-Focal (Cui et al. 2019; Khakzar et al.).
+
+    Args:
+        pos_counts, neg_counts: (C,) positives / negatives per class of the training split (0 -> 1).
+        beta: effective-number hyper-parameter in [0, 1).
+        normalize: ``"authors"`` (default): ``a+ = w+ / (w+ + w-)``, ``a- = w- / (w+ + w-)``, computed as the
+            imba-explain code does (``alpha = (1 - beta^N-) / (1 - beta^N+)``, ``alpha / (1 + alpha)``);
+            ``"raw"``: DESIGN.md's ``a+ = w+ = (1 - beta) / (1 - beta^N+)``, ``a- = w-``.
+
+    Returns:
+        ``(a_pos, a_neg)``, each (C,) float32; with ``"authors"`` they sum to 1 per class.
+
+    Raises:
+        ValueError: unknown ``normalize`` (valid ones listed), bad beta or counts, lengths that differ.
+
+    Example:
+        >>> a_pos, a_neg = cb_focal_weights([2000], [84000])
+        >>> round(float(a_pos[0]), 3), round(float(a_neg[0]), 3)
+        (0.847, 0.153)
+    """
+    if normalize not in CB_NORMALIZATIONS:
+        raise ValueError(f"unknown CB-Focal normalize {normalize!r}; valid: {', '.join(CB_NORMALIZATIONS)}")
+    w_pos, w_neg = class_balanced_weights(pos_counts, beta), class_balanced_weights(neg_counts, beta)
+    if w_pos.shape != w_neg.shape:
+        raise ValueError(f"pos_counts ({w_pos.numel()}) and neg_counts ({w_neg.numel()}) differ in length")
+    if normalize == "raw":
+        return w_pos, w_neg
+    b = torch.tensor(beta, dtype=torch.float64)
+    n_pos = _counts(pos_counts, "pos_counts").clamp(min=1)
+    n_neg = _counts(neg_counts, "neg_counts").clamp(min=1)
+    alpha = (1 - torch.pow(b, n_neg)) / (1 - torch.pow(b, n_pos))   # w+ / w-
+    alpha = alpha / (1 + alpha)                                       # w+ / (w+ + w-)
+    return alpha.float(), (1 - alpha).float()
+
+
 def cb_focal_loss(logits: torch.Tensor, targets: torch.Tensor, pos_counts: Counts, neg_counts: Counts,
-                  beta: float = 0.9999, gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
-    """Class-balanced focal loss: a+ = (1-beta)/(1-beta^N+), a- = (1-beta)/(1-beta^N-) (Cui et al. 2019)."""
-    a_pos = class_balanced_weights(pos_counts, beta).to(logits.device)
-    a_neg = class_balanced_weights(neg_counts, beta).to(logits.device)
-    return cost_sensitive_bce(logits, targets, a_pos, a_neg, gamma, reduction)
+                  beta: float = 0.9999, gamma: float = 2.0, reduction: str = "mean",
+                  normalize: str = "authors") -> torch.Tensor:
+    """Class-balanced focal loss with the weights of :func:`cb_focal_weights` (``normalize`` there)."""
+    a_pos, a_neg = cb_focal_weights(pos_counts, neg_counts, beta, normalize)
+    return cost_sensitive_bce(logits, targets, a_pos.to(logits.device), a_neg.to(logits.device), gamma, reduction)
 
 
 # ---- modules -------------------------------------------------------------------------------------
@@ -206,17 +262,23 @@ class FocalLoss(CostSensitiveLoss):
 
 
 class CBFocalLoss(CostSensitiveLoss):
-    """w+ = (1-beta)/(1-beta^N+) (1-p)^gamma, w- = (1-beta)/(1-beta^N-) p^gamma."""
+    """a+ (1-p)^gamma, a- p^gamma with ``(a+, a-)`` from :func:`cb_focal_weights`.
+
+    ``normalize="authors"`` (default): the imba-explain normalised pair ``w+ / (w+ + w-)``,
+    ``w- / (w+ + w-)``; ``normalize="raw"``: DESIGN.md's ``(1-beta)/(1-beta^N+)``, ``(1-beta)/(1-beta^N-)``.
+    """
 
     name = "cb_focal"
 
     def __init__(self, pos_counts: Counts, neg_counts: Counts, beta: float = 0.9999, gamma: float = 2.0,
-                 reduction: str = "mean") -> None:
-        a_pos, a_neg = class_balanced_weights(pos_counts, beta), class_balanced_weights(neg_counts, beta)
-        if a_pos.shape != a_neg.shape:
-            raise ValueError(f"pos_counts ({a_pos.numel()}) and neg_counts ({a_neg.numel()}) differ in length")
+                 reduction: str = "mean", normalize: str = "authors") -> None:
+        a_pos, a_neg = cb_focal_weights(pos_counts, neg_counts, beta, normalize)
         super().__init__(a_pos, a_neg, gamma, reduction)
         self.beta = float(beta)
+        self.normalize = normalize
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}, normalize={self.normalize!r}"
 
 
 _LOSSES: dict[str, type[CostSensitiveLoss]] = {"bce": BCELoss, "wbce": WBCELoss, "focal": FocalLoss,
@@ -237,7 +299,8 @@ def create_loss(name: str, pos_counts: Counts | None = None, neg_counts: Counts 
         name: one of :func:`list_losses`.
         pos_counts, neg_counts: (C,) positives / negatives per class in the training split (required
             by ``wbce`` and ``cb_focal``, ignored by the others).
-        **kwargs: ``alpha``/``gamma`` (focal), ``beta``/``gamma`` (cb_focal), ``reduction``.
+        **kwargs: ``alpha``/``gamma`` (focal), ``beta``/``gamma``/``normalize`` (cb_focal: ``"authors"`` by
+            default, ``"raw"``; see :func:`cb_focal_weights`), ``reduction``.
 
     Raises:
         ValueError: unknown name (lists valid ones) or missing counts.
