@@ -384,7 +384,7 @@ def build_concept_set(name: str, reports: Sequence[str], *, max_concepts: int | 
 def concept_incidence(reports: Sequence[str], concepts: Sequence[str], *, affirmed_only: bool = True,
                       stop_words: Iterable[str] | None = None, nlp: Any = None,
                       batch_size: int = 64) -> np.ndarray:
-    """Which concepts each report mentions: the ``report_concepts`` input of the ``falcon`` method.
+    """Which concepts each report mentions: the ``report_concepts`` input of the ``falcon_simplified`` method.
 
     Args:
         reports: R report texts; concepts: M concept names (as in a :func:`mine_concepts` table).

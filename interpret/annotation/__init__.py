@@ -9,7 +9,8 @@ template_embedding (d,) | None, **params) -> scores (U, M)`` and ``select_concep
   ``min_images`` (10) images, so no varying unit rests on fewer images. Same score.
 - ``www`` (:mod:`.www`): fixed top-k (40) representatives, same score.
 - ``clip_dissect`` (:mod:`.clip_dissect`): soft-WPMI (``top_k`` 100, ``a`` 10, ``lam`` 1, p .998 -> .97).
-- ``falcon`` (:mod:`.falcon`): top images -> nearest reports -> their concepts (needs
+- ``falcon_simplified`` (:mod:`.falcon_simplified`): not the paper's FALCON (whole images, one nearest
+  report, no caption-word scoring): top images -> nearest reports -> their concepts (needs
   ``report_embeddings``, ``report_concepts``).
 - ``tsi`` (:mod:`.tsi`): dissection IoU table (``iou``), best concept above 0.04.
 
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from interpret.annotation import clip_dissect, falcon, mammi, tsi, www  # noqa: F401  (registers methods)
+from interpret.annotation import clip_dissect, falcon_simplified, mammi, tsi, www  # noqa: F401  (registers methods)
 from interpret.annotation.base import get_annotator, list_methods, score_margin, select_concepts
 from interpret.annotation.evidence import DEFAULT_MIN_EVIDENCE, evidence_summary, served_unit_concepts
 
@@ -47,7 +48,7 @@ def concept_scores(method: str, activations: Any, image_embeddings: Any, concept
     """Unit-concept scores of one annotation method.
 
     Args:
-        method: one of :func:`list_methods` (``mammi``, ``www``, ``clip_dissect``, ``falcon``, ``tsi``).
+        method: one of :func:`list_methods` (``mammi``, ``www``, ``clip_dissect``, ``falcon_simplified``, ``tsi``).
         activations: (N, U) activations pooled per unit over N probing images.
         image_embeddings: (N, d) image embeddings of the same probing images (L2-normalised; they are
             re-normalised here so the scores are exact cosines). Unused by ``tsi`` (may be None).
@@ -78,7 +79,7 @@ def annotate(method: str, activations: Any, image_embeddings: Any, concept_embed
         method, activations, image_embeddings, concept_embeddings, template_embedding, **params: as in
             :func:`concept_scores`.
         concepts: the M concept names (indices are reported when None).
-        beta: relative threshold; default per method (0.95 for ``mammi``/``www``/``falcon``, 1.0, i.e. the
+        beta: relative threshold; default per method (0.95 for ``mammi``/``www``/``falcon_simplified``, 1.0, i.e. the
             best concept only, for ``clip_dissect`` and ``tsi``).
         layer: layer name written into the ``layer`` column.
         min_evidence: an annotation resting on fewer probing images is marked insufficient (10).

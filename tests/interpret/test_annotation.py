@@ -42,10 +42,10 @@ def _reference_mammi(acts, v, t, tem, alpha=0.93):
 
 
 def test_registry_and_lazy_export():
-    assert list_methods() == ["clip_dissect", "falcon", "mammi", "mammi_floor", "tsi", "www"]
+    assert list_methods() == ["clip_dissect", "falcon_simplified", "mammi", "mammi_floor", "tsi", "www"]
     assert interpret.concept_scores is concept_scores and interpret.select_concepts is select_concepts
     acts, v, t, tem = _random()
-    with pytest.raises(ValueError, match="valid: clip_dissect, falcon, mammi, mammi_floor, tsi, www"):
+    with pytest.raises(ValueError, match="valid: clip_dissect, falcon_simplified, mammi, mammi_floor, tsi, www"):
         concept_scores("netdissect", acts, v, t, tem)
     with pytest.raises(ValueError, match="alpha"):
         concept_scores("mammi", acts, v, t, tem, alpha=1.5)
@@ -142,24 +142,24 @@ def test_clip_dissect_matches_reference_loop():
     assert all(len(c) >= 1 for c in table["indices"])  # best concept kept even with a negative score
 
 
-def test_falcon_hand_worked():
+def test_falcon_simplified_hand_worked():
     # 4 images; reports 0 ("nodule") and 1 ("mass", "lung"); image embeddings equal to report embeddings.
     e = _unit([[1.0, 0.0], [0.0, 1.0]])
     v = _unit([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
-    t = _unit([[1.0, 1.0], [1.0, -1.0], [0.5, 1.0]])  # concept embeddings are not used by falcon's score
+    t = _unit([[1.0, 1.0], [1.0, -1.0], [0.5, 1.0]])  # concept embeddings are not used by falcon_simplified's score
     acts = torch.tensor([[9.0], [8.0], [1.0], [0.0]])  # unit loves images 0, 1 (report 0)
-    s = concept_scores("falcon", acts, v, t, report_embeddings=e, report_concepts=[[0], [1, 2]], top_k=2,
+    s = concept_scores("falcon_simplified", acts, v, t, report_embeddings=e, report_concepts=[[0], [1, 2]], top_k=2,
                        contrastive=False)
     torch.testing.assert_close(s, torch.tensor([[1.0, 0.0, 0.0]]))
-    s = concept_scores("falcon", acts, v, t, report_embeddings=e, report_concepts=[[0], [1, 2]], top_k=2)
+    s = concept_scores("falcon_simplified", acts, v, t, report_embeddings=e, report_concepts=[[0], [1, 2]], top_k=2)
     torch.testing.assert_close(s, torch.tensor([[1.0, -1.0, -1.0]]))
     inc = torch.tensor([[1.0, 0, 0], [0, 1, 1]])
-    torch.testing.assert_close(concept_scores("falcon", acts, v, t, report_embeddings=e, report_concepts=inc,
+    torch.testing.assert_close(concept_scores("falcon_simplified", acts, v, t, report_embeddings=e, report_concepts=inc,
                                               top_k=2), s)
     with pytest.raises(ValueError, match="report_embeddings"):
-        concept_scores("falcon", acts, v, t)
+        concept_scores("falcon_simplified", acts, v, t)
     with pytest.raises(ValueError, match="outside"):
-        concept_scores("falcon", acts, v, t, report_embeddings=e, report_concepts=[[0], [7]])
+        concept_scores("falcon_simplified", acts, v, t, report_embeddings=e, report_concepts=[[0], [7]])
 
 
 def test_tsi_from_iou_table():
@@ -246,11 +246,11 @@ def test_score_margin_rules():
 
 @pytest.mark.parametrize("method,params,expected", [
     ("www", {"top_k": 7}, 7), ("www", {"top_k": 500}, 60), ("clip_dissect", {"top_k": 12}, 12),
-    ("falcon", {"top_k": 5}, 5), ("tsi", {}, 60)])
+    ("falcon_simplified", {"top_k": 5}, 5), ("tsi", {}, 60)])
 def test_evidence_of_fixed_size_methods(method, params, expected):
     acts, v, t, tem = _random(n=60, u=4, m=3)
     acts[:, 3] = 2.0  # a constant unit rests on no images
-    if method == "falcon":
+    if method == "falcon_simplified":
         params = {**params, "report_embeddings": v[:10], "report_concepts": [[j % 3] for j in range(10)]}
     if method == "tsi":
         params = {"iou": torch.rand(4, 3)}
@@ -325,3 +325,15 @@ def test_evidence_summary():
     same = pd.DataFrame({"evidence": [1, 1, 5], "scores": [[0.39741], [0.39741], [0.2]], "margin": [0.1, 0.1, 0.0]})
     assert evidence_summary(same)["n_distinct_scores"] == 2
     assert evidence_summary(same.iloc[:0])["evidence_min"] is None
+
+
+def test_simplified_falcon_goes_by_its_own_name():
+    """Issue 14 defect 5: the whole-image, one-report variant is not the paper's FALCON, so no method is called
+    plain ``falcon``; the name and the docstring say what it leaves out."""
+    from interpret.annotation import falcon_simplified, get_annotator
+
+    assert "falcon" not in list_methods() and "falcon_simplified" in list_methods()
+    with pytest.raises(ValueError, match="unknown annotation method 'falcon'"):
+        get_annotator("falcon")
+    doc = falcon_simplified.__doc__
+    assert "not** the paper's FALCON" in doc and "crops" in doc and "0.25" in doc

@@ -1,6 +1,13 @@
-"""FALCON (Kalibhat et al., ICCV 2023) in the report-based form the MAMMI paper compares against
-(FALCON_M): a unit's top-activating images retrieve their closest reports by CLIP similarity, and the
-concepts mentioned in those reports describe the unit.
+"""``falcon_simplified``: a simplified, report-based variant of FALCON (Kalibhat et al., ICCV 2023), after the
+FALCON_M baseline of the MAMMI paper: a unit's top-activating images retrieve their closest reports by CLIP
+similarity, and the concepts mentioned in those reports describe the unit.
+
+It is **not** the paper's FALCON, and is named apart for that reason. Departures from FALCON: whole images
+instead of crops of the images around the unit's activation; ``reports_per_image`` (1) nearest report
+instead of a set of nearest captions per crop; no scoring of the retrieved captions' words by their CLIP
+similarity to the crops (a concept scores by its similarity-weighted frequency among the retrieved
+reports); the concepts are selected with MAMMI's relative ``beta`` rule, not MAMMI's 0.25 threshold for
+FALCON.
 
 Score of concept ``j`` for unit ``i``::
 
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 
 from interpret.annotation.base import Annotator, as_tensor, check_positive_int, register
 
-__all__ = ["Falcon", "incidence_matrix"]
+__all__ = ["FalconSimplified", "incidence_matrix"]
 
 
 def incidence_matrix(report_concepts: Any, num_reports: int, num_concepts: int) -> torch.Tensor:
@@ -54,9 +61,9 @@ def incidence_matrix(report_concepts: Any, num_reports: int, num_concepts: int) 
     return c
 
 
-@register("falcon")
-class Falcon(Annotator):
-    """FALCON_M scores (see module docstring).
+@register("falcon_simplified")
+class FalconSimplified(Annotator):
+    """Simplified FALCON_M scores (see module docstring; not the paper's FALCON).
 
     Args:
         report_embeddings: (R, d) report embeddings.
@@ -70,7 +77,7 @@ class Falcon(Annotator):
                  reports_per_image: int = 1, contrastive: bool = True, unit_chunk: int = 128) -> None:
         super().__init__(unit_chunk)
         if report_embeddings is None or report_concepts is None:
-            raise ValueError("falcon needs report_embeddings (R, d) and report_concepts ((R, M) or R index lists)")
+            raise ValueError("falcon_simplified needs report_embeddings (R, d) and report_concepts ((R, M) or R index lists)")
         self.reports = as_tensor(report_embeddings, "report_embeddings", 2)
         self.report_concepts = report_concepts
         self.top_k = check_positive_int(top_k, "top_k")
