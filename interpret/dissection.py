@@ -27,6 +27,30 @@ For one layer with C units:
    plus polygons / mask files); the unit's label is its best concept when that IoU exceeds 0.04.
    Intersections for all units and concepts are one matrix product per image.
 
+**Protocols** (``protocol=``). ``"paper"`` (default) is the counting above: NetDissect's dataset-wide
+quantile of the low-resolution activations, ``>``, 4-connected components that *overlap* a box of the class,
+counted per class over the images with a box of that class. ``"authors_code"`` reproduces how the
+authors' released code (imba-explain ``ConceptDetector.detect``, config ``count_concepts.py``) counts, which
+differs in five places:
+
+- the quantile is taken **per batch** (their loaders: 128 images for T-DenseNet, 64 for ResNet50), over the
+  **upsampled** maps (bilinear, ``align_corners=False``), with ``torch.quantile``'s linear interpolation;
+- the map is thresholded with ``>=``;
+- the thresholded map is **clipped to the union of all boxes** of the image (``binary_mask *= boxes``), and
+  its pieces are counted as OpenCV **contours** (``cv2.findContours(RETR_TREE)``): every 8-connected piece
+  has an outer contour and every hole (a 4-connected background region enclosed by it) one more; computed
+  here with ``scipy.ndimage`` (equal to OpenCV's count, tested where OpenCV is installed);
+- Disjoint of an image = contours over all channels, Unique = channels with at least one contour, both over
+  the union of *all* its boxes; that per-image count is appended once **per box label** of the image (an
+  image with two boxes of a class counts twice for it), and the global figure averages all those entries
+  (``overall["n_images"]`` is then the number of (image, box) entries);
+- no IoU (``iou`` is NaN, no unit labels).
+
+Two things are not reproduced: the authors rasterise boxes with integer slicing ``[y1:y2, x1:x2]`` where
+this library uses :func:`interpret.localization.boxes_to_mask`, and their ResNet50 counts are taken on
+``layer3.5`` (14 x 14 at 224 px; T-DenseNet on ``features.norm5``, 28 x 28) where the study dissects the
+model's ``feature_layer`` unless ``layer=`` is given.
+
 Example:
     >>> res = dissect(model, "phantom/manifest.parquet", q=0.01, image_size=224)  # doctest: +SKIP
     >>> res.per_class[["disjoint", "unique"]]                                      # doctest: +SKIP
@@ -51,10 +75,12 @@ from interpret.localization import boxes_to_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DissectionResult", "dissect", "dissect_activations", "unit_thresholds",
-           "QUANTILE_METHODS"]
+__all__ = ["DissectionResult", "dissect", "dissect_activations", "unit_thresholds", "count_contours",
+           "QUANTILE_METHODS", "PROTOCOLS"]
 
 QUANTILE_METHODS = ("exact", "histogram", "auto")
+#: Counting protocols: the paper's (NetDissect) and the authors' released code's (see the module docstring).
+PROTOCOLS = ("paper", "authors_code")
 
 # A batch for the counting step: activations (B, C, h, w), boxes per image (K_i, 4) xyxy in image
 # pixels, box labels per image (K_i,), optional concept masks (B, K, H, W), image size (H, W), ids.
@@ -196,11 +222,13 @@ class _Counter:
         self.area_l = np.zeros(self.K)
         self.detect = np.zeros((self.C, self.K), bool)                     # unit ever hit class k
         self.rows: list[tuple[str, int, int, int]] = []                    # id, class(-1=any), comps, units
+        self.map_size: tuple[int, ...] = ()
 
     def add(self, acts: torch.Tensor, boxes: list, box_labels: list, masks: torch.Tensor | None,
             size: tuple[int, int], ids: list[str]) -> None:
         H, W = size
         acts = acts.float()
+        self.map_size = tuple(int(v) for v in acts.shape[-2:])
         thr = self.thr.to(acts.device)
         # bilinear upsampling is a convex combination of low-resolution values, so a unit whose
         # low-resolution map never exceeds T_u has no pixel above it: only the others are upsampled,
@@ -263,6 +291,120 @@ class _Counter:
                 self.rows.append((ids[i], -1, comps_any, units_any))
 
 
+# ---------------------------------------------------------------------------------- authors' code
+_S8 = np.zeros((3, 3, 3), bool)
+_S8[1] = ndimage.generate_binary_structure(2, 2)                          # 8-connected, no links across planes
+_S4 = np.zeros((3, 3, 3), bool)
+_S4[1] = ndimage.generate_binary_structure(2, 1)                          # 4-connected background
+
+
+def count_contours(masks: np.ndarray) -> np.ndarray:
+    """Number of contours OpenCV's ``findContours(mask, RETR_TREE, ...)`` returns, per plane.
+
+    Every 8-connected foreground piece has one outer contour and every hole (a 4-connected background region
+    that does not reach the image border) one inner contour (Suzuki & Abe 1985, OpenCV's convention).
+
+    Args:
+        masks: (P, H, W) boolean planes (counted independently).
+
+    Returns:
+        (P,) int64 contour counts.
+    """
+    m = np.asarray(masks, bool)
+    if m.ndim != 3:
+        raise ValueError(f"count_contours needs (P, H, W) planes, got shape {m.shape}")
+    P = m.shape[0]
+    out = np.zeros(P, np.int64)
+    if P == 0 or not m.any():
+        return out
+    fg, n_fg = ndimage.label(m, structure=_S8)
+    if n_fg:
+        first = np.unique(fg.reshape(P, -1), axis=None, return_index=True)
+        ids, pos = first
+        plane = pos[ids > 0] // (m.shape[1] * m.shape[2])
+        out += np.bincount(plane, minlength=P)
+    bg, n_bg = ndimage.label(~m, structure=_S4)
+    if n_bg:
+        ids, pos = np.unique(bg.reshape(P, -1), return_index=True)
+        keep = ids > 0
+        ids, plane = ids[keep], pos[keep] // (m.shape[1] * m.shape[2])
+        border = np.zeros(n_bg + 1, bool)
+        for edge in (bg[:, 0, :], bg[:, -1, :], bg[:, :, 0], bg[:, :, -1]):
+            border[np.unique(edge)] = True
+        holes = ~border[ids]
+        out += np.bincount(plane[holes], minlength=P)
+    return out
+
+
+def _linear_quantile(values: torch.Tensor, p: float) -> torch.Tensor:
+    """(C, n) -> (C,) ``torch.quantile(values, p, dim=1)`` (linear interpolation), without its size limit."""
+    n = values.shape[1]
+    pos = p * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    v_lo = values.kthvalue(lo + 1, dim=1).values
+    v_hi = values.kthvalue(hi + 1, dim=1).values if hi != lo else v_lo
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+class _AuthorsCounter:
+    """imba-explain's ``ConceptDetector.detect`` counting (``count_disjoint=True`` and its Unique twin)."""
+
+    def __init__(self, q: float, num_classes: int, unit_chunk: int):
+        self.q, self.K, self.unit_chunk = q, num_classes, max(1, int(unit_chunk))
+        self.rows: list[tuple[str, int, int, int]] = []
+        self.detect: np.ndarray | None = None
+        self.map_size: tuple[int, ...] = ()
+        self.thresholds: list[np.ndarray] = []                            # per batch (C,)
+
+    def add(self, acts: torch.Tensor, boxes: list, box_labels: list, masks, size: tuple[int, int],
+            ids: list[str]) -> None:
+        H, W = size
+        acts = acts.float()
+        B, C = acts.shape[:2]
+        self.map_size = tuple(int(v) for v in acts.shape[-2:])
+        if self.detect is None:
+            self.detect = np.zeros((C, self.K), bool)
+        union = np.stack([boxes_to_mask(np.asarray(b, np.float32).reshape(-1, 4), (H, W)) for b in boxes])  # (B, H, W)
+        contours = np.zeros((B, C), np.int64)
+        thr_all = np.zeros(C)
+        for c0 in range(0, C, self.unit_chunk):
+            up = F.interpolate(acts[:, c0:c0 + self.unit_chunk], size=(H, W), mode="bilinear",
+                               align_corners=False)                        # (B, Cc, H, W)
+            Cc = up.shape[1]
+            thr = _linear_quantile(up.transpose(0, 1).reshape(Cc, -1), 1.0 - self.q)   # (Cc,) per batch
+            thr_all[c0:c0 + Cc] = thr.cpu().numpy()
+            on = (up >= thr.view(1, Cc, 1, 1)).cpu().numpy() & union[:, None]           # (B, Cc, H, W)
+            for i in range(B):
+                if not union[i].any():
+                    continue
+                ys, xs = np.nonzero(union[i])
+                crop = on[i][:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]   # zeros outside: same count
+                contours[i, c0:c0 + Cc] = count_contours(crop)
+        self.thresholds.append(thr_all)
+        for i in range(B):
+            labs = np.asarray(box_labels[i]).reshape(-1).astype(int)
+            disjoint, unique = int(contours[i].sum()), int((contours[i] > 0).sum())
+            for k in labs.tolist():                                        # once per box label, repeats kept
+                self.rows.append((ids[i], k, disjoint, unique))
+                self.rows.append((ids[i], -1, disjoint, unique))
+                self.detect[contours[i] > 0, k] = True
+
+
+def _authors_result(counter: _AuthorsCounter, classes: Sequence[str], params: dict) -> DissectionResult:
+    C = counter.detect.shape[0] if counter.detect is not None else 0
+    counter.inter = np.zeros((C, len(classes)))
+    counter.area_t, counter.area_l = np.zeros(C), np.zeros(len(classes))
+    if counter.detect is None:
+        counter.detect = np.zeros((0, len(classes)), bool)
+    thr = np.mean(counter.thresholds, 0) if counter.thresholds else np.zeros(0)
+    spread = np.ptp(counter.thresholds, 0) if counter.thresholds else np.zeros(0)
+    res = _result(counter, classes, thr, spread, float("inf"), params)
+    res.iou = np.full_like(res.iou, np.nan)
+    res.unit_concepts = res.unit_concepts.assign(iou=np.nan)
+    return res
+
+
 def _result(counter: _Counter, classes: Sequence[str], thresholds, errors, iou_threshold: float,
             params: dict) -> DissectionResult:
     per_image = pd.DataFrame(counter.rows, columns=["image_id", "k", "components", "units"])
@@ -303,8 +445,18 @@ def _result(counter: _Counter, classes: Sequence[str], thresholds, errors, iou_t
 
 def _run(acts_factory: Callable[[], Iterator[Batch]], classes: Sequence[str], q: float,
          quantile: str, bins: int, iou_threshold: float, unit_chunk: int, connectivity: int,
-         exact_budget_bytes: int, n_hint: int | None, params: dict) -> DissectionResult:
+         exact_budget_bytes: int, n_hint: int | None, params: dict, protocol: str = "paper") -> DissectionResult:
     q = _check_q(q)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown dissection protocol {protocol!r}; valid: {list(PROTOCOLS)}")
+    if protocol == "authors_code":
+        counter = _AuthorsCounter(q, len(classes), unit_chunk)
+        for acts, boxes, labels, _masks, size, ids in acts_factory():
+            counter.add(acts, boxes, labels, None, size, ids)
+        return _authors_result(counter, classes, {**params, "q": q, "protocol": protocol,
+                                                  "quantile": "per-batch linear, upsampled maps",
+                                                  "threshold": ">=", "counting": "contours (RETR_TREE) in the union of boxes",
+                                                  "map_size": list(counter.map_size)})
     if quantile not in QUANTILE_METHODS:
         raise ValueError(f"quantile must be one of {QUANTILE_METHODS}, got {quantile!r}")
     if connectivity not in (1, 2):
@@ -319,7 +471,7 @@ def _run(acts_factory: Callable[[], Iterator[Batch]], classes: Sequence[str], q:
         quantile = ("exact" if n_hint is not None and n_hint * per_image <= exact_budget_bytes
                     else "histogram")
     params = {**params, "q": q, "quantile": quantile, "bins": bins, "iou_threshold": iou_threshold,
-              "connectivity": connectivity}
+              "connectivity": connectivity, "protocol": protocol}
     if quantile == "exact":
         stored: list[Batch] = []
 
@@ -336,6 +488,7 @@ def _run(acts_factory: Callable[[], Iterator[Batch]], classes: Sequence[str], q:
     counter = _Counter(thr, K, unit_chunk, connectivity)
     for acts, boxes, labels, masks, size, ids in batches:
         counter.add(acts, boxes, labels, masks, size, ids)
+    params["map_size"] = list(counter.map_size)
     return _result(counter, classes, thr.numpy(), err.numpy(), iou_threshold, params)
 
 
@@ -344,7 +497,7 @@ def dissect(model: nn.Module, data: Any, layer: str | None = None,
             bins: int = 2048, iou_threshold: float = 0.04, concept_masks: str = "boxes",
             unit_chunk: int = 64, connectivity: int = 1, batch_size: int = 32,
             image_size: int | None = None, exact_budget_bytes: int = 1 << 30,
-            progress: bool = True) -> DissectionResult:
+            progress: bool = True, protocol: str = "paper") -> DissectionResult:
     """Dissect ``layer`` of ``model`` over a probing set with boxes.
 
     Args:
@@ -367,12 +520,15 @@ def dissect(model: nn.Module, data: Any, layer: str | None = None,
         batch_size, image_size: used when ``data`` is a manifest path.
         exact_budget_bytes: memory allowed for the exact quantile under ``"auto"``.
         progress: tqdm bars.
+        protocol: ``"paper"`` (default) or ``"authors_code"`` (module docstring: per-batch quantile of the
+            upsampled maps, ``>=``, contours inside the union of boxes; the batches are the loader's, so pass a
+            loader with the authors' batch size, 128 T-DenseNet / 64 ResNet50, or ``batch_size``).
 
     Returns:
         A :class:`DissectionResult`.
 
     Raises:
-        ValueError: unknown layer, bad parameters, batches without boxes, or no class names.
+        ValueError: unknown layer or protocol, bad parameters, batches without boxes, or no class names.
     """
     if layer is None:
         layer = getattr(model, "feature_layer", None)
@@ -401,7 +557,7 @@ def dissect(model: nn.Module, data: Any, layer: str | None = None,
 
     n_hint = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
     return _run(factory, classes, q, quantile, bins, iou_threshold, unit_chunk, connectivity,
-                exact_budget_bytes, n_hint, {"layer": layer})
+                exact_budget_bytes, n_hint, {"layer": layer}, protocol)
 
 
 def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: Sequence,
@@ -410,7 +566,7 @@ def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: 
                         iou_threshold: float = 0.04, masks: torch.Tensor | None = None,
                         image_ids: Sequence[str] | None = None, batch_size: int = 16,
                         unit_chunk: int = 64, connectivity: int = 1,
-                        exact_budget_bytes: int = 1 << 62) -> DissectionResult:
+                        exact_budget_bytes: int = 1 << 62, protocol: str = "paper") -> DissectionResult:
     """Dissection from precomputed feature maps (e.g. the audit's probing features).
 
     Args:
@@ -425,6 +581,7 @@ def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: 
         image_size: S or (H, W) the maps are upsampled to.
         masks: optional (N, K, H, W) concept masks for the IoU (default: from boxes).
         image_ids: N ids (default positions).
+        protocol: ``"paper"`` or ``"authors_code"`` (its quantile batches are ``batch_size`` images).
         Others: as :func:`dissect`.
 
     Returns:
@@ -445,4 +602,4 @@ def dissect_activations(activations: torch.Tensor, boxes: Sequence, box_labels: 
                    masks[s:e] if masks is not None else None, size, ids[s:e])
 
     return _run(factory, classes, q, quantile, bins, iou_threshold, unit_chunk, connectivity,
-                exact_budget_bytes, acts.shape[0], {"layer": None})
+                exact_budget_bytes, acts.shape[0], {"layer": None}, protocol)
