@@ -13,6 +13,9 @@ area inside it. On an image with an empty mask, ``L_seg = w_FP FP / (w_FP FP + s
 map, approaching 1 as the map lights up.
 
 The total loss is ``L = lambda * L_seg + (1 - lambda) * L_cls``.
+
+Unknown labels (NaN, e.g. NIH/VinDr findings a reader did not grade) are masked out of both terms:
+their BCE gets weight 0 and their map is not supervised, so one NaN never makes the loss NaN.
 """
 from __future__ import annotations
 
@@ -115,9 +118,20 @@ class DwarfLoss(nn.Module):
             seg_weight: (B, C) which maps are supervised (e.g. positive findings with a known mask).
 
         Returns:
-            ``{"loss", "cls", "seg"}`` scalars.
+            ``{"loss", "cls", "seg"}`` scalars. A NaN label (unknown) is masked out: weight 0 in the BCE
+            mean and no segmentation supervision for that map (a NaN ``seg_weight`` counts as 0).
         """
-        bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none",
+        labels = labels.float()
+        known = torch.isfinite(labels)
+        if not bool(known.all()):
+            labels = torch.where(known, labels, torch.zeros_like(labels))
+            cls_weight = known.float() if cls_weight is None else torch.where(
+                known, cls_weight.float().nan_to_num(0.0), torch.zeros_like(labels))
+            if seg_weight is not None:
+                seg_weight = torch.where(known, seg_weight.float(), torch.zeros_like(labels))
+        if seg_weight is not None:
+            seg_weight = seg_weight.float().nan_to_num(0.0)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none",
                                                  pos_weight=self.pos_weight)
         l_cls = _weighted_mean(bce, cls_weight)
         if maps is None or masks is None or self.lam == 0.0 or (seg_weight is not None and seg_weight.sum() == 0):

@@ -15,13 +15,24 @@ refinement):
    token);
 5. one expert head per disease mapping ``M_c`` to the refined map ``M'_c``. Each expert is a small
    residual CNN whose last layer starts at zero, so ``M'_c == M_c`` exactly at initialisation
-   ("Identity Enhanced Initialization"). All experts run at once as grouped convolutions.
+   ("Identity Enhanced Initialization"; ``expert_init="random"`` is the paper's Fig. 2 ablation, both
+   convolutions at PyTorch's default random initialisation). All experts run at once as grouped
+   convolutions.
+6. classification from ``(I, M'_c)`` (DWARF Algorithm 1, line 15; ``classify_from="map"``, the
+   default): the patch tokens of the image are pooled under the refined map of each disease (the map
+   averaged onto the patch grid and normalised to sum 1), and the logit is
+   ``w_c . q_c + v_c . pool(I, M'_c) + b_c`` with ``q_c`` the disease's decoder output token. So the
+   refined map feeds the prediction, and the classification loss reaches the expert heads. The paper
+   does not spell out the classifier's form; this pooled-token head is our reading (a named departure
+   in the docs). ``classify_from="query"`` is the earlier design (``w_c . q_c + b_c``, the map never
+   feeds classification); checkpoints written before this option load as ``"query"``.
 
 Images entering the model are float32 ``(B, 1, S, S)`` in [0, 1]; normalisation lives inside.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,6 +43,10 @@ from torch import nn
 from training.prompts import PROMPT_TEMPLATE, class_prompts
 
 log = logging.getLogger(__name__)
+
+
+EXPERT_INITS = ("identity", "random")
+CLASSIFY_FROM = ("map", "query")
 
 
 @dataclass
@@ -49,6 +64,8 @@ class DwarfConfig:
     expert_kernel: int = 5  # kernel size of the expert convolutions (odd)
     expert_size: int = 32  # experts compute their correction at most at this resolution (0: full size)
     use_experts: bool = True  # False: refined map == raw map (GAIN-style / pretrained baselines)
+    expert_init: str = "identity"  # "identity" (Identity Enhanced Initialization) or "random" (Fig. 2 ablation)
+    classify_from: str = "map"  # "map": logits from (I, M'_c) (Algorithm 1 line 15); "query": query token only
     prompt_template: str = PROMPT_TEMPLATE
     vision: dict[str, Any] = field(default_factory=dict)  # open_clip vision config (see vision_config)
 
@@ -61,6 +78,10 @@ class DwarfConfig:
             raise ValueError(f"map_layers={self.map_layers} must be in [1, decoder_layers={self.decoder_layers}]")
         if self.expert_kernel % 2 == 0:
             raise ValueError(f"expert_kernel={self.expert_kernel} must be odd")
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init={self.expert_init!r}; valid: {', '.join(EXPERT_INITS)}")
+        if self.classify_from not in CLASSIFY_FROM:
+            raise ValueError(f"classify_from={self.classify_from!r}; valid: {', '.join(CLASSIFY_FROM)}")
 
 
 # ---- image encoder ---------------------------------------------------------------------------
@@ -246,18 +267,37 @@ class ExpertHeads(nn.Module):
     convolutions are slow on CPU; the correction is smooth anyway), identity otherwise.
     """
 
-    def __init__(self, num_classes: int, hidden: int = 8, kernel: int = 5, work_size: int = 0) -> None:
+    def __init__(self, num_classes: int, hidden: int = 8, kernel: int = 5, work_size: int = 0,
+                 init: str = "identity") -> None:
         super().__init__()
         self.work_size = work_size
         pad = kernel // 2
         self.conv1 = nn.Conv2d(num_classes, num_classes * hidden, kernel, padding=pad, groups=num_classes)
         self.conv2 = nn.Conv2d(num_classes * hidden, num_classes, kernel, padding=pad, groups=num_classes)
-        self.reset_identity()
+        if init not in EXPERT_INITS:
+            raise ValueError(f"expert init {init!r}; valid: {', '.join(EXPERT_INITS)}")
+        if init == "identity":  # "random": keep nn.Conv2d's default random draw
+            self.reset_identity()
 
     def reset_identity(self) -> None:
         """Set every expert back to the identity map."""
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
+
+    def reset(self, init: str = "identity", generator: torch.Generator | None = None) -> None:
+        """Re-initialise every expert: ``"identity"`` (``M' == M``: Identity Enhanced Initialization) or
+        ``"random"`` (both convolutions redrawn with PyTorch's default Kaiming-uniform rule, the paper's
+        Fig. 2 ablation; ``generator`` makes the draw reproducible)."""
+        if init not in EXPERT_INITS:
+            raise ValueError(f"expert init {init!r}; valid: {', '.join(EXPERT_INITS)}")
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                fan_in = conv.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)  # nn.Conv2d's default (kaiming_uniform a=sqrt(5)) bounds
+                conv.weight.uniform_(-bound, bound, generator=generator)
+                conv.bias.uniform_(-bound, bound, generator=generator)
+        if init == "identity":
+            self.reset_identity()
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """``maps`` (B, C, H, W) in [0, 1] -> refined maps (B, C, H, W) in [0, 1]."""
@@ -322,8 +362,11 @@ class DwarfModel(nn.Module):
                                     config.dropout)
         self.cls_weight = nn.Parameter(torch.randn(num_classes, config.d_model) * config.d_model ** -0.5)
         self.cls_bias = nn.Parameter(torch.zeros(num_classes))
-        self.experts = ExpertHeads(num_classes, config.expert_hidden, config.expert_kernel, config.expert_size) \
-            if config.use_experts else None
+        # v_c of the (I, M'_c) head (Algorithm 1 line 15); absent in the "query" design
+        self.map_cls_weight = nn.Parameter(torch.randn(num_classes, config.d_model) * config.d_model ** -0.5) \
+            if config.classify_from == "map" else None
+        self.experts = ExpertHeads(num_classes, config.expert_hidden, config.expert_kernel, config.expert_size,
+                                   init=config.expert_init) if config.use_experts else None
 
     @property
     def input_spec(self) -> dict[str, Any]:
@@ -344,6 +387,11 @@ class DwarfModel(nn.Module):
         attn = attn.view(b, -1, gh, gw).float()  # (B, C, h, w)
         raw = minmax_normalize(F.interpolate(attn, size=(height, width), mode="bilinear", align_corners=False))
         refined = self.experts(raw) if self.experts is not None else raw
+        if self.map_cls_weight is not None:  # classify from (I, M'_c): tokens pooled under the refined map
+            weights = F.adaptive_avg_pool2d(refined, (gh, gw)).flatten(-2)  # (B, C, N)
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+            pooled = torch.bmm(weights.to(mem.dtype), mem)  # (B, C, D)
+            logits = logits + (pooled * self.map_cls_weight).sum(-1)
         return DwarfOutput(logits=logits, raw_maps=raw, refined_maps=refined, attention=attn)
 
     # ---- persistence ----
@@ -395,6 +443,7 @@ def load_dwarf(checkpoint: dict[str, Any] | str, map_location: str | torch.devic
         raise ValueError(f"not a DWARF checkpoint (format={checkpoint.get('format')!r}); valid: 'cxr-dwarf/1'")
     cfg = dict(checkpoint["config"])
     vision = cfg.pop("vision")
+    cfg.setdefault("classify_from", "query")  # written before the option: the query-token head
     config = DwarfConfig(**cfg)
     pp = dict(checkpoint["preprocess"])
     preprocess = ImagePreprocess(size=int(pp["size"]), mean=tuple(pp["mean"]), std=tuple(pp["std"]),

@@ -1,8 +1,17 @@
 """End-to-end DWARF recipes shared by the MLflow glue and the benchmark (no mlflow here).
 
 ``pretrained -> {gain, dwarf}``: every fine-tuned model starts from the same classification-trained VLM
-stage (the "pretrained VLM" baseline), and the baselines get about as many training samples as the
-cyclic DWARF run (:func:`training.dwarf.train.matched_epochs`).
+stage (the "pretrained VLM" baseline, the untuned VLM), and the baselines get about as many training
+samples as the cyclic DWARF run (:func:`training.dwarf.train.matched_epochs`).
+
+Ablations (:data:`ABLATIONS`, the arms the DWARF paper reports plus one for our reading of its
+classifier), each a DWARF run from the same VLM stage unless stated:
+
+- ``random_init`` (paper Fig. 2): expert heads randomly initialised instead of at identity.
+- ``direct`` (paper Table 4): the soft Dice optimises the attention map itself (no expert heads).
+- ``cls_query``: the classifier reads the decoder's query token only (the map never feeds
+  classification), instead of Algorithm 1 line 15's ``(I, M'_c)``; needs its own VLM stage (a different
+  classification head), trained with the same seed and epochs.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from training.dwarf.train import TrainConfig, evaluate, label_matrix, matched_ep
 log = logging.getLogger(__name__)
 
 BENCH_METHODS = ("pretrained", "gain", "dwarf")
+ABLATIONS = {"random_init": "dwarf_random_init", "direct": "dwarf_direct", "cls_query": "dwarf_cls_query"}
 
 
 @dataclass
@@ -78,11 +88,20 @@ def pretrain(bundle: Any, classes: Sequence[str], train_ds: Dataset, config: Tra
 
 
 def finetune(base: DwarfModel, method: str, train_ds: Dataset, config: TrainConfig, cycles: int,
-             labels: np.ndarray | None = None) -> DwarfModel:
+             labels: np.ndarray | None = None, expert_init: str | None = None) -> DwarfModel:
     """Copy ``base`` and fine-tune it with ``gain`` or ``dwarf`` for ``cycles`` cycles of C disease-epochs
-    (``gain``: the multi-label epochs matching that many samples)."""
+    (``gain``: the multi-label epochs matching that many samples).
+
+    Args:
+        expert_init: ``dwarf`` only: re-initialise the copy's expert heads before training, ``"identity"``
+            or ``"random"`` (drawn from a generator seeded with ``config.seed``); None keeps ``base``'s
+            (identity: the earlier stages never train the experts).
+    """
     labels = label_matrix(train_ds) if labels is None else labels
     model = copy.deepcopy(base)
+    if expert_init is not None and method == "dwarf" and model.experts is not None:
+        model.experts.reset(expert_init, generator=torch.Generator().manual_seed(config.seed))
+        model.config.expert_init = expert_init
     c = len(model.class_names)
     epochs = cycles * c if method == "dwarf" else matched_epochs(labels, cycles * c, config.negatives_per_positive)
     train(model, train_ds, method, replace(config, epochs=epochs, checkpoint_dir=_sub(config.checkpoint_dir, method)),
@@ -90,22 +109,60 @@ def finetune(base: DwarfModel, method: str, train_ds: Dataset, config: TrainConf
     return model
 
 
+def resolve_ablations(spec: str | Sequence[str] | None) -> list[str]:
+    """Ablation names from ``"none"``, ``"all"`` or a comma list of :data:`ABLATIONS` keys.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    if spec is None:
+        return []
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        return list(ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; valid: none, all, {', '.join(ABLATIONS)}")
+    return [n for n in ABLATIONS if n in names]
+
+
 def compare_methods(bundle: Any, classes: Sequence[str], train_ds: Dataset, val_ds: Dataset, test_ds: Dataset,
                     config: TrainConfig, cycles: int, vlm_epochs: int, min_positives: int = MIN_VAL_POSITIVES,
-                    **model_kw: Any) -> pd.DataFrame:
-    """DWARF vs GAIN vs pretrained VLM on one data set (the DWARF paper's comparison); ``min_positives`` as
-    in :func:`score`.
+                    ablations: Sequence[str] = (), **model_kw: Any) -> pd.DataFrame:
+    """DWARF vs GAIN vs pretrained VLM on one data set (the DWARF paper's comparison), plus ``ablations``
+    (keys of :data:`ABLATIONS`); ``min_positives`` as in :func:`score`. Models are built after
+    ``torch.manual_seed(config.seed)``, so a seed fixes the whole comparison.
 
     Returns:
-        One row per method: ``method``, ``n_diseases``, the means of :meth:`Scores.means` and
-        ``max_dice[<class>]`` per disease.
+        One row per method (``pretrained``, ``gain``, ``dwarf``, then ``dwarf_<ablation>``): ``method``,
+        ``n_diseases``, the means of :meth:`Scores.means` and ``max_dice[<class>]`` per disease.
     """
+    ablations = resolve_ablations(list(ablations))
     labels = label_matrix(train_ds)
+    torch.manual_seed(config.seed)
     base = pretrain(bundle, classes, train_ds, config, vlm_epochs, labels=labels, **model_kw)
+    arms: list[tuple[str, Any]] = [(m, None) for m in BENCH_METHODS] + [(ABLATIONS[a], a) for a in ablations]
     rows = []
-    for method in BENCH_METHODS:
-        model = base if method == "pretrained" else finetune(base, method, train_ds, config, cycles, labels)
-        s = score(model, val_ds, test_ds, device=config.device, use_raw_maps=method != "dwarf",
+    for method, ablation in arms:
+        acfg = config if ablation is None else replace(config, checkpoint_dir=_sub(config.checkpoint_dir, ablation))
+        raw_maps = method != "dwarf" and ablation not in ("random_init", "cls_query")
+        if method == "pretrained":
+            model = base
+        elif ablation is None:
+            model = finetune(base, method, train_ds, config, cycles, labels)
+        elif ablation == "random_init":
+            model = finetune(base, "dwarf", train_ds, acfg, cycles, labels, expert_init="random")
+        elif ablation == "direct":
+            model = finetune(base, "dwarf", train_ds, replace(acfg, dwarf_target="attention"), cycles, labels)
+        else:  # cls_query: its own VLM stage with the query-token classifier
+            torch.manual_seed(config.seed)
+            qcfg = acfg
+            qbase = pretrain(bundle, classes, train_ds, qcfg, vlm_epochs, labels=labels,
+                             **{**model_kw, "classify_from": "query"})
+            model = finetune(qbase, "dwarf", train_ds, qcfg, cycles, labels)
+        s = score(model, val_ds, test_ds, device=config.device, use_raw_maps=raw_maps,
                   min_positives=min_positives)
         row = {"method": method, "n_diseases": len(classes), **s.means()}
         row.update({f"max_dice[{c}]": float(v) for c, v in s.table["max_dice"].items()})

@@ -5,14 +5,20 @@ Methods (:func:`list_methods`):
 - ``vlm``: classification-only training of the query decoder on the multi-label set (all diseases at
   once, ``L = L_cls``). This is the "pretrained VLM" stage: its maps are the baseline without
   fine-tuning, and every other method starts from it.
-- ``gain``: GAIN-style fine-tuning: multi-label BCE + the soft Dice on the *raw* cross-attention maps
-  of every disease, no expert heads.
+- ``gain``: GAIN-style fine-tuning: multi-label BCE + the *plain* soft Dice (``w_FP = 1``,
+  ``TrainConfig.gain_w_fp``; the paper's GAIN baseline has no false-positive weighting, that is DWARF's)
+  on the *raw* cross-attention maps of every disease; the expert heads stay frozen (at identity).
 - ``dwarf``: cyclic training (DWARF). The multi-label set is decomposed into one single-label set per
   disease (the images positive for it plus ``negatives_per_positive`` times as many images without
   it); epoch ``e`` trains on the set of disease ``order[e mod C]`` only, with
   ``L = lambda L_seg + (1 - lambda) L_cls`` restricted to that disease and the soft Dice applied to
   the disease's *refined* map (expert head output). Cycling through the diseases over epochs refines
-  each map iteratively while the shared decoder sees every disease in turn.
+  each map iteratively while the shared decoder sees every disease in turn. ``TrainConfig.dwarf_target
+  = "attention"`` is the paper's Table 4 ablation: the same cyclic schedule and loss, but the soft Dice
+  optimises the raw attention map directly (expert heads frozen at identity, so ``M'_c == M_c``).
+
+Only ``dwarf`` with ``dwarf_target="experts"`` trains the expert heads; every other method/target keeps
+them frozen. Unknown (NaN) labels are masked out of both loss terms (:class:`DwarfLoss`).
 
 Each epoch ends with a checkpoint (model, optimiser, AMP scaler, RNG, history) so a run resumes from
 the last finished epoch. AMP (float16 autocast + GradScaler) is used on CUDA devices.
@@ -40,6 +46,7 @@ from training.runtime import label_matrix, resolve_device, seed_everything  # no
 log = logging.getLogger(__name__)
 
 _METHODS = ("vlm", "gain", "dwarf")
+DWARF_TARGETS = ("experts", "attention")
 
 
 def list_methods() -> list[str]:
@@ -57,7 +64,9 @@ class TrainConfig:
     encoder_lr_scale: float = 0.1  # lr of the image encoder = lr * this (0 freezes it)
     weight_decay: float = 1e-4
     lam: float = 0.5  # lambda of L = lambda L_seg + (1 - lambda) L_cls
-    w_fp: float = 2.0  # false-positive weight of the soft Dice
+    w_fp: float = 2.0  # false-positive weight of DWARF's soft Dice
+    gain_w_fp: float = 1.0  # "gain": false-positive weight of its soft Dice (1 = plain Dice, the paper's GAIN)
+    dwarf_target: str = "experts"  # "dwarf": soft Dice on the refined maps ("experts") or the raw maps ("attention")
     smooth: float = 1.0  # smoothing of the soft Dice
     negatives_per_positive: float = 1.0  # "dwarf": negatives drawn per positive in a single-label set
     disease_order: list[str] | None = None  # "dwarf": cycle order (default: class order)
@@ -76,6 +85,10 @@ class TrainConfig:
             raise ValueError(f"lam={self.lam} must be in [0, 1]")
         if self.negatives_per_positive < 0:
             raise ValueError(f"negatives_per_positive={self.negatives_per_positive} must be >= 0")
+        if self.w_fp < 0 or self.gain_w_fp < 0:
+            raise ValueError(f"w_fp={self.w_fp} and gain_w_fp={self.gain_w_fp} must be >= 0")
+        if self.dwarf_target not in DWARF_TARGETS:
+            raise ValueError(f"dwarf_target={self.dwarf_target!r}; valid: {', '.join(DWARF_TARGETS)}")
 
 
 # ---- data helpers ----------------------------------------------------------------------------
@@ -170,10 +183,26 @@ def matched_epochs(labels: np.ndarray, dwarf_epochs: int, negatives_per_positive
 
 
 # ---- training --------------------------------------------------------------------------------
-def _optimizer(model: DwarfModel, config: TrainConfig) -> torch.optim.Optimizer:
+def trains_experts(method: str, config: TrainConfig) -> bool:
+    """Whether ``method`` optimises the expert heads (only ``dwarf`` with ``dwarf_target="experts"``)."""
+    return method == "dwarf" and config.dwarf_target == "experts"
+
+
+def make_loss(method: str, config: TrainConfig) -> DwarfLoss:
+    """The loss of ``method``: ``vlm`` classification only; ``gain`` BCE + soft Dice with ``gain_w_fp``
+    (plain Dice by default, the paper's GAIN); ``dwarf`` BCE + the FP-weighted soft Dice (``w_fp``)."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
+    w_fp = config.gain_w_fp if method == "gain" else config.w_fp
+    return DwarfLoss(lam=0.0 if method == "vlm" else config.lam, w_fp=w_fp, smooth=config.smooth)
+
+
+def _optimizer(model: DwarfModel, config: TrainConfig, method: str = "dwarf") -> torch.optim.Optimizer:
+    frozen = set() if model.experts is None or trains_experts(method, config) else \
+        {id(p) for p in model.experts.parameters()}
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
     enc_ids = {id(p) for p in enc}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids and id(p) not in frozen]
     groups = [{"params": rest, "lr": config.lr}]
     if config.encoder_lr_scale > 0:
         groups.append({"params": enc, "lr": config.lr * config.encoder_lr_scale})
@@ -194,13 +223,15 @@ def _epoch_plan(method: str, epoch: int, labels: np.ndarray, config: TrainConfig
 
 def train_epoch(model: DwarfModel, loader: DataLoader, loss_fn: DwarfLoss, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, device: torch.device, method: str, disease: int | None = None,
-                amp: bool = False, desc: str = "train", progress: bool = True) -> dict[str, float]:
+                amp: bool = False, desc: str = "train", progress: bool = True, target: str = "experts"
+                ) -> dict[str, float]:
     """One pass over ``loader``.
 
     Args:
         method: ``vlm`` (classification only), ``gain`` (all diseases, seg on raw maps) or ``dwarf``
-            (only ``disease``; seg on its refined map).
+            (only ``disease``; seg on its refined map, or on its raw map with ``target="attention"``).
         disease: class index trained in a ``dwarf`` epoch.
+        target: ``dwarf``'s map under the soft Dice (see :data:`DWARF_TARGETS`).
 
     Returns:
         Mean ``loss``, ``cls``, ``seg`` over the epoch.
@@ -220,8 +251,8 @@ def train_epoch(model: DwarfModel, loader: DataLoader, loss_fn: DwarfLoss, optim
         maps = masks = seg_w = None
         if method != "vlm" and "mask" in batch:
             masks = batch["mask"].to(device)
-            seg_w = batch["seg_valid"].to(device) * labels  # supervise maps of present findings
-            maps = out.refined_maps if method == "dwarf" else out.raw_maps
+            seg_w = batch["seg_valid"].to(device) * labels.nan_to_num(0.0)  # maps of present findings
+            maps = out.refined_maps if method == "dwarf" and target == "experts" else out.raw_maps
             if method == "dwarf":
                 seg_w = seg_w * only
         terms = loss_fn(out.logits, labels, maps, masks, cls_weight=cls_w, seg_weight=seg_w)
@@ -269,8 +300,8 @@ def train(model: DwarfModel, dataset: Dataset, method: str, config: TrainConfig,
     if unknown:
         raise ValueError(f"disease_order names unknown diseases {unknown}; valid: {classes}")
     order = [classes.index(d) for d in order_names]
-    loss_fn = DwarfLoss(lam=0.0 if method == "vlm" else config.lam, w_fp=config.w_fp, smooth=config.smooth).to(device)
-    optimizer = _optimizer(model, config)
+    loss_fn = make_loss(method, config).to(device)
+    optimizer = _optimizer(model, config, method)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     history: list[dict[str, Any]] = []
     start = 0
@@ -300,9 +331,9 @@ def train(model: DwarfModel, dataset: Dataset, method: str, config: TrainConfig,
                                 pin_memory=device.type == "cuda")
             name = f"{method} {epoch + 1}/{config.epochs}" + (f" {classes[disease]}" if disease is not None else "")
             terms = train_epoch(model, loader, loss_fn, optimizer, scaler, device, method, disease, amp, name,
-                                config.progress)
+                                config.progress, config.dwarf_target)
             record = {"epoch": epoch, "disease": classes[disease] if disease is not None else None,
-                      "n": int(len(indices)), **terms}
+                      "n": int(len(indices)), **terms, "w_fp": float(loss_fn.seg.w_fp)}
         history.append(record)
         if ckpt_path is not None:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
