@@ -28,10 +28,12 @@ IoU, pointing game; Khakzar et al., DESIGN.md):
 A method map with no spatial preference (constant before normalisation, or no positive evidence
 after the ReLU, which :func:`interpret.attention.minmax_normalize` turns into all zeros) is scored as
 the ``uniform`` map rather than as zeros (which would give IoBB 0 and a pointing hit decided by the
-top-left pixel); such maps are counted in ``n_flat``.
+top-left pixel); such maps are counted in ``n_flat``. ``flat="as_is"`` scores them as the zeros they are
+(IoBB 0, IoR 0), which is what the imbalance study's authors' code does.
 
 :func:`interpret_table` gives the figures of Khakzar et al.'s Tables 1 and 2 for one classifier on the
-boxed images of a split: per class the soft IoBB / IoR of its CAM maps (the method scores of
+boxed images of a split: per class the soft IoBB / IoR of its Grad-CAM maps exactly as the library serves
+them (:data:`IMBALANCE_METHOD`: ReLU, bilinear upsampling, min-max; the method scores of
 :func:`localization_vs_chance`, without the chance baselines) and the Disjoint / Unique dissection
 counts of :func:`interpret.dissection.dissect`.
 
@@ -63,14 +65,22 @@ from training.runtime import collate
 logger = logging.getLogger(__name__)
 
 __all__ = ["localization_vs_chance", "interpret_table", "centre_prior", "BASELINES", "METRICS",
-           "INTERPRET_COLUMNS"]
+           "INTERPRET_COLUMNS", "IMBALANCE_METHOD", "FLAT_SCORING"]
 
 #: Reference maps scored beside the method, in column-suffix order.
 BASELINES: tuple[str, ...] = ("random", "shuffled", "uniform", "centre")
 #: Per-pair metrics reported for the method and every baseline.
 METRICS: tuple[str, ...] = ("iobb", "ior", "iou", "pointing")
 #: Columns of :func:`interpret_table`.
-INTERPRET_COLUMNS: tuple[str, ...] = ("n_boxed", "iobb", "ior", "disjoint", "unique")
+INTERPRET_COLUMNS: tuple[str, ...] = ("n_boxed", "n_flat", "iobb", "ior", "disjoint", "unique")
+#: The imbalance study's maps: Grad-CAM with ReLU, then min-max, as Khakzar et al.'s code (imba-explain
+#: ``GradCAM(relu_attributions=True)`` + ``MinMaxNormalizer``) and as the service serves them
+#: (:func:`interpret.attention.finalize_maps` with ``SERVED_RELU``). One departure in order: the authors
+#: min-max normalise the low-resolution map and then resize it bilinearly; the library upsamples first, then
+#: normalises (the same map up to an affine change when the low-resolution extremes fall between output pixels).
+IMBALANCE_METHOD = "gradcam"
+#: How :func:`localization_vs_chance` scores a map with no spatial preference.
+FLAT_SCORING: tuple[str, ...] = ("uniform", "as_is")
 
 
 def centre_prior(size: int | tuple[int, int], sigma: float = 0.25) -> torch.Tensor:
@@ -154,6 +164,7 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                            classes: Sequence[str] | None = None, n_random: int = 8, seed: int = 0,
                            centre_sigma: float = 0.25, batch_size: int = 32, layer: str | None = None,
                            min_images: int = 1, baselines: Sequence[str] = BASELINES, progress: bool = True,
+                           flat: str = "uniform", class_map: dict[str, str] | None = None,
                            **method_params: Any) -> pd.DataFrame:
     """Per-class localisation of an attention method against random, uniform and centre-prior maps.
 
@@ -180,6 +191,10 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
         baselines: the reference maps to score, a subset of :data:`BASELINES` (``()``: the method's
             own scores only, e.g. when the chance levels are not wanted).
         progress: tqdm bar over batches.
+        flat: ``"uniform"`` (default): a map with no spatial preference is scored as the uniform map;
+            ``"as_is"``: as the all-zero map it is (IoBB 0, IoR 0; the imbalance study's authors).
+        class_map: data class name -> model class name for the boxes (default: the same name), e.g.
+            every finding -> ``"Abnormal"`` for a binary classifier.
         **method_params: passed to :func:`interpret.attention.get_method` (e.g. ``n_steps``).
 
     Returns:
@@ -207,6 +222,8 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not centre_sigma > 0:
         raise ValueError(f"centre_sigma must be > 0, got {centre_sigma!r}")
+    if flat not in FLAT_SCORING:
+        raise ValueError(f"unknown flat scoring {flat!r}; valid: {list(FLAT_SCORING)}")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown or isinstance(baselines, str):
         raise ValueError(f"unknown baselines {unknown or baselines!r}; valid: {list(BASELINES)}")
@@ -215,7 +232,8 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
     data_classes = [str(c) for c in getattr(dataset, "classes", model_classes)]
     index = {c: i for i, c in enumerate(model_classes)}
     # dataset class index -> model class index (-1: the model has no such output)
-    to_model = np.array([index.get(c, -1) for c in data_classes] + [-1], dtype=np.int64)
+    class_map = class_map or {}
+    to_model = np.array([index.get(class_map.get(c, c), -1) for c in data_classes] + [-1], dtype=np.int64)
     if classes is None:
         wanted = set(range(len(model_classes)))
     else:
@@ -254,9 +272,9 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                 A = maps[:, 0].float().numpy()                                  # (B, H, W)
                 M = masks_from_boxes(boxes, labs, targets.numpy(), (H, W))[:, 0]   # (B, H, W)
                 size, raw_size = (H, W), tuple(raw.shape[-2:])
-                flat = A.reshape(B, -1).max(-1) <= 0                            # no spatial preference
-                n_flat += int(flat.sum())
-                parts = {"": _score(A, M, flat)}
+                flat_maps = A.reshape(B, -1).max(-1) <= 0                       # no spatial preference
+                n_flat += int(flat_maps.sum())
+                parts = {"": _score(A, M, flat_maps if flat == "uniform" else None)}
                 if "uniform" in baselines:
                     parts["_uniform"] = _uniform_scores(M)
                 if "centre" in baselines:
@@ -300,7 +318,8 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
     table[["n_images", "n_flat"]] = table[["n_images", "n_flat"]].astype(int)
     table.attrs.update({"method": method, "n_random": int(n_random), "seed": int(seed),
                         "centre_sigma": float(centre_sigma), "baselines": baselines, "image_size": size,
-                        "raw_map_size": raw_size, "min_images": int(min_images)})
+                        "raw_map_size": raw_size, "min_images": int(min_images), "flat": flat,
+                        "relu": bool(getattr(explainer, "relu", False))})
     return table
 
 
@@ -322,15 +341,25 @@ class _Selected(Dataset):
 
 
 def interpret_table(model: nn.Module, dataset, indices: Sequence[int], q: float, batch_size: int = 32,
-                    progress: bool = True) -> tuple[pd.DataFrame, dict[str, float]]:
-    """CAM localisation and dissection counts of a classifier on the boxed images ``indices``.
+                    progress: bool = True, *, method: str = IMBALANCE_METHOD, protocol: str = "paper",
+                    dissection_batch: int | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Grad-CAM localisation and dissection counts of a classifier on the boxed images ``indices``.
 
     The columns of Khakzar et al.'s Tables 1 and 2 (DESIGN.md, "Imbalance study"): per class the soft
-    IoBB ``sum(A M) / sum(M)`` and soft IoR ``sum(A M) / sum(A)`` of the class's CAM map ``A`` against
+    IoBB ``sum(A M) / sum(M)`` and soft IoR ``sum(A M) / sum(A)`` of the class's map ``A`` against
     the union ``M`` of its boxes, averaged over the images with a box of that class (the method scores
     of :func:`localization_vs_chance`), and the dissection of the feature layer against the boxes
     (:func:`interpret.dissection.dissect`: Disjoint = components overlapping a box of the class per
     image, Unique = (image, unit) pairs with such a component per image).
+
+    The maps are the library's served maps of ``method`` (default :data:`IMBALANCE_METHOD`, Grad-CAM: ReLU,
+    bilinear upsampling, min-max), as the authors' code computes them (Grad-CAM with ReLU, then min-max); a
+    map left with no positive evidence by the ReLU is scored as the zeros it is (IoBB 0, IoR 0, as the
+    authors' code does) and counted in ``n_flat``.
+
+    A classifier with a single output (the ``binary`` task, e.g. ``["Abnormal"]``) is explained for that output
+    against the union of every box of the image (the authors' NIH binary setting); its one row holds the
+    overall dissection counts.
 
     Args:
         model: a trained classifier with ``class_names``, ``feature_layer`` and a linear ``head``
@@ -339,51 +368,66 @@ def interpret_table(model: nn.Module, dataset, indices: Sequence[int], q: float,
             ``xyxy`` in S-pixels and ``box_labels`` (K,), e.g.
             :class:`training.data.dataset.ManifestDataset`.
         indices: the images to use (those with boxes).
-        q: dissection top fraction per unit (0.01 DenseNet family, 0.04 ResNet50).
+        q: dissection top fraction per unit (0.01 T-DenseNet, 0.04 ResNet50).
         batch_size: images per batch.
         progress: tqdm bars.
+        method: attention method (:func:`interpret.attention.list_methods`); ``cam`` gives the same maps for a
+            GAP + linear head.
+        protocol: dissection protocol, ``"paper"`` or ``"authors_code"`` (see :mod:`interpret.dissection`).
+        dissection_batch: images per quantile batch under ``"authors_code"`` (the authors: 128 T-DenseNet,
+            64 ResNet50); default ``batch_size``.
 
     Returns:
-        ``(table, overall)``: ``table`` indexed by the dataset's classes with :data:`INTERPRET_COLUMNS`
-        (``n_boxed`` the images with a box of the class; NaN scores where it is 0), ``overall`` the
-        dissection figures over the union of all boxes (``n_images``, ``disjoint``, ``unique``,
-        ``units_detecting``).
+        ``(table, overall)``: ``table`` indexed by the dataset's classes (or the single output's name) with
+        :data:`INTERPRET_COLUMNS` (``n_boxed`` the images with a box of the class; NaN scores where it is 0),
+        ``overall`` the dissection figures over the union of all boxes (``n_images``, ``disjoint``, ``unique``,
+        ``units_detecting``) plus ``map_size`` (the dissected layer's h x w), ``image_size``, ``q``,
+        ``protocol`` and ``method``.
 
     Raises:
-        ValueError: no indices.
+        ValueError: no indices, or an unknown method / protocol.
 
     Example:
         >>> ds = ManifestDataset("phantom/manifest.parquet", image_size=64, split="test")   # doctest: +SKIP
         >>> boxed = [i for i, labels in enumerate(ds.box_label_arrays) if len(labels)]      # doctest: +SKIP
         >>> table, overall = interpret_table(model, ds, boxed, q=0.04)                      # doctest: +SKIP
     """
+    from interpret.dissection import PROTOCOLS
+
     if not len(indices):
         raise ValueError("interpret_table needs at least one image with boxes")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown dissection protocol {protocol!r}; valid: {list(PROTOCOLS)}")
     data = _Selected(dataset, indices)
     data_classes = [str(c) for c in dataset.classes]
     model_classes = _model_classes(model, dataset)
+    single = len(model_classes) == 1 and model_classes[0] not in data_classes
+    class_map = {c: model_classes[0] for c in data_classes} if single else {}
     index = {c: i for i, c in enumerate(model_classes)}
-    to_model = np.array([index.get(c, -1) for c in data_classes] + [-1], dtype=np.int64)
+    to_model = np.array([index.get(class_map.get(c, c), -1) for c in data_classes] + [-1], dtype=np.int64)
     if _boxed_pairs(data, to_model, set(range(len(model_classes))), progress=False):
-        # Raw CAM (relu=False), min-max normalised: this departs from the maps the service and the audit
-        # score (interpret.attention.SERVED_RELU: ReLU first). It is what the imbalance study has always
-        # reported: without the ReLU a class with no positive evidence anywhere still gets a map that
-        # ranks locations, where the ReLU would leave an all-zero (flat) map. So these IoBB / IoR are not
-        # the audit's localisation of the same model; bringing them onto the served maps is tracked as a
-        # separate issue.
-        loc = localization_vs_chance(model, data, "cam", batch_size=batch_size, baselines=(), progress=progress,
-                                     relu=False)
+        loc = localization_vs_chance(model, data, method, batch_size=batch_size, baselines=(), progress=progress,
+                                     flat="as_is", class_map=class_map)
+        raw_size = loc.attrs.get("raw_map_size")
     else:
-        loc = pd.DataFrame(columns=["n_images", "iobb", "ior"], dtype=float)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    res = dissect(model, loader, classes=data_classes, q=q, progress=progress)
+        loc = pd.DataFrame(columns=["n_images", "n_flat", "iobb", "ior"], dtype=float)
+        raw_size = None
+    loader = DataLoader(data, batch_size=dissection_batch or batch_size, shuffle=False, collate_fn=collate)
+    res = dissect(model, loader, classes=data_classes, q=q, progress=progress, protocol=protocol)
     pc = res.per_class
     rows = []
-    for name in data_classes:
+    names = model_classes if single else data_classes
+    for name in names:
         n = int(loc.at[name, "n_images"]) if name in index and name in loc.index else 0
+        dis = res.overall if single else pc.loc[name]
         rows.append({"class": name, "n_boxed": n,
+                     "n_flat": int(loc.at[name, "n_flat"]) if n else 0,
                      "iobb": float(loc.at[name, "iobb"]) if n else np.nan,
                      "ior": float(loc.at[name, "ior"]) if n else np.nan,
-                     "disjoint": float(pc.loc[name, "disjoint"]), "unique": float(pc.loc[name, "unique"])})
-    overall = {k: float(res.overall[k]) for k in ("n_images", "disjoint", "unique", "units_detecting")}
+                     "disjoint": float(dis["disjoint"]), "unique": float(dis["unique"])})
+    overall: dict[str, Any] = {k: float(res.overall[k]) for k in ("n_images", "disjoint", "unique", "units_detecting")}
+    image_size = tuple(int(v) for v in data[0]["image"].shape[-2:])
+    overall.update({"map_size": "x".join(str(int(v)) for v in res.params.get("map_size", raw_size or ())),
+                    "image_size": "x".join(map(str, image_size)), "q": float(q), "protocol": protocol,
+                    "method": method})
     return pd.DataFrame(rows).set_index("class")[list(INTERPRET_COLUMNS)], overall

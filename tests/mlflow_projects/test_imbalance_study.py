@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlflow_projects.imbalance_study import (INTERPRET_COLUMNS, comparison_table, dissection_q, dissection_table,
-                                             parse_args)
+from mlflow_projects.imbalance_study import (DISSECTION_PROTOCOLS, INTERPRET_COLUMNS, comparison_table, dissection_q,
+                                             dissection_table, parse_args, seed_summary, summary_markdown)
 
 
 def test_comparison_table_has_a_mean_row_per_loss():
@@ -22,8 +22,8 @@ def test_comparison_table_has_a_mean_row_per_loss():
 def test_comparison_table_appends_interpret_columns():
     t = pd.DataFrame({"n_pos": [2, 1], "auroc": [0.8, 0.7], "ap": [0.5, 0.4], "mean_prob": [0.2, 0.4],
                       "prevalence": [0.1, 0.05]}, index=pd.Index(["A", "B"], name="class"))
-    it = pd.DataFrame({"n_boxed": [3, 0], "iobb": [0.6, np.nan], "ior": [0.2, np.nan], "disjoint": [4.0, np.nan],
-                       "unique": [2.0, np.nan]}, index=pd.Index(["A", "B"], name="class"))
+    it = pd.DataFrame({"n_boxed": [3, 0], "n_flat": [1, 0], "iobb": [0.6, np.nan], "ior": [0.2, np.nan],
+                       "disjoint": [4.0, np.nan], "unique": [2.0, np.nan]}, index=pd.Index(["A", "B"], name="class"))
     table = comparison_table({"bce": t, "wbce": t}, {"bce": it})
     assert list(table.columns) == ["loss", "class", "auroc", "ap", "mean_prob", "prevalence", "n_pos",
                                    *INTERPRET_COLUMNS]
@@ -43,7 +43,10 @@ def test_interpret_table_lives_in_interpret_and_keeps_its_columns(tiny_phantom):
     from training.data.dataset import ManifestDataset
     from training.models import create_model
 
+    from interpret.dissection import PROTOCOLS
+
     assert experiments.INTERPRET_COLUMNS == INTERPRET_COLUMNS  # the copy this module keeps (no torch at import)
+    assert PROTOCOLS == DISSECTION_PROTOCOLS
     ds = ManifestDataset(tiny_phantom, image_size=32, split="test")
     boxed = [i for i, labels in enumerate(ds.box_label_arrays) if len(labels)]
     assert boxed
@@ -66,11 +69,32 @@ def test_dissection_q_by_arch(tmp_path):
     assert dissection_q("t_densenet") == 0.01 and dissection_q("resnet50") == 0.04
     m = tmp_path / "m.parquet"
     pd.DataFrame({"image_id": ["a"]}).to_parquet(m)
-    assert parse_args(["--data", str(m), "--arch", "t_densenet"], return_all=True)[2] == {"enabled": True, "q": 0.01}
-    assert parse_args(["--data", str(m), "--dissection-q", "0.1", "--no-interpret"], return_all=True)[2] == {
-        "enabled": False, "q": 0.1}
-    with pytest.raises(SystemExit):
-        parse_args(["--data", str(m), "--dissection-q", "1.5"])
+    assert parse_args(["--data", str(m), "--arch", "t_densenet"], return_all=True)[2] == {
+        "enabled": True, "q": 0.01, "protocol": "paper", "seeds": [0]}
+    assert parse_args(["--data", str(m), "--arch", "resnet50", "--seeds", "0,1,2", "--dissection-protocol",
+                       "authors_code"], return_all=True)[2] == {"enabled": True, "q": 0.04, "protocol": "authors_code",
+                                                                "seeds": [0, 1, 2]}
+    assert parse_args(["--data", str(m), "--dissection-q", "0.1", "--no-interpret", "--seed", "5", "--seeds", ""],
+                      return_all=True)[2] == {"enabled": False, "q": 0.1, "protocol": "paper", "seeds": [5]}
+    for bad in (["--dissection-q", "1.5"], ["--seeds", "0,x"], ["--seeds", "1,1"], ["--dissection-protocol", "bau"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--data", str(m), *bad])
+
+
+def test_seed_summary_and_markdown():
+    rows = []
+    for seed, (auc, iobb) in enumerate([(0.7, 0.5), (0.8, 0.6), (0.9, 0.7)]):
+        rows += [{"seed": seed, "loss": "bce", "class": "A", "auroc": auc, "iobb": iobb},
+                 {"seed": seed, "loss": "bce", "class": "mean", "auroc": auc, "iobb": iobb},
+                 {"seed": seed, "loss": "focal", "class": "mean", "auroc": 0.6, "iobb": np.nan}]
+    summary = seed_summary(pd.DataFrame(rows))
+    assert list(summary["loss"]) == ["bce", "focal"] and list(summary["n_seeds"]) == [3, 3]
+    bce = summary.set_index("loss").loc["bce"]
+    assert bce["auroc_mean"] == pytest.approx(0.8) and bce["auroc_sd"] == pytest.approx(0.1)   # ddof 1
+    assert np.isnan(summary.set_index("loss").loc["focal", "iobb_mean"])
+    md = summary_markdown(summary, "T", ["note"])
+    assert "| loss | seeds | AUROC | IoBB |" in md and "| bce | 3 | 0.800 ± 0.100 | 0.600 ± 0.100 |" in md
+    assert "| focal | 3 | 0.600 ± 0.000 | n/a |" in md and md.rstrip().endswith("- note")
 
 
 def test_bad_parameters(capsys, tmp_path):
@@ -123,8 +147,9 @@ def test_study_logs_parent_with_four_children_and_comparison(tiny_phantom, tmp_p
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.params["loss"] for c in children} == {"bce", "wbce", "focal", "cb_focal"}
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")}
-    assert arts == {"comparison/imbalance_comparison.csv", "comparison/imbalance_comparison.html",
-                    "comparison/imbalance_dissection.csv", "comparison/imbalance_dissection.html"}
+    assert arts == {f"comparison/imbalance_{name}.{ext}" for name in ("comparison", "dissection", "summary")
+                    for ext in ("csv", "html")} | {"comparison/imbalance_summary.md"}
+    assert (table["seed"] == 0).all()
     local = client.download_artifacts(parents[0].info.run_id, "comparison/imbalance_comparison.csv", str(tmp_path))
     logged = pd.read_csv(local)
     assert len(logged) == len(table) and set(logged["loss"]) == {"bce", "wbce", "focal", "cb_focal"}
@@ -149,24 +174,32 @@ def test_mlflow_run_imbalance_study(tiny_phantom, tmp_path):
     env = project_env(tmp_path)
     setup_store(env)
     proc = mlflow_run("imbalance_study", {"data": tiny_phantom, "arch": "test_resnet", "epochs": 1, "image_size": 32,
-                                          "batch_size": 16, "losses": "bce,focal"}, env, "cxr-classifier")
+                                          "batch_size": 16, "losses": "bce,cb_focal", "seeds": "0,1",
+                                          "task": "binary"}, env, "cxr-classifier")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "imbalance study: test_resnet" in proc.stdout and "Traceback" not in proc.stderr
     c = client(env)
     runs = c.search_runs([c.get_experiment_by_name("cxr-classifier").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2 and all(artifacts_under_root(r, env) for r in runs)
+    assert len(parents) == 1 and len(children) == 4 and all(artifacts_under_root(r, env) for r in runs)
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.params["losses"] == "bce,focal"
+    assert parent.info.status == "FINISHED" and parent.data.params["losses"] == "bce,cb_focal"
     assert {ch.data.tags["mlflow.parentRunId"] for ch in children} == {parent.info.run_id}
-    assert {ch.data.params["loss"] for ch in children} == {"bce", "focal"}
-    assert {"bce.auroc_mean", "focal.auroc_mean"} <= set(parent.data.metrics)
+    assert {(ch.data.params["loss"], ch.data.params["seed"]) for ch in children} == {
+        (loss, seed) for loss in ("bce", "cb_focal") for seed in ("0", "1")}
+    assert {"bce.auroc_mean", "cb_focal.auroc_mean", "cb_focal.iobb_mean"} <= set(parent.data.metrics)
+    assert "| cb_focal | 2 |" in proc.stdout and "task binary" in proc.stdout
     for ch in children:
         assert {"interp_iobb_mean", "dissection_disjoint"} <= set(ch.data.metrics)
     arts = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
-    assert {"comparison/imbalance_comparison.csv", "comparison/imbalance_dissection.csv"} <= arts
+    assert {"comparison/imbalance_comparison.csv", "comparison/imbalance_dissection.csv",
+            "comparison/imbalance_summary.md"} <= arts
     table = pd.read_csv(c.download_artifacts(parent.info.run_id, "comparison/imbalance_comparison.csv",
                                              str(tmp_path)))
-    assert set(table["loss"]) == {"bce", "focal"} and set(INTERPRET_COLUMNS) <= set(table.columns)
+    assert set(table["loss"]) == {"bce", "cb_focal"} and set(INTERPRET_COLUMNS) <= set(table.columns)
+    assert set(table["seed"]) == {0, 1} and set(table["class"]) == {"Abnormal", "mean"}   # binary: one output
+    assert table.loc[table["class"] == "Abnormal", "n_boxed"].gt(0).all()
+    md = open(c.download_artifacts(parent.info.run_id, "comparison/imbalance_summary.md", str(tmp_path))).read()
+    assert "| loss | seeds | AUROC | AP | IoBB | IoR | Disjoint | Unique |" in md and "± " in md
     assert {a.path for a in c.list_artifacts(parent.info.run_id, "data")} >= {"data/class_distribution.csv"}
