@@ -14,7 +14,8 @@ seed (the data stay fixed).
 Artifacts: ``dwarf_benchmark.csv`` (+ ``.md``): one row per (k, method), mean over seeds of each
 class-mean metric (AUC / F1 / MCC / Max Dice) with its seed SD (``<metric>_sd``, ddof 1; NaN for one
 seed) and ``n_seeds``; ``dwarf_benchmark_seeds.csv``: one row per (seed, k, method) with Max Dice per
-disease. Metrics ``<method>.<k>.<metric>`` (seed means) and ``<method>.<k>.<metric>_sd``. The table is
+disease; ``dwarf_benchmark_paired.csv``: per-seed paired differences of the paper's comparisons (DWARF vs
+GAIN vs the untuned VLM, identity vs random experts, expert heads vs direct) with 95 % t intervals. Metrics ``<method>.<k>.<metric>`` (seed means) and ``<method>.<k>.<metric>_sd``. The table is
 printed at the end.
 
     python -m mlflow_projects.dwarf_benchmark --data outputs/phantom/manifest.parquet --epochs 4 --clip scratch \
@@ -119,6 +120,45 @@ def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
+# (arm a, arm b, the paper's claim): does a beat b? The last pair has no paper figure (our reading of line 15).
+COMPARISONS = (("dwarf", "gain", "DWARF > GAIN"), ("gain", "pretrained", "GAIN > untuned VLM"),
+               ("dwarf", "pretrained", "DWARF > untuned VLM"),
+               ("dwarf", "dwarf_random_init", "identity-initialised experts > random (Fig. 2)"),
+               ("dwarf", "dwarf_direct", "expert heads > optimising the attention directly (Table 4)"),
+               ("dwarf", "dwarf_cls_query", "classify from (I, M'_c) vs query token (no paper figure)"))
+
+
+def paired_differences(per_seed: pd.DataFrame, metrics: Sequence[str] = ("max_dice_mean", "auc_mean")
+                       ) -> pd.DataFrame:
+    """Per-seed paired differences ``a - b`` of the :data:`COMPARISONS` present in ``per_seed``.
+
+    Returns:
+        One row per (n_diseases, comparison, metric): ``mean_diff``, ``sd_diff`` (ddof 1), ``ci_low`` /
+        ``ci_high`` (95 % t interval over seeds; NaN for one seed), ``n_seeds`` and ``a_wins`` (seeds
+        where a > b).
+    """
+    from scipy import stats
+
+    rows = []
+    if per_seed.empty:
+        return pd.DataFrame(rows)
+    for k, group in per_seed.groupby("n_diseases", sort=True):
+        table = group.set_index(["method", "seed"])
+        arms = set(group["method"])
+        for a, b, claim in COMPARISONS:
+            if a not in arms or b not in arms:
+                continue
+            for m in metrics:
+                diff = (table.loc[a][m] - table.loc[b][m]).dropna()
+                n = len(diff)
+                mean, sd = float(diff.mean()), float(diff.std(ddof=1)) if n > 1 else float("nan")
+                half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
+                rows.append({"n_diseases": int(k), "a": a, "b": b, "claim": claim, "metric": m,
+                             "mean_diff": mean, "sd_diff": sd, "ci_low": mean - half, "ci_high": mean + half,
+                             "n_seeds": n, "a_wins": int((diff > 0).sum())})
+    return pd.DataFrame(rows)
+
+
 def markdown(summary: pd.DataFrame) -> str:
     """``mean ± SD`` cells per metric (the md artifact)."""
     rows = ["| diseases | method | seeds | " + " | ".join(m.replace("_mean", "") for m in METRICS) + " |",
@@ -173,11 +213,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                                for m in METRICS[:4] for sfx in ("", "_sd")}))
         csv, md = Path(tmp) / "dwarf_benchmark.csv", Path(tmp) / "dwarf_benchmark.md"
         seeds_csv = Path(tmp) / "dwarf_benchmark_seeds.csv"
+        paired_csv = Path(tmp) / "dwarf_benchmark_paired.csv"
         result.to_csv(csv, index=False)
         per_seed.to_csv(seeds_csv, index=False)
+        paired_differences(per_seed).to_csv(paired_csv, index=False)
         md.write_text((markdown(result) if not result.empty else "(no rows)\n") + f"\nDepartures: {DEPARTURES}\n",
                       encoding="utf-8")
-        for f in (csv, md, seeds_csv):
+        for f in (csv, md, seeds_csv, paired_csv):
             mlflow.log_artifact(str(f))
     cols = ["n_diseases", "method", "n_seeds"] + [c for m in METRICS[:4] for c in (m, f"{m}_sd")]
     print_table(result[cols] if not result.empty else None,

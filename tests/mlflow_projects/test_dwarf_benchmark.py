@@ -44,6 +44,8 @@ def test_entry_point_logs_one_row_per_count_and_method(tmp_path, tiny_phantom, c
         assert row["max_dice_mean"] == pytest.approx(dwarf.mean())
         assert row["max_dice_mean_sd"] == pytest.approx(dwarf.std(ddof=1))
         assert "±" in open(f"{folder}/dwarf_benchmark.md", encoding="utf-8").read()
+        paired = pd.read_csv(f"{folder}/dwarf_benchmark_paired.csv")
+        assert len(paired) == 6 * 2 and (paired["n_seeds"] == 2).all()  # 6 comparisons x 2 metrics
     out = capsys.readouterr().out  # the table is printed at the end, then the departures
     assert "DWARF benchmark" in out and "max_dice_mean_sd" in out and len(out.splitlines()) == len(table) + 3
     assert out.splitlines()[-1].startswith("Departures from the paper:")
@@ -61,6 +63,22 @@ def test_summary_is_the_seed_mean_and_sd_per_count_and_method():
     assert out.loc[1, "max_dice_mean"] == pytest.approx(0.5)
     assert out.loc[1, "max_dice_mean_sd"] == pytest.approx(0.2)  # SD of 0.3, 0.5, 0.7 (ddof 1)
     assert "0.500 ± 0.200" in markdown(out)
+
+
+def test_paired_differences_per_seed_with_t_interval():
+    from mlflow_projects.dwarf_benchmark import paired_differences
+
+    dwarf, gain = [0.30, 0.50, 0.40], [0.20, 0.45, 0.41]
+    rows = [{"seed": s, "n_diseases": 4, "method": m, "max_dice_mean": v, "auc_mean": 0.5}
+            for s in range(3) for m, v in (("dwarf", dwarf[s]), ("gain", gain[s]))]
+    out = paired_differences(pd.DataFrame(rows))
+    row = out[(out["a"] == "dwarf") & (out["b"] == "gain") & (out["metric"] == "max_dice_mean")].iloc[0]
+    diffs = np.array(dwarf) - np.array(gain)  # 0.10, 0.05, -0.01
+    assert row["mean_diff"] == pytest.approx(diffs.mean()) and row["sd_diff"] == pytest.approx(diffs.std(ddof=1))
+    half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+    assert row["ci_low"] == pytest.approx(diffs.mean() - half) and row["ci_high"] == pytest.approx(diffs.mean() + half)
+    assert row["a_wins"] == 2 and row["n_seeds"] == 3
+    assert set(out["b"]) == {"gain"}  # comparisons with an absent arm are left out
 
 
 def test_bad_arguments_exit_2_naming_the_value(capsys, tmp_path):
