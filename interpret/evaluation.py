@@ -146,8 +146,9 @@ def protocol_description(protocol: str = "mammi", synonyms: Mapping[str, Sequenc
                       "miss for hit/precision/recall/F1; left out of the cosine means (n_annotated)",
         "cosine": ("mean over all predicted concepts of cos(concept, label), bare words" if mammi else
                    "cosine of the best predicted concept and the label, bare words"),
-        "precision_recall": ("set intersection of the deduplicated predicted set and {label}; synonyms of the "
-                             "label map to it first, so they count once" if mammi else
+        "precision_recall": ("set intersection: precision |P & {label}| / |P| over the distinct predicted "
+                             "strings P, recall |P & {label}|; a label's synonyms count once in the intersection "
+                             "and each in |P|" if mammi else
                              "every predicted concept that names the label (or a synonym) counts as a hit"),
         "synonyms": ("exact lowercased label only (MAMMI's code)" if not syn else
                      f"{len(syn)} classes with accepted synonyms (departure: MAMMI's code matches the label "

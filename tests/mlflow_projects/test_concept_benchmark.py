@@ -52,9 +52,9 @@ class OracleVLM:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """A 300-image phantom probe restricted to the classes with >= 8 positives whose name (or synonym) is a
-    mined report noun, with units planted on them: unit c's logit is the label of class c, and its class
-    activation map is the class's box mask."""
-    from interpret.concepts import BASE_TEMPLATE, mine_concepts
+    single report noun (in both concept sets: MAMMI's nouns and the project's phrases), with units planted on
+    them: unit c's logit is the label of class c, and its class activation map is the class's box mask."""
+    from interpret.concepts import BASE_TEMPLATE, mammi_nouns, mine_concepts
     from interpret.evaluation import matches
     from interpret.audit.probe import load_probe
     from training.data.phantom import generate_phantom
@@ -63,9 +63,10 @@ def planted(tmp_path_factory):
     manifest = generate_phantom(tmp_path_factory.mktemp("ph"), n=300, size=64, seed=3)
     probe = load_probe(manifest, list(PHANTOM_CLASSES), 64, "all", 300)
     nouns = mine_concepts([r for r in probe.reports if r.strip()])
+    single = set(mammi_nouns([r for r in probe.reports if r.strip()]))
     keep, concept_of_class = [], []
     for c, name in enumerate(probe.classes):
-        hits = nouns[[matches(n, name) for n in nouns["concept"]]]
+        hits = nouns[[matches(n, name) and n in single for n in nouns["concept"]]]
         if probe.labels[:, c].sum() >= 8 and len(hits):
             keep.append(c)
             concept_of_class.append(str(hits.sort_values("count", ascending=False)["concept"].iloc[0]))
@@ -102,13 +103,19 @@ def test_planted_units_are_named_by_every_method_that_can_see_them(planted, monk
 
     rows = {(r.study, r.concept_set, r.method, r.setting): r for r in table.itertuples()}
     assert set(table["study"]) == {"concept_set", "selection", "methods"}
-    assert set(table.loc[table.study == "methods", "method"]) == {"mammi", "www", "clip_dissect", "falcon", "tsi"}
+    methods = {"mammi", "www", "clip_dissect", "falcon_simplified"}
+    for name in ("mammi_nouns", "report_phrases"):  # both concept sets in the method comparison
+        assert set(table.loc[(table.study == "methods") & (table.concept_set == name), "method"]) == methods
+    assert set(table.loc[table.study == "methods", "method"]) == methods | {"tsi"}
     assert (table["n_units"] == len(probe.classes)).all()
-    mammi = rows[("concept_set", "report_nouns", "mammi", "alpha=0.93")]
-    assert mammi.hit_rate == 1.0 and mammi.f1 > 0.5, mammi.predicted  # every planted unit named
+    for name in ("mammi_nouns", "report_phrases"):
+        mammi = rows[("concept_set", name, "mammi", "alpha=0.93")]
+        assert mammi.hit_rate == 1.0 and mammi.f1 > 0.5, mammi.predicted  # every planted unit named
+        assert rows[("methods", name, "clip_dissect", "soft-WPMI defaults")].hit_rate == 1.0
     assert rows[("concept_set", "generic", "mammi", "alpha=0.93")].hit_rate == 0.0  # no finding among the words
-    assert rows[("methods", "report_nouns", "clip_dissect", "soft-WPMI defaults")].hit_rate == 1.0
-    assert rows[("selection", "report_nouns", "www", "fixed top_k=10")].hit_rate == 1.0
+    assert rows[("selection", "mammi_nouns", "www", "fixed top_k=10")].hit_rate == 1.0
+    nouns = json.loads(rows[("concept_set", "mammi_nouns", "mammi", "alpha=0.93")].predicted)
+    assert all(" " not in c for pred in nouns.values() for c in pred)  # MAMMI's set: single nouns only
     # TSI (network dissection, threshold at the top q of all pixels, IoU > 0.04): a planted map equal to the box
     # mask has IoU = (box share of all pixels) / q when that share is below q, so only classes whose boxes cover
     # more than 0.04 * q of the probing pixels can be named, and those must be named right.
@@ -150,13 +157,17 @@ def test_mlflow_run_logs_the_table_with_every_study(tmp_path, tiny_phantom, monk
     table = pd.read_parquet(f"{folder}/table.parquet")
     assert pd.read_csv(f"{folder}/table.csv").shape == table.shape
     assert {"concept_set", "selection", "methods"} == set(table["study"])
-    assert {"mammi", "www", "clip_dissect", "falcon"} <= set(table["method"])
+    assert {"mammi", "www", "clip_dissect", "falcon_simplified"} <= set(table["method"])
     assert table["hit_rate"].between(0, 1).all() and (table["n_units"] == 9).all()
     logged = run.data.metrics
-    assert {"concept_set.generic.mammi.hit_rate", "concept_set.report_nouns.mammi.hit_rate",
-            "selection.report_nouns.www.k10.hit_rate", "methods.report_nouns.clip_dissect.f1"} <= set(logged)
-    row = table[(table.study == "methods") & (table.method == "clip_dissect")].iloc[0]
-    assert logged["methods.report_nouns.clip_dissect.f1"] == pytest.approx(row.f1)
+    assert {"concept_set.generic.mammi.hit_rate", "concept_set.mammi_nouns.mammi.hit_rate",
+            "selection.mammi_nouns.www.k10.hit_rate", "methods.report_phrases.clip_dissect.f1"} <= set(logged)
+    row = table[(table.study == "methods") & (table.method == "clip_dissect") & (table.concept_set == "report_phrases")]
+    assert logged["methods.report_phrases.clip_dissect.f1"] == pytest.approx(row.iloc[0].f1)
+    protocol = json.loads(open(f"{folder}/protocol.json").read())
+    assert protocol["evaluation"]["protocol"] == "mammi" and protocol["probing_set"]["split"] == "test"
+    assert "not computed" in protocol["evaluation"]["encoders"]["clip"] and "cos_clip" not in table
+    assert "circular" in protocol["evaluation"]["encoders"]["vlm"] and table["cos_vlm"].notna().all()
     # a missing manifest, an unknown version: one line, exit 2, before any model is loaded
     proc = mlflow_run("concept_benchmark", {"data": tmp_path / "nope.parquet"}, env)
     assert proc.returncode != 0 and f"manifest not found: {tmp_path / 'nope.parquet'}" in proc.stderr
@@ -164,3 +175,41 @@ def test_mlflow_run_logs_the_table_with_every_study(tmp_path, tiny_phantom, monk
                                             "clip": "scratch"}, env)
     assert "concept_benchmark: error: cxr-classifier has no version 7; versions: 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_protocol_independent_clip_and_empty_units(planted, monkeypatch):
+    """Issue 14 defect 3 in the benchmark: cos_clip comes only from an independent text encoder (the annotating
+    VLM's own is cos_vlm, named as circular); under MAMMI's protocol no unit's cosine is dropped."""
+    from mlflow_projects import concept_benchmark as cb
+
+    probe, vlm, _ = planted
+    monkeypatch.setattr(cb, "final_layer", _planted_final_layer(probe))
+    generic = [""]  # its prompt is the base template itself: score 0 for every unit, so every unit is empty
+
+    def independent(texts):  # a different text space from the oracle's: a hash per string, other seeds
+        return torch.stack([_vec("independent " + t) for t in texts])
+
+    table = cb.run_benchmark(cb.BenchConfig(), None, probe, vlm, generic, eval_encoder=independent)
+    assert table[["cos_clip", "cos_vlm"]].notna().all().all()  # empty units are scored, not dropped
+    generic_row = table[(table.study == "concept_set") & (table.concept_set == "generic")].iloc[0]
+    assert generic_row.n_annotated == 0 and generic_row.n_units == len(probe.classes)  # nothing to say ...
+    assert abs(generic_row.cos_vlm) < 0.3  # ... and still scored: cos("none", class name), near 0 here
+    from interpret.evaluation import evaluate_final_layer
+
+    for row in table.itertuples():  # cos_clip is the independent encoder's, cos_vlm the annotating VLM's
+        pred = list(json.loads(row.predicted).values())
+        ind = evaluate_final_layer(pred, probe.classes, encode_texts=independent, sentence_encoders=[])
+        own = evaluate_final_layer(pred, probe.classes, encode_texts=vlm.encode_texts, sentence_encoders=[])
+        assert row.cos_clip == pytest.approx(ind["cos_clip"]) and row.cos_vlm == pytest.approx(own["cos_clip"])
+    assert "cos_clip" not in cb.run_benchmark(cb.BenchConfig(), None, probe, vlm, generic)
+
+
+def test_seed_summary_mean_and_sd():
+    from mlflow_projects.concept_benchmark import summarize_seeds
+
+    t = pd.DataFrame({"seed": [0, 1, 2, 0, 1, 2], "study": ["m"] * 6, "concept_set": ["a"] * 3 + ["b"] * 3,
+                      "method": ["mammi"] * 6, "setting": ["s"] * 6, "hit_rate": [0.0, 0.5, 1.0, 1, 1, 1],
+                      "f1": [0.2, 0.4, 0.6, 0, 0, 0]})
+    out = summarize_seeds(t).set_index("concept_set")
+    assert out.loc["a", "hit_rate_mean"] == 0.5 and out.loc["a", "hit_rate_sd"] == pytest.approx(0.5)
+    assert out.loc["b", "f1_sd"] == 0.0 and (out["n_seeds"] == 3).all()
