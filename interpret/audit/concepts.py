@@ -30,6 +30,7 @@ import numpy as np
 from interpret.audit._util import Sections
 from interpret.audit.probe import Probe
 from interpret.audit.sections import related
+from interpret.audit.store import gap, iter_batches
 
 __all__ = ["ConceptResult", "concept_section", "vlm_validity", "flag_blind_units", "final_layer_comparison",
            "VLM_CHANCE_MARGIN", "COMPARED_METHODS"]
@@ -216,6 +217,16 @@ def final_layer_comparison(logits, img, txt, tem, concepts: Sequence[str], class
     return out
 
 
+def _encode_probe_images(vlm, images, chunk: int = 1024):
+    """Image embeddings (N, d) of the probing images: in one call for a tensor, in chunks of ``chunk`` images
+    for an on-disk store (each chunk goes through the same preprocessing and batches of the adapter)."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        return vlm.encode_images(images)
+    return torch.cat([vlm.encode_images(x) for _, x in iter_batches(images, chunk)])
+
+
 def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str, sections: Sections,
                     clip: tuple[Any, str] | None) -> ConceptResult:
     """Annotate feature-layer and penultimate-block units (and, as a check, the final-layer class units).
@@ -266,7 +277,7 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
         return empty
     bundle, clip_desc = clip
     vlm = VLMAdapter(bundle, batch_size=cfg.batch_size)
-    img = vlm.encode_images(probe.images)  # (N, d)
+    img = _encode_probe_images(vlm, probe.images)  # (N, d)
     txt = vlm.encode_texts(concept_prompts(concepts))  # (M, d)
     tem = vlm.encode_texts([BASE_TEMPLATE])[0]  # (d,)
     vlm_check = vlm_validity(vlm, img, probe, seed=seed)
@@ -278,9 +289,9 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
                     "related to them are flagged and not served", clip_desc, ", ".join(vlm_check["blind_classes"]))
 
     pen = collect_activations(model, DataLoader(probe.images, batch_size=cfg.batch_size), penult, progress=False)
-    layers = {model.feature_layer: feats.mean(dim=(2, 3)), penult: pen.mean}
-    with torch.no_grad():
-        logits = model.forward_head(feats)
+    layers = {model.feature_layer: gap(feats), penult: pen.mean}
+    with torch.no_grad():  # the head on the stored maps, in batches (they may be on disk)
+        logits = torch.cat([model.forward_head(f) for _, f in iter_batches(feats, cfg.batch_size)])
     params: dict[str, Any] = {"alpha": cfg.alpha} if cfg.method in ("mammi", "mammi_floor") else {}
     if cfg.method == "mammi_floor":
         params["min_images"] = min_images

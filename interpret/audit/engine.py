@@ -51,6 +51,7 @@ from interpret.audit.probe import (Probe, file_fingerprint, labelled_classes, lo
 from interpret.audit.sections import (attention_pass, dissection_section, gallery_cases, importance_section,
                                       infer, localization_summary, performance_section, save_gallery)
 from interpret.audit.shortcuts import shortcut_section
+from interpret.audit.store import gap
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     from interpret.importance import is_gap_linear
 
     linear = not dwarf and is_gap_linear(model)
-    probe = load_probe(manifest, model.class_names, size, cfg.split, cfg.max_images, cfg.seed)
+    probe = load_probe(manifest, model.class_names, size, cfg.split, cfg.max_images, cfg.seed, on_disk=True)
     penult = "" if not linear else (cfg.penultimate_layer or penultimate_layer(model))
     thresholds = _threshold_info(model)
     summary: dict[str, Any] = {
@@ -557,7 +558,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         # is large enough; else the marginal split-conformal rule (<= a on average), said in threshold_rule
         conf = 0.9 if probe.n // 2 >= min_calibration(cfg.ood_false_alarm, 0.9) else None
         try:
-            det = fit_ood(feats, layer=model.feature_layer, target_false_alarm=cfg.ood_false_alarm, seed=cfg.seed,
+            det = fit_ood(gap(feats), layer=model.feature_layer, target_false_alarm=cfg.ood_false_alarm, seed=cfg.seed,
                           groups=patients, confidence=conf)
             det.save(out / "ood.npz")
             summary["ood"] = {"fitted": True, "file": "ood.npz", **det.to_dict()}

@@ -1,4 +1,9 @@
-"""The probing set: images, labels, boxes and reports of a manifest split, in memory."""
+"""The probing set: images, labels, boxes and reports of a manifest split.
+
+The images (and the phantom's ground-truth marker masks) are kept on disk in a
+:class:`~interpret.audit.store.SpillArray` by :func:`load_probe`, so the audit's memory does not grow with the
+number of probing images; a :class:`Probe` built by hand may hold tensors (the sections index either the same way).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,18 +13,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from interpret.audit.store import SpillArray
+
 @dataclass
 class Probe:
-    """The probing set in memory."""
+    """The probing set."""
 
-    images: Any  # (N, 1, S, S) float32 tensor in [0, 1]
+    images: Any  # (N, 1, S, S) float32 in [0, 1]: a tensor or a SpillArray (indexing returns tensors)
     labels: np.ndarray  # (N, C)
     boxes: list[np.ndarray]  # per image (K, 4) xyxy in S px
     box_labels: list[np.ndarray]  # per image (K,)
     image_ids: list[str]
     reports: list[str]
     classes: list[str]
-    artefacts: np.ndarray | None = None  # (N, S, S) bool ground-truth markers/tags (phantom_meta.parquet)
+    artefacts: Any = None  # (N, S, S) bool ground-truth markers/tags (phantom_meta.parquet): array or SpillArray
 
     @property
     def n(self) -> int:
@@ -40,9 +47,11 @@ def file_fingerprint(path: Path, chunk: int = 1 << 20, length: int | None = 16) 
 
 
 def load_probe(manifest: Path, classes: Sequence[str], image_size: int, split: str, max_images: int,
-               seed: int = 0) -> Probe:
-    """Read the probing set (``split`` or all rows, at most ``max_images`` drawn with ``seed``)."""
-    import torch
+               seed: int = 0, on_disk: bool = False) -> Probe:
+    """Read the probing set (``split`` or all rows, at most ``max_images`` drawn with ``seed``).
+
+    With ``on_disk`` (the audit) the images and marker masks go to :class:`SpillArray` stores as they are read,
+    one image in memory at a time; else ``images`` is one (N, C, S, S) tensor and ``artefacts`` an array."""
     from tqdm.auto import tqdm
 
     from training.data.dataset import ManifestDataset
@@ -57,20 +66,34 @@ def load_probe(manifest: Path, classes: Sequence[str], image_size: int, split: s
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), max_images, replace=False))
     df = read_manifest(manifest)
     report_of = dict(zip(df["image_id"], df["report"])) if "report" in df else {}
-    items = [ds[int(i)] for i in tqdm(idx, desc="audit: probing set", unit="img", leave=False)]
-    artefacts = phantom_artefacts(manifest, df, [str(it["image_id"]) for it in items], image_size)
-    return Probe(artefacts=artefacts, images=torch.stack([it["image"] for it in items]),
-                 labels=np.stack([it["labels"].numpy() for it in items]).astype(np.float32),
-                 boxes=[it["boxes"].numpy().reshape(-1, 4) for it in items],
-                 box_labels=[it["box_labels"].numpy().reshape(-1) for it in items],
-                 image_ids=[str(it["image_id"]) for it in items],
-                 reports=[str(report_of.get(it["image_id"]) or "") for it in items],
-                 classes=list(classes))
+    images: SpillArray | None = None
+    labels, boxes, box_labels, image_ids = [], [], [], []
+    for i in tqdm(idx, desc="audit: probing set", unit="img", leave=False):
+        it = ds[int(i)]
+        if images is None:
+            images = SpillArray(tuple(it["image"].shape))
+        if tuple(it["image"].shape) != images.row_shape:
+            raise ValueError(f"probing image {it['image_id']} is {tuple(it['image'].shape)} after preprocessing, "
+                             f"expected {images.row_shape}")
+        images.append(it["image"][None])  # one image in memory at a time
+        labels.append(it["labels"].numpy())
+        boxes.append(it["boxes"].numpy().reshape(-1, 4))
+        box_labels.append(it["box_labels"].numpy().reshape(-1))
+        image_ids.append(str(it["image_id"]))
+    artefacts = phantom_artefacts(manifest, df, image_ids, image_size)
+    if not on_disk:
+        images = images[:]  # one tensor, the store dropped
+        artefacts = artefacts.numpy() if artefacts is not None else None
+    return Probe(artefacts=artefacts, images=images,
+                 labels=(np.stack(labels) if labels else np.zeros((0, len(classes)))).astype(np.float32),
+                 boxes=boxes, box_labels=box_labels, image_ids=image_ids,
+                 reports=[str(report_of.get(i) or "") for i in image_ids], classes=list(classes))
 
 
-def phantom_artefacts(manifest: Path, df, image_ids: Sequence[str], size: int) -> np.ndarray | None:
+def phantom_artefacts(manifest: Path, df, image_ids: Sequence[str], size: int) -> SpillArray | None:
     """Ground-truth text markers and planted shortcut tags from the phantom's ``phantom_meta.parquet``
-    (boxes ``[x, y, w, h]`` in original pixels, scaled to ``size``) as (N, S, S) bool; None without it."""
+    (boxes ``[x, y, w, h]`` in original pixels, scaled to ``size``) as (N, S, S) bool (a :class:`SpillArray`
+    read as NumPy arrays); None without it."""
     import pandas as pd
 
     side = manifest.parent / "phantom_meta.parquet"
@@ -79,9 +102,11 @@ def phantom_artefacts(manifest: Path, df, image_ids: Sequence[str], size: int) -
     meta = pd.read_parquet(side).set_index("image_id")
     width = dict(zip(df["image_id"], df["width"]))
     c = np.arange(size) + 0.5
-    out = np.zeros((len(image_ids), size, size), dtype=bool)
-    for i, iid in enumerate(image_ids):
+    out = SpillArray((size, size), dtype=bool, as_tensor=False)
+    for iid in image_ids:
+        mask = np.zeros((size, size), dtype=bool)
         if iid not in meta.index:
+            out.append(mask[None])
             continue
         scale = size / float(width.get(iid) or size)
         for col in ("marker_box", "shortcut_box"):
@@ -89,7 +114,8 @@ def phantom_artefacts(manifest: Path, df, image_ids: Sequence[str], size: int) -
             if box is None or len(box) != 4:
                 continue
             x, y, w, h = (float(v) * scale for v in box)
-            out[i] |= ((c[:, None] >= y) & (c[:, None] < y + h)) & ((c[None, :] >= x) & (c[None, :] < x + w))
+            mask |= ((c[:, None] >= y) & (c[:, None] < y + h)) & ((c[None, :] >= x) & (c[None, :] < x + w))
+        out.append(mask[None])
     return out
 
 

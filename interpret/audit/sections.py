@@ -12,6 +12,7 @@ import numpy as np
 from interpret.audit._util import _finite
 from interpret.audit.probe import Probe
 from interpret.audit.shortcuts import attention_shares, chest_field, marker_mask
+from interpret.audit.store import gap
 from training.prompts import prompt_name
 
 RELATED_TERMS: dict[str, tuple[str, ...]] = {
@@ -41,19 +42,25 @@ def related(concept: str, cls: str) -> bool:
 
 def infer(model, images, batch_size: int):
     """Probabilities (N, C) (:func:`training.models.probabilities`, as served) and feature maps (N, K, h, w)
-    in batches."""
+    in batches; the maps go to a :class:`~interpret.audit.store.SpillArray` on disk that keeps their GAP in
+    memory (``feats.pooled``), so memory does not grow with N by the maps' size."""
     import torch
     from tqdm.auto import tqdm
 
+    from interpret.audit.store import SpillArray
     from training.models import probabilities
 
-    probs, feats = [], []
+    probs, feats = [], None
     with torch.no_grad():
         for start in tqdm(range(0, len(images), batch_size), desc="audit: inference", leave=False):
             logits, f = model.forward_all(images[start:start + batch_size])
             probs.append(probabilities(logits).numpy())
+            if feats is None:
+                feats = SpillArray(tuple(f.shape[1:]), pool=True)
             feats.append(f.float())
-    return np.concatenate(probs), torch.cat(feats)
+    if feats is None:
+        raise ValueError("no probing images to run inference on")
+    return np.concatenate(probs), feats
 
 
 def performance_section(probe: Probe, probs: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
@@ -92,7 +99,7 @@ def attention_pass(model, probe: Probe, method: str, batch_size: int, pointing_t
 
     n, c, s = probe.n, len(probe.classes), probe.size
     field_mask = chest_field(s)
-    markers = probe.artefacts if probe.artefacts is not None else marker_mask(probe.images[:, 0].numpy())
+    markers = probe.artefacts if probe.artefacts is not None else _marker_store(probe, batch_size)
     outside, on_marker = np.full((n, c), np.nan), np.full((n, c), np.nan)
     tables = []
     for start in tqdm(range(0, n, batch_size), desc=f"audit: {method} maps", leave=False):
@@ -111,6 +118,16 @@ def attention_pass(model, probe: Probe, method: str, batch_size: int, pointing_t
             tables.append(t[t["has_mask"]].drop(columns="has_mask"))
     loc = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return AttentionPass(loc, outside, on_marker, markers)
+
+
+def _marker_store(probe: Probe, batch_size: int):
+    """:func:`marker_mask` of every probing image, computed in batches into a bool store on disk."""
+    from interpret.audit.store import SpillArray, iter_batches
+
+    store = SpillArray((probe.size, probe.size), dtype=bool, as_tensor=False)
+    for _, x in iter_batches(probe.images, batch_size):
+        store.append(marker_mask(x[:, 0].numpy()))
+    return store
 
 
 def localization_summary(loc, classes: Sequence[str]) -> list[dict]:
@@ -188,10 +205,11 @@ def save_gallery(probe: Probe, loc, picks: dict[str, dict[str, list[str]]], maps
 
 
 DISSECTION_MIN_CELLS_SIDE = 7  # feature-map side below which dissection's components say nothing
+DISSECTION_EXACT_BUDGET = 256 << 20  # bytes of maps held for exact quantiles; beyond: streaming histogram
 
 
-def dissection_section(feats, probe: Probe, quantile: float, min_cells_side: int = DISSECTION_MIN_CELLS_SIDE
-                       ) -> dict:
+def dissection_section(feats, probe: Probe, quantile: float, min_cells_side: int = DISSECTION_MIN_CELLS_SIDE,
+                       exact_budget_bytes: int = DISSECTION_EXACT_BUDGET) -> dict:
     """Disjoint / Unique counts per class on the feature layer (:func:`interpret.dissection.dissect_activations`).
 
     Dissection counts connected components of each unit's thresholded, upsampled map that overlap a box.
@@ -207,6 +225,8 @@ def dissection_section(feats, probe: Probe, quantile: float, min_cells_side: int
         probe: the probing set (boxes, labels, image size).
         quantile: q, the per-unit activation quantile ``1 - q`` that thresholds the maps.
         min_cells_side: the smallest feature-map side (cells) dissection is run on (7).
+        exact_budget_bytes: the maps' size up to which the per-unit quantiles are exact (held in memory);
+            above it they come from a streaming histogram over the maps on disk (bounded memory).
 
     Returns:
         ``dissection.json`` content: ``quantile``, ``per_class`` rows (class, n_images, disjoint, unique,
@@ -234,8 +254,10 @@ def dissection_section(feats, probe: Probe, quantile: float, min_cells_side: int
 
     if not any(len(b) for b in probe.boxes):
         return {"quantile": quantile, "per_class": [], "reason": "no probing image has boxes"}
+    # exact per-unit quantiles while the maps fit exact_budget_bytes, else the streaming histogram
+    # (threshold never below the exact one; its bound is in threshold_error_max)
     res = dissect_activations(feats, probe.boxes, probe.box_labels, probe.classes, probe.size, q=quantile,
-                              image_ids=probe.image_ids)
+                              image_ids=probe.image_ids, quantile="auto", exact_budget_bytes=exact_budget_bytes)
     full = res.to_json()
     rows = []
     for r in full["per_class"]:
@@ -268,7 +290,7 @@ def importance_section(model, probe: Probe, feats, annotations: dict[int, list[s
 
     from interpret.importance import class_importance, linear_contributions
 
-    pooled = feats.float().mean(dim=(2, 3))  # (N, K)
+    pooled = gap(feats)  # (N, K)
     contrib_all = linear_contributions(pooled, model.head.weight.detach().float())  # (N, C, K)
     per_cls = class_importance(contrib_all, probe.labels)  # (C, K), NaN rows for classes without positives
     fallback = contrib_all.mean(0)  # (C, K) over all images

@@ -7,6 +7,7 @@ import numpy as np
 
 from interpret.audit._util import _nanmean
 from interpret.audit.probe import Probe
+from interpret.audit.store import gap
 
 if TYPE_CHECKING:  # pragma: no cover
     from interpret.audit.sections import AttentionPass
@@ -91,7 +92,7 @@ def shortcut_section(probe: Probe, probs: np.ndarray, ap: "AttentionPass", feats
     field_mask = chest_field(probe.size)
     seen = set()
     if feats is not None:  # unit activation maps (a DWARF model has no feature-layer units)
-        pooled = feats.mean(dim=(2, 3))  # (N, K)
+        pooled = gap(feats)  # (N, K)
         for cls, units in unit_table.items():
             for u in units:
                 unit = int(u["unit"])
