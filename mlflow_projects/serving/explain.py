@@ -133,8 +133,9 @@ def explanation_maps(model: LoadedModel, x: np.ndarray, classes: Sequence[int], 
     from interpret import attention_maps
 
     with model.torch_lock:
-        maps, raw = attention_maps(model.torch_model, torch.from_numpy(x), [idx], method=method, return_raw=True)
-    return maps[0].detach().numpy(), raw[0].detach().float().numpy()
+        x_t = torch.from_numpy(x).to(model.torch_device or "cpu")
+        maps, raw = attention_maps(model.torch_model, x_t, [idx], method=method, return_raw=True)
+    return maps[0].detach().float().cpu().numpy(), raw[0].detach().float().cpu().numpy()
 
 
 def top_units(model: LoadedModel, pooled: np.ndarray, classes: Sequence[int], k: int) -> list[list[dict[str, Any]]]:

@@ -72,6 +72,7 @@ class LoadedModel:
     min_val_positives: int | None = None  # the minimum a threshold needed (None: not recorded)
     # gradient methods put hooks on the shared torch model: one at a time
     torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    torch_device: Any = None  # where torch_model runs (gradient methods, the no-ONNX path): CUDA when present
 
     def run_batch(self, x: np.ndarray) -> list[dict[str, np.ndarray]]:
         """One forward pass over a batch.
@@ -95,8 +96,8 @@ class LoadedModel:
             import torch
 
             with torch.no_grad():
-                lg, ft = self.torch_model.forward_all(torch.from_numpy(x))
-            logits, feats = lg.numpy(), ft.numpy()
+                lg, ft = self.torch_model.forward_all(torch.from_numpy(x).to(self.torch_device or "cpu"))
+            logits, feats = lg.float().cpu().numpy(), ft.float().cpu().numpy()
         from training.models import probabilities
 
         probs = probabilities(logits)
@@ -158,8 +159,13 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
 
     from training.models import load_checkpoint
 
+    from training.runtime import resolve_device
+
     torch.set_num_threads(threads)
     net = load_checkpoint(ckpt).eval()
+    # the gradient methods (Grad-CAM, Grad-CAM++, IG, SmoothGrad) run the torch model: on CUDA when there is one
+    # (CXR_TORCH_DEVICE overrides, e.g. "cpu"); the head weights below are read before the move
+    device = resolve_device(os.environ.get("CXR_TORCH_DEVICE") or None)
     classes = [str(c) for c in (meta.get("classes") or net.class_names)]
     thresholds = thresholds_from_json(meta.get("thresholds") or net.thresholds)
     size = int((meta.get("input") or {}).get("size") or net.input_spec["size"])
@@ -183,7 +189,9 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
                   head_weight=net.head.weight.detach().numpy().astype(np.float32) if linear else None,
                   head_bias=(net.head.bias.detach().numpy().astype(np.float32)
                              if linear and net.head.bias is not None else None),
-                  **_threshold_support(meta, net, len(classes)))
+                  **_threshold_support(meta, net, len(classes)), torch_device=device)
+    net.to(device)
+    log.info("torch runs the gradient methods of %s on %s", identity.uri, device)
     if onnx_path is None:
         return LoadedModel(identity, "classifier", classes, thresholds, size, meta, methods, **common)
     import onnxruntime as ort
