@@ -28,7 +28,8 @@ The interpret columns (the shape of the paper's Tables 1 and 2, Khakzar et al.) 
   or ``--dissection-q``), by the paper's protocol (``--dissection-protocol paper``: Disjoint = components
   overlapping a box of the class / images, Unique = (image, unit) pairs with such a component / images, so
   ``disjoint >= unique >= 0``) or by the authors' released code's (``authors_code``: per-batch quantile,
-  ``>=``, contours inside the boxes; see :mod:`interpret.dissection`). T-DenseNet's maps are 28 x 28 only
+  ``>=``, contours inside the boxes, quantile batches of :func:`authors_batch` images; see
+  :mod:`interpret.dissection`). T-DenseNet's maps are 28 x 28 only
   at ``--image-size 224`` (S/8); the dissected map size is logged (``dissection_map_size``).
 
 Each child run logs them as metrics (``interp_{iobb,ior,disjoint,unique}.{class}`` and
@@ -69,6 +70,11 @@ DISSECTION_PROTOCOLS = ("paper", "authors_code")
 def dissection_q(arch: str) -> float:
     """Dissection quantile of DESIGN.md: 0.01 for DenseNet-family models (T-DenseNet), else 0.04 (ResNet50)."""
     return 0.01 if "densenet" in arch else 0.04
+
+
+def authors_batch(arch: str) -> int:
+    """Images per quantile batch of the authors' counting (imba-explain configs: 128 T-DenseNet, 64 ResNet50)."""
+    return 128 if "densenet" in arch else 64
 
 
 def _seed_list(text: str) -> list[int]:
@@ -272,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                     if do_interp:
                         it, ov = interpret_table(result.model.cpu().eval(), probe, probe_idx, interp["q"],
                                                  2 * cfg.batch_size, progress=show_progress(),
-                                                 protocol=interp["protocol"])
+                                                 protocol=interp["protocol"],
+                                                 dissection_batch=(authors_batch(cfg.arch)
+                                                                   if interp["protocol"] == "authors_code" else None))
                         interp_tables[loss], overall[loss] = it, ov
                         map_size = ov["map_size"]
                         mlflow.log_metrics(finite_metrics({f"interp_{col}.{cls}": row[col]

@@ -66,7 +66,10 @@ def test_interpret_table_lives_in_interpret_and_keeps_its_columns(tiny_phantom):
 
 
 def test_dissection_q_by_arch(tmp_path):
+    from mlflow_projects.imbalance_study import authors_batch
+
     assert dissection_q("t_densenet") == 0.01 and dissection_q("resnet50") == 0.04
+    assert authors_batch("t_densenet") == 128 and authors_batch("resnet50") == 64
     m = tmp_path / "m.parquet"
     pd.DataFrame({"image_id": ["a"]}).to_parquet(m)
     assert parse_args(["--data", str(m), "--arch", "t_densenet"], return_all=True)[2] == {
