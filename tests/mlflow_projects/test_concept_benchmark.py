@@ -213,3 +213,35 @@ def test_seed_summary_mean_and_sd():
     out = summarize_seeds(t).set_index("concept_set")
     assert out.loc["a", "hit_rate_mean"] == 0.5 and out.loc["a", "hit_rate_sd"] == pytest.approx(0.5)
     assert out.loc["b", "f1_sd"] == 0.0 and (out["n_seeds"] == 3).all()
+
+
+@pytest.mark.slow
+def test_mlflow_run_seeds_trains_per_seed_and_summarises(tmp_path, tiny_phantom, monkeypatch):
+    """The study command, as docs/reproduction/concepts.md runs it (tiny sizes): per training seed a classifier
+    and a CLIP are trained on the train split, the independent evaluation CLIP once on a separate phantom, and
+    the mean / SD over seeds is logged beside the per-seed table."""
+    from tests.mlflow_projects.mlflow_run import client, mlflow_run, project_env, setup_store
+
+    env = project_env(tmp_path)
+    setup_store(env)
+    proc = mlflow_run("concept_benchmark", {"data": tiny_phantom, "seeds": "0,1", "arch": "test_resnet", "epochs": 1,
+                                            "clip_epochs": 1, "eval_clip": "train", "eval_phantom_n": 24},
+                      env, "concept_benchmark")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "mean and SD over training seeds 0,1" in proc.stdout and '"protocol": "mammi"' in proc.stdout
+    c = client(env)
+    (run,) = c.search_runs([c.get_experiment_by_name("concept_benchmark").experiment_id])
+    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="concept_benchmark",
+                                                 dst_path=str(tmp_path / "dl"))
+    table = pd.read_parquet(f"{folder}/table.parquet")
+    seeds = pd.read_csv(f"{folder}/seeds.csv")
+    protocol = json.loads(open(f"{folder}/protocol.json").read())
+    assert set(table["seed"]) == {0, 1} and (seeds["n_seeds"] == 2).all()
+    assert len(seeds) == len(table) // 2 and {"hit_rate_mean", "hit_rate_sd", "cos_clip_mean"} <= set(seeds)
+    assert table["cos_clip"].notna().all()  # the independent CLIP scores every unit, empty ones included
+    assert "separate" in protocol["evaluation"]["encoders"]["clip"] and protocol["seeds"]["seeds"] == [0, 1]
+    assert "training seeds" in protocol["seeds"]["what"] and len(protocol["seeds"]["trained"]) == 2
+    row = seeds[(seeds.study == "methods") & (seeds.concept_set == "mammi_nouns") & (seeds.method == "mammi")].iloc[0]
+    per_seed = table[(table.study == "methods") & (table.concept_set == "mammi_nouns") & (table.method == "mammi")]
+    assert row.hit_rate_mean == pytest.approx(per_seed["hit_rate"].mean())
+    assert run.data.metrics["methods.mammi_nouns.mammi.hit_rate"] == pytest.approx(row.hit_rate_mean)
