@@ -51,7 +51,7 @@ from interpret.audit.probe import (Probe, file_fingerprint, labelled_classes, lo
 from interpret.audit.sections import (attention_pass, dissection_section, gallery_cases, importance_section,
                                       infer, localization_summary, performance_section, save_gallery)
 from interpret.audit.shortcuts import shortcut_section
-from interpret.audit.store import gap
+from interpret.audit.store import bound_heap, gap
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     if cfg.reports and not Path(cfg.reports).is_file():
         raise FileNotFoundError(f"reports file not found: {Path(cfg.reports).resolve()}")
     torch.manual_seed(cfg.seed)
+    bound_heap()  # freed per-batch maps go back to the system: peak memory does not creep up with N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})

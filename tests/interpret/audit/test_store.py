@@ -120,3 +120,15 @@ def test_the_audit_sections_answer_the_same_on_disk_as_in_memory(tiny_phantom):
     t_d, _ = importance_section(model, disk, feats_d, {}, 3)
     t_m, _ = importance_section(model, mem, feats_m, {}, 3)
     np.testing.assert_allclose(t_d["importance"].to_numpy(), t_m["importance"].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_bound_heap_applies_on_glibc():
+    import platform
+
+    from interpret.audit.store import bound_heap
+
+    applied = bound_heap()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied in (True, False)
