@@ -199,7 +199,7 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
 
     Returns:
         DataFrame indexed by ``class`` (model class order) with ``n_images`` (boxed images of the
-        class), ``n_flat`` (method maps with no spatial preference, scored as uniform), the method's
+        class), ``n_flat`` (method maps with no spatial preference, scored as uniform or as zeros: ``flat``), the method's
         ``iobb, ior, iou, pointing`` and the same four with suffixes ``_random``, ``_shuffled``,
         ``_uniform`` and ``_centre`` (those of ``baselines``); a last row ``"mean"`` averages the class rows with ``n_images >= min_images``
         (unweighted, so rare findings count as much as common ones; its ``n_images`` is their sum).
