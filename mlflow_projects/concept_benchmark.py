@@ -9,7 +9,8 @@ evaluation choice, the encoders, the probing set) and flat metrics:
    (``mammi_nouns``) vs the project's richer report concepts (``report_phrases``);
 2. **example selection**: adaptive (MAMMI, ``alpha``) vs fixed top-k (WWW, ``k`` = 10 and ``--top-k``), on
    ``mammi_nouns``;
-3. **method comparison** on both report concept sets: ``mammi``, ``www``, ``clip_dissect``,
+3. **method comparison** on both report concept sets: ``mammi``, ``www``, ``clip_dissect``, ``falcon``
+   (activation crops, reports as captions, caption-word scoring: :mod:`interpret.annotation.falcon`),
    ``falcon_simplified`` (not the paper's FALCON: see :mod:`interpret.annotation.falcon_simplified`) and, when
    the probing images have boxes, ``tsi`` (dissection of the class activation maps against the boxes).
 
@@ -183,6 +184,7 @@ def run_benchmark(cfg: BenchConfig, model, probe, vlm, generic: Sequence[str],
     import pandas as pd
 
     from interpret.annotation import annotate
+    from interpret.annotation.falcon import activation_crops
     from interpret.concepts import BASE_TEMPLATE, concept_incidence, concept_prompts
     from interpret.evaluation import evaluate_final_layer
 
@@ -197,6 +199,7 @@ def run_benchmark(cfg: BenchConfig, model, probe, vlm, generic: Sequence[str],
     encoders: list[Any] = [("vlm", vlm.encode_texts)]
     rows: list[dict[str, Any]] = []
     report_emb = vlm.encode_texts(reports) if reports else None
+    crop_emb = None
 
     def add(study: str, concept_set: str, method: str, setting: str, table) -> None:
         predicted = [list(c) for c in table["concepts"]]
@@ -224,10 +227,14 @@ def run_benchmark(cfg: BenchConfig, model, probe, vlm, generic: Sequence[str],
         add("methods", name, "mammi", f"alpha={cfg.alpha}", run("mammi", name, alpha=cfg.alpha))
         add("methods", name, "www", f"top_k={cfg.top_k}", run("www", name, top_k=cfg.top_k))
         add("methods", name, "clip_dissect", "soft-WPMI defaults", run("clip_dissect", name))
-        inc = concept_incidence(reports, sets[name])
+        inc = [np.flatnonzero(r).tolist() for r in concept_incidence(reports, sets[name])]
         add("methods", name, "falcon_simplified", "top_k=10, nearest report, whole images",
-            run("falcon_simplified", name, report_embeddings=report_emb,
-                report_concepts=[np.flatnonzero(r).tolist() for r in inc]))
+            run("falcon_simplified", name, report_embeddings=report_emb, report_concepts=inc))
+        if crop_emb is None:  # FALCON's activation crops of each unit's top 10 images (CAMs), embedded once
+            crops, _ = activation_crops(probe.images, cams, logits, top_k=10)  # (U, k, C, H, W)
+            crop_emb = vlm.encode_images(crops.flatten(0, 1)).reshape(crops.shape[0], crops.shape[1], -1)
+        add("methods", name, "falcon", "top_k=10 crops at 0.6, 5 nearest reports, word scores, contrast 0.1, best 8",
+            run("falcon", name, crop_embeddings=crop_emb, caption_embeddings=report_emb, caption_concepts=inc))
     if any(len(b) for b in probe.boxes):
         from interpret.dissection import dissect_activations
 
@@ -256,6 +263,9 @@ def protocol_block(cfg: BenchConfig, probe, eval_desc: str, vlm_desc: str, extra
                              "generic": "generic English nouns (control)"},
             "methods": {"mammi": f"alpha={cfg.alpha}, beta={cfg.beta}", "www": f"top_k={cfg.top_k}, beta={cfg.beta}",
                         "clip_dissect": "soft-WPMI, author defaults, best concept",
+                        "falcon": "FALCON with reports as captions: crops of the top-10 images around the unit's "
+                                  "CAM (>= 0.6, largest region), 5 nearest reports (softmax 100 cos), caption-word "
+                                  "scores, words >= 0.1 among the 10 lowest images removed, best 8 (no 0.25 threshold)",
                         "falcon_simplified": "NOT the paper's FALCON: whole top-10 images, 1 nearest report, "
                                              "concept frequency, beta selection",
                         "tsi": f"dissection of CAMs vs boxes, q={cfg.dissection_q}, IoU>0.04"},

@@ -9,6 +9,9 @@ template_embedding (d,) | None, **params) -> scores (U, M)`` and ``select_concep
   ``min_images`` (10) images, so no varying unit rests on fewer images. Same score.
 - ``www`` (:mod:`.www`): fixed top-k (40) representatives, same score.
 - ``clip_dissect`` (:mod:`.clip_dissect`): soft-WPMI (``top_k`` 100, ``a`` 10, ``lam`` 1, p .998 -> .97).
+- ``falcon`` (:mod:`.falcon`): FALCON with reports as captions: crops of the top images around the unit's
+  activation, nearest captions, caption-word scores, contrast with the lowest images (needs
+  ``crop_embeddings``, ``caption_embeddings``, ``caption_concepts``).
 - ``falcon_simplified`` (:mod:`.falcon_simplified`): not the paper's FALCON (whole images, one nearest
   report, no caption-word scoring): top images -> nearest reports -> their concepts (needs
   ``report_embeddings``, ``report_concepts``).
@@ -31,7 +34,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from interpret.annotation import clip_dissect, falcon_simplified, mammi, tsi, www  # noqa: F401  (registers methods)
+from interpret.annotation import clip_dissect, falcon, falcon_simplified, mammi, tsi, www  # noqa: F401  (registers methods)
 from interpret.annotation.base import get_annotator, list_methods, score_margin, select_concepts
 from interpret.annotation.evidence import DEFAULT_MIN_EVIDENCE, evidence_summary, served_unit_concepts
 

@@ -42,10 +42,10 @@ def _reference_mammi(acts, v, t, tem, alpha=0.93):
 
 
 def test_registry_and_lazy_export():
-    assert list_methods() == ["clip_dissect", "falcon_simplified", "mammi", "mammi_floor", "tsi", "www"]
+    assert list_methods() == ["clip_dissect", "falcon", "falcon_simplified", "mammi", "mammi_floor", "tsi", "www"]
     assert interpret.concept_scores is concept_scores and interpret.select_concepts is select_concepts
     acts, v, t, tem = _random()
-    with pytest.raises(ValueError, match="valid: clip_dissect, falcon_simplified, mammi, mammi_floor, tsi, www"):
+    with pytest.raises(ValueError, match="valid: clip_dissect, falcon, falcon_simplified, mammi, mammi_floor, tsi, www"):
         concept_scores("netdissect", acts, v, t, tem)
     with pytest.raises(ValueError, match="alpha"):
         concept_scores("mammi", acts, v, t, tem, alpha=1.5)
@@ -328,12 +328,43 @@ def test_evidence_summary():
 
 
 def test_simplified_falcon_goes_by_its_own_name():
-    """Issue 14 defect 5: the whole-image, one-report variant is not the paper's FALCON, so no method is called
-    plain ``falcon``; the name and the docstring say what it leaves out."""
-    from interpret.annotation import falcon_simplified, get_annotator
+    """Issue 14 defect 5: the whole-image, one-report variant is not the paper's FALCON, so it is called
+    ``falcon_simplified`` and its docstring says what it leaves out; ``falcon`` is the crop-based version."""
+    from interpret.annotation import falcon, falcon_simplified
 
-    assert "falcon" not in list_methods() and "falcon_simplified" in list_methods()
-    with pytest.raises(ValueError, match="unknown annotation method 'falcon'"):
-        get_annotator("falcon")
-    doc = falcon_simplified.__doc__
-    assert "not** the paper's FALCON" in doc and "crops" in doc and "0.25" in doc
+    assert {"falcon", "falcon_simplified"} <= set(list_methods())
+    assert "not** the paper's FALCON" in falcon_simplified.__doc__ and "0.25" in falcon_simplified.__doc__
+    assert "cropped" in falcon.__doc__ and "caption-word scoring" in falcon.__doc__
+
+
+def test_falcon_hand_worked():
+    """FALCON: crops -> nearest captions (softmax 100 cos) -> caption-word scores, minus words frequent among the
+    lowest-activating images' captions (>= 0.1), best 8 kept."""
+    acts = torch.tensor([[0.0, 3.0], [1.0, 2.0], [2.0, 1.0], [3.0, 0.0]])  # unit 0 tops images 3, 2; unit 1: 0, 1
+    e = torch.eye(2)  # caption 0 mentions concept 0, caption 1 concept 1
+    v = torch.stack([e[1], e[1], e[0], e[0]])  # whole images (the low images' embeddings)
+    crops = torch.stack([torch.stack([e[0], e[0]]), torch.stack([e[0], e[0]])])  # (U=2, k=2, d): every crop ~ caption 0
+    t = _unit([[1.0, 0.0], [0.0, 1.0]])
+    s = concept_scores("falcon", acts, v, t, crop_embeddings=crops, caption_embeddings=e, caption_concepts=[[0], [1]],
+                       top_k=2, captions_per_image=1)
+    p = float(torch.softmax(torch.tensor([100.0, 0.0]), 0)[0])
+    # unit 0: crops retrieve caption 0 (prob p) -> concept 0 scores p; its low images (0, 1) retrieve caption 1, so
+    # concept 1 (p >= 0.1 there) is removed. Unit 1: its low images (3, 2) retrieve caption 0: concept 0 removed.
+    torch.testing.assert_close(s, torch.tensor([[p, 0.0], [0.0, 0.0]]), atol=1e-6, rtol=0)
+    table = annotate("falcon", acts, v, t, concepts=["a", "b"], crop_embeddings=crops, caption_embeddings=e,
+                     caption_concepts=[[0], [1]], top_k=2, captions_per_image=1)
+    assert table["concepts"].tolist() == [["a"], []]
+    with pytest.raises(ValueError, match="crop_embeddings"):
+        concept_scores("falcon", acts, v, t, caption_embeddings=e, caption_concepts=[[0], [1]])
+
+
+def test_activation_crops_cut_the_largest_active_region():
+    from interpret.annotation.falcon import activation_crops
+
+    images = torch.zeros(2, 1, 8, 8)
+    images[0, 0, 2:4, 4:8] = 1.0  # the region the unit fires on in image 0
+    maps = torch.zeros(2, 1, 8, 8)
+    maps[0, 0, 2:4, 4:8] = 5.0
+    crops, idx = activation_crops(images, maps, torch.tensor([[2.0], [1.0]]), top_k=1)
+    assert idx.tolist() == [[0]] and crops.shape == (1, 1, 1, 8, 8)
+    torch.testing.assert_close(crops[0, 0], torch.ones(1, 8, 8))  # the crop is the active region, resized

@@ -38,8 +38,11 @@ class OracleVLM:
         self.image_emb = torch.stack(rows)
 
     def encode_images(self, images):
-        assert images is self.images  # the benchmark embeds the probing images, in order
-        return self.image_emb
+        if images is self.images:  # the benchmark embeds the probing images, in order
+            return self.image_emb
+        # FALCON's crops (whole images under _whole_image_crops): each embeds as the probing image it is
+        rows = [next(j for j in range(len(self.images)) if torch.equal(self.images[j], x)) for x in images]
+        return self.image_emb[rows]
 
     def encode_texts(self, texts):
         out = []
@@ -81,6 +84,19 @@ def planted(tmp_path_factory):
     return probe, vlm, concept_of_class
 
 
+def _whole_image_crops(images, maps, acts, top_k=10, threshold=0.6):
+    """FALCON's crops replaced by the whole top images (the oracle VLM knows what a whole image shows)."""
+    idx = torch.topk(torch.as_tensor(acts), min(top_k, len(images)), dim=0).indices  # (k, U)
+    return torch.stack([torch.stack([images[int(i)] for i in idx[:, u]]) for u in range(idx.shape[1])]), idx
+
+
+@pytest.fixture(autouse=True)
+def _oracle_crops(monkeypatch):
+    from interpret.annotation import falcon
+
+    monkeypatch.setattr(falcon, "activation_crops", _whole_image_crops)
+
+
 def _planted_final_layer(probe):
     def final_layer(model, images, batch_size):
         g = torch.Generator().manual_seed(0)
@@ -103,7 +119,7 @@ def test_planted_units_are_named_by_every_method_that_can_see_them(planted, monk
 
     rows = {(r.study, r.concept_set, r.method, r.setting): r for r in table.itertuples()}
     assert set(table["study"]) == {"concept_set", "selection", "methods"}
-    methods = {"mammi", "www", "clip_dissect", "falcon_simplified"}
+    methods = {"mammi", "www", "clip_dissect", "falcon", "falcon_simplified"}
     for name in ("mammi_nouns", "report_phrases"):  # both concept sets in the method comparison
         assert set(table.loc[(table.study == "methods") & (table.concept_set == name), "method"]) == methods
     assert set(table.loc[table.study == "methods", "method"]) == methods | {"tsi"}
@@ -157,7 +173,7 @@ def test_mlflow_run_logs_the_table_with_every_study(tmp_path, tiny_phantom, monk
     table = pd.read_parquet(f"{folder}/table.parquet")
     assert pd.read_csv(f"{folder}/table.csv").shape == table.shape
     assert {"concept_set", "selection", "methods"} == set(table["study"])
-    assert {"mammi", "www", "clip_dissect", "falcon_simplified"} <= set(table["method"])
+    assert {"mammi", "www", "clip_dissect", "falcon", "falcon_simplified"} <= set(table["method"])
     assert table["hit_rate"].between(0, 1).all() and (table["n_units"] == 9).all()
     logged = run.data.metrics
     assert {"concept_set.generic.mammi.hit_rate", "concept_set.mammi_nouns.mammi.hit_rate",
