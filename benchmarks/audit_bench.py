@@ -16,6 +16,12 @@ the concept section uses an untrained CLIP (``scratch``) so that the base audit 
 
 Run: ``python benchmarks/audit_bench.py`` (400 images, 5 repeats each: about 20-30 minutes on 2 cores);
 ``--images 100 --repeats 5`` for a quicker look.
+
+``--rss 1000,10000`` measures instead whether the audit streams: the whole default audit (every section) of the
+same untrained model on N probing images drawn from one phantom, each N in its own process, and prints the
+peak resident memory of each process (``ru_maxrss`` from ``wait4``), the growth per probing image between the
+smallest and the largest N, and beside it what one image's arrays that the audit keeps on disk
+(:mod:`interpret.audit.store`: the image and its feature maps) would add if they were held in memory.
 """
 from __future__ import annotations
 
@@ -34,6 +40,68 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def _audit_child(manifest: str, images: int, size: int, arch: str, out: str) -> None:
+    """One whole default audit (run in a child process by :func:`rss_growth`)."""
+    import torch
+
+    from interpret.audit import AuditConfig, run_audit
+    from mlflow_projects.common import resolve_clip
+    from training.data.schema import PHANTOM_CLASSES
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, classes=list(PHANTOM_CLASSES), image_size=size).eval()
+    cfg = AuditConfig(split="all", max_images=images, data=manifest, gallery_n=1)
+    summary = run_audit(cfg, model, Path(manifest), Path(out), model_info={"uri": "bench"},
+                        clip=resolve_clip("scratch"))
+    print(json.dumps({"n_images": summary["data"]["n_images"], "timings": summary.get("timings")}))
+
+
+def rss_growth(sizes: list[int], size: int, arch: str, threads: int) -> dict:
+    """Peak RSS of whole audits at each probing-set size (each in a fresh process)."""
+    import subprocess
+
+    import torch
+
+    from training.data.phantom import generate_phantom
+    from training.data.schema import PHANTOM_CLASSES
+    from training.models import create_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        manifest = generate_phantom(tmp / "phantom", n=max(sizes), size=size, seed=0)
+        gen_s = time.perf_counter() - t0
+        model = create_model(arch, classes=list(PHANTOM_CLASSES), image_size=size).eval()
+        with torch.no_grad():
+            _, f = model.forward_all(torch.zeros(1, 1, size, size))
+        spilled = 4 * (size * size + f[0].numel()) + size * size  # image + maps (float32) + marker mask (bool)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+        rows = []
+        for n in sizes:
+            code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads({threads}); "
+                    f"from benchmarks.audit_bench import _audit_child; "
+                    f"_audit_child({str(manifest)!r}, {n}, {size}, {arch!r}, {str(tmp / f'audit-{n}')!r})")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT),
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            out = proc.stdout.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise SystemExit(f"the audit of {n} images failed (exit {proc.returncode})")
+            got = json.loads(out.decode().strip().splitlines()[-1])
+            rows.append({"n_images": got["n_images"], "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                         "wall_s": round(time.perf_counter() - t0, 1)})
+    lo, hi = rows[0], rows[-1]
+    growth = (hi["peak_rss_mb"] - lo["peak_rss_mb"]) * 2**20 / max(1, hi["n_images"] - lo["n_images"])
+    return {"benchmark": "audit_rss", "arch": arch, "image_size": size, "threads": threads,
+            "phantom_generation_s": round(gen_s, 1), "runs": rows,
+            "rss_growth_bytes_per_image": round(growth),
+            "kept_on_disk_bytes_per_image": spilled,
+            "growth_vs_in_memory": round(growth / spilled, 4)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=400)
@@ -41,7 +109,18 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rss", default="", help="comma-separated probing-set sizes, e.g. 1000,10000: measure the "
+                                             "audit's peak RSS at each instead of timing it")
     a = p.parse_args(argv)
+    if a.rss:
+        try:
+            sizes = sorted({int(v) for v in a.rss.split(",") if v.strip()})
+        except ValueError:
+            p.error(f"--rss takes comma-separated integers, got {a.rss!r}")
+        if len(sizes) < 2 or sizes[0] < 1:
+            p.error("--rss needs at least two positive sizes, e.g. 1000,10000")
+        print(json.dumps(rss_growth(sizes, a.size, a.arch, a.threads)))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
