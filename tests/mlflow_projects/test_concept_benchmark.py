@@ -233,7 +233,7 @@ def test_seed_summary_mean_and_sd():
 
 @pytest.mark.slow
 def test_mlflow_run_seeds_trains_per_seed_and_summarises(tmp_path, tiny_phantom, monkeypatch):
-    """The study command, as docs/reproduction/concepts.md runs it (tiny sizes): per training seed a classifier
+    """The study command, as docs/REPRODUCTION.md runs it (tiny sizes): per training seed a classifier
     and a CLIP are trained on the train split, the independent evaluation CLIP once on a separate phantom, and
     the mean / SD over seeds is logged beside the per-seed table."""
     from tests.mlflow_projects.mlflow_run import client, mlflow_run, project_env, setup_store
