@@ -66,23 +66,26 @@ def load_probe(manifest: Path, classes: Sequence[str], image_size: int, split: s
         idx = np.sort(np.random.default_rng(seed).choice(len(ds), max_images, replace=False))
     df = read_manifest(manifest)
     report_of = dict(zip(df["image_id"], df["report"])) if "report" in df else {}
+    import torch
+
     images: SpillArray | None = None
+    kept: list = []  # the images when not on disk
     labels, boxes, box_labels, image_ids = [], [], [], []
     for i in tqdm(idx, desc="audit: probing set", unit="img", leave=False):
         it = ds[int(i)]
-        if images is None:
-            images = SpillArray(tuple(it["image"].shape))
-        if tuple(it["image"].shape) != images.row_shape:
-            raise ValueError(f"probing image {it['image_id']} is {tuple(it['image'].shape)} after preprocessing, "
-                             f"expected {images.row_shape}")
-        images.append(it["image"][None])  # one image in memory at a time
+        if on_disk:
+            if images is None:
+                images = SpillArray(tuple(it["image"].shape))
+            images.append(it["image"][None])  # one image in memory at a time
+        else:
+            kept.append(it["image"])
         labels.append(it["labels"].numpy())
         boxes.append(it["boxes"].numpy().reshape(-1, 4))
         box_labels.append(it["box_labels"].numpy().reshape(-1))
         image_ids.append(str(it["image_id"]))
     artefacts = phantom_artefacts(manifest, df, image_ids, image_size)
     if not on_disk:
-        images = images[:]  # one tensor, the store dropped
+        images = torch.stack(kept)  # every image is preprocessed to (C, S, S)
         artefacts = artefacts.numpy() if artefacts is not None else None
     return Probe(artefacts=artefacts, images=images,
                  labels=(np.stack(labels) if labels else np.zeros((0, len(classes)))).astype(np.float32),
