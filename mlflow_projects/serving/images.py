@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,7 @@ import numpy as np
 from mlflow_projects.serving.errors import ServingError
 from mlflow_projects.serving.settings import DEFAULT_MIN_IMAGE_SIDE
 
-__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_b64", "overlay_png", "display_png", "grey_png", "draw_banner",
+__all__ = ["DecodedImage", "decode_upload", "preprocess", "png_bytes", "png_b64", "overlay_png", "display_png", "grey_png", "draw_banner",
            "BANNER_RGB"]
 
 BANNER_RGB = (176, 0, 32)  # the warning band of an overlay (dark red; white text)
@@ -114,17 +116,51 @@ def _jet() -> np.ndarray:
     if _JET is None:
         from matplotlib import colormaps
 
-        _JET = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
+        _JET = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8).astype(np.float32)  # (256, 3)
     return _JET
 
 
-def png_b64(arr: np.ndarray) -> str:
-    """An 8-bit (H, W) or (H, W, 3) array as base64 PNG text (fast compression)."""
-    from PIL import Image
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
 
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """An 8-bit (H, W) grey or (H, W, 3) RGB array as PNG file bytes, encoded for speed.
+
+    Every row uses the PNG "Up" filter (the row minus the row above, computed in one NumPy subtraction) and
+    deflate at level 1 (run-length strategy for grey). Pillow's encoder at ``compress_level=1`` tries the
+    five filters on every row: on the service's 256 px overlays this is 1.6x faster at the same size, and
+    on grey images 4x faster at the same size (``benchmarks/serve_bench.py`` ``png_*`` stages). Any PNG
+    decoder reads the result (IHDR, one IDAT, IEND; no ancillary chunks, so no metadata travels).
+
+    Args:
+        arr: uint8 (H, W) or (H, W, 3), H, W >= 1.
+
+    Returns:
+        The PNG file bytes.
+
+    Raises:
+        ValueError: another dtype or shape.
+    """
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)) or 0 in arr.shape:
+        raise ValueError(f"png_bytes takes a non-empty uint8 (H, W) or (H, W, 3) array, got {arr.dtype} {arr.shape}")
+    h, w = arr.shape[:2]
+    grey = arr.ndim == 2
+    rows = np.ascontiguousarray(arr).reshape(h, -1)
+    raw = np.empty((h, rows.shape[1] + 1), np.uint8)
+    raw[:, 0] = 2  # filter type "Up"
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 wraps modulo 256, as the filter defines
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE if grey else zlib.Z_DEFAULT_STRATEGY)
+    data = z.compress(raw.data) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if grey else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def png_b64(arr: np.ndarray) -> str:
+    """An 8-bit (H, W) or (H, W, 3) array as base64 PNG text (:func:`png_bytes`)."""
+    return base64.b64encode(png_bytes(arr)).decode("ascii")
 
 
 def _display_grey(pixels: np.ndarray, max_side: int):
@@ -172,7 +208,7 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: floa
     ow, oh = grey.size
     hm = Image.fromarray(np.clip(heat, 0, 1).astype(np.float32)).resize((ow, oh), Image.BILINEAR)
     idx = (np.clip(np.asarray(hm), 0, 1) * 255 + 0.5).astype(np.uint8)  # (oh, ow)
-    colour = _jet()[idx].astype(np.float32)  # (oh, ow, 3)
+    colour = _jet()[idx]  # (oh, ow, 3) float32 of the 8-bit colours
     base = np.asarray(grey, dtype=np.float32)[..., None]
     a = alpha * np.asarray(hm, dtype=np.float32)[..., None]  # (oh, ow, 1)
     out = (base * (1 - a) + colour * a + 0.5).astype(np.uint8)

@@ -148,6 +148,35 @@ def test_overlay_and_raw_png():
     np.testing.assert_allclose(rng[0] + q / 255 * (rng[1] - rng[0]), raw, atol=(rng[1] - rng[0]) / 255)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (30, 50), (257, 131), (1, 1, 3), (5, 4, 3), (64, 72, 3)])
+def test_png_bytes_round_trips_through_pillow(shape):
+    """The service's own PNG encoder (Up filter, deflate level 1) decodes to the exact pixels, in the PNG
+    mode of the array (L or RGB), with no ancillary chunks; the uint8 wrap of the filter is exercised by
+    full-range noise."""
+    from PIL import Image
+
+    from mlflow_projects.serving.images import png_bytes
+
+    arr = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    data = png_bytes(arr)
+    img = Image.open(io.BytesIO(data))
+    img.load()  # CRC and zlib stream checked by the decoder
+    assert img.mode == ("L" if len(shape) == 2 else "RGB") and img.info == {}
+    np.testing.assert_array_equal(np.asarray(img), arr)
+    smooth = np.tile(np.arange(shape[1], dtype=np.uint8), (shape[0], 1))
+    smooth = np.repeat(smooth[..., None], 3, -1) if len(shape) == 3 else smooth
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(smooth)))), smooth)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), np.zeros((0, 3), np.uint8),
+                                 np.zeros(5, np.uint8)])
+def test_png_bytes_refuses_what_it_cannot_encode(bad):
+    from mlflow_projects.serving.images import png_bytes
+
+    with pytest.raises(ValueError, match="uint8 \\(H, W\\) or \\(H, W, 3\\)"):
+        png_bytes(bad)
+
+
 def test_feedback_store_atomic_append_only(tmp_path):
     from training.dwarf.supervision import load_feedback
 
