@@ -272,9 +272,11 @@ class _Counter:
                     continue
                 # component ids grow in raster order over (unit, y, x): unit of a component id
                 last = np.maximum.accumulate(labels.reshape(len(cu), -1).max(1))  # (Cc,)
+                seen = np.zeros(n + 1, bool)
                 for k, m in list(box_masks.items()) + [(-1, any_mask)]:
-                    ids_k = np.unique(labels[:, m])
-                    ids_k = ids_k[ids_k > 0]
+                    seen[:] = False
+                    seen[labels[:, m]] = True                                  # ids touching the mask
+                    ids_k = np.flatnonzero(seen[1:]) + 1                       # sorted, as np.unique
                     if not len(ids_k):
                         continue
                     hit_units = np.unique(np.searchsorted(last, ids_k))        # rows in [0, Cc)
