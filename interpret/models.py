@@ -35,31 +35,43 @@ __all__ = ["DwarfClassifierView", "QueryHead", "as_dwarf_view", "explained_with"
 
 
 class QueryHead(nn.Module):
-    """DWARF's classification head as a module: ``logit_c = <q_c, w_c> + b_c``, one weight row per query.
+    """DWARF's classification head as a module: every parameter that turns decoder outputs into logits.
 
+    ``logit_c = <q_c, w_c> + b_c`` (one weight row per query) and, in the ``classify_from="map"`` design,
+    ``+ <pool(M'_c) . I, v_c>`` (the image tokens pooled under the refined map, Algorithm 1 line 15).
     :class:`~training.dwarf.model.DwarfModel` keeps these as bare parameters (``cls_weight`` (C, D),
-    ``cls_bias`` (C,)); this module holds *the same* ``nn.Parameter`` objects (shared, not copied), so
-    ``view.get_submodule("cls_head")`` names the head and :meth:`reset_parameters` re-initialises the
-    wrapped model's head in place. ``copy.deepcopy`` keeps the sharing (parameters are memoised).
+    ``cls_bias`` (C,), ``map_cls_weight`` (C, D) or None); this module holds *the same* ``nn.Parameter``
+    objects (shared, not copied), so ``view.get_submodule("cls_head")`` names the whole head and
+    :meth:`reset_parameters` re-initialises all of it in place (a randomisation test of the head that left
+    ``v_c`` trained would leave half of the classifier intact). ``copy.deepcopy`` keeps the sharing
+    (parameters are memoised).
 
     Args:
         weight: the model's ``cls_weight`` (C, D).
         bias: the model's ``cls_bias`` (C,).
+        map_weight: the model's ``map_cls_weight`` (C, D), or None (the ``"query"`` design).
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter, map_weight: nn.Parameter | None = None) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
+        self.map_weight = map_weight
 
     def reset_parameters(self) -> None:
-        """DWARF's own initialisation: ``w ~ N(0, 1/D)``, ``b = 0`` (in place)."""
+        """DWARF's own initialisation: ``w, v ~ N(0, 1/D)``, ``b = 0`` (in place)."""
         with torch.no_grad():
             self.weight.normal_(0.0, self.weight.shape[-1] ** -0.5)
             self.bias.zero_()
+            if self.map_weight is not None:
+                self.map_weight.normal_(0.0, self.map_weight.shape[-1] ** -0.5)
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        """``queries`` (B, C, D) decoder outputs -> logits (B, C)."""
+        """``queries`` (B, C, D) decoder outputs -> the query-token term of the logits (B, C).
+
+        The map-pooled term (``map_weight``) needs the refined maps and the image tokens; it is added in
+        :meth:`training.dwarf.model.DwarfModel.forward`.
+        """
         return (queries * self.weight).sum(-1) + self.bias
 
 
@@ -68,7 +80,8 @@ class DwarfClassifierView(nn.Module):
 
     The wrapped model is the submodule ``dwarf`` (so ``copy.deepcopy``, ``.to()``, ``.eval()``,
     ``parameters()`` and :func:`interpret.sanity.randomise_block_` reach every weight); its classification head is also
-    named ``cls_head`` (:class:`QueryHead`, sharing the parameters). Metadata (``class_names``,
+    named ``cls_head`` (:class:`QueryHead`, sharing the parameters: the query-token weights and bias and,
+    in the ``classify_from="map"`` design, the map-pooled weights ``map_cls_weight``). Metadata (``class_names``,
     ``thresholds``, ``input_spec``) is read from, and written to, the wrapped model.
 
     Attributes:
@@ -107,7 +120,7 @@ class DwarfClassifierView(nn.Module):
         if not isinstance(dwarf, DwarfModel):
             raise ValueError(f"DwarfClassifierView wraps a training.dwarf.DwarfModel, got {type(dwarf).__name__}")
         self.dwarf = dwarf
-        self.cls_head = QueryHead(dwarf.cls_weight, dwarf.cls_bias)
+        self.cls_head = QueryHead(dwarf.cls_weight, dwarf.cls_bias, getattr(dwarf, "map_cls_weight", None))
         blocks = ["dwarf.experts"] if dwarf.experts is not None else []
         blocks += ["cls_head", "dwarf.decoder.norm"]
         blocks += [f"dwarf.decoder.layers.{i}" for i in reversed(range(len(dwarf.decoder.layers)))]

@@ -123,5 +123,8 @@ def test_randomising_the_head_reaches_the_wrapped_models_parameters(view):
     randomise_block_(rand.get_submodule("cls_head"), seed=3)
     assert rand.cls_head.weight is rand.dwarf.cls_weight
     assert not torch.equal(rand.dwarf.cls_weight, view.dwarf.cls_weight)  # the model's own head changed
+    # the whole head: the map-pooled term's weights too (classify_from="map", the default design)
+    assert view.dwarf.config.classify_from == "map" and rand.cls_head.map_weight is rand.dwarf.map_cls_weight
+    assert not torch.equal(rand.dwarf.map_cls_weight, view.dwarf.map_cls_weight)
     assert torch.equal(rand.dwarf.decoder.layers[1].cross_attn.in_proj_weight,
                        view.dwarf.decoder.layers[1].cross_attn.in_proj_weight)  # nothing else did
