@@ -111,7 +111,7 @@ def test_mlflow_run_dwarf_benchmark(tiny_phantom, tmp_path):
     env = project_env(tmp_path)
     setup_store(env)
     proc = mlflow_run("dwarf_benchmark", {"data": tiny_phantom, "clip": "scratch", "diseases": 1, "epochs": 1,
-                                          "vlm_epochs": 1, "image_size": 32, "batch_size": 8, "seeds": "0",
+                                          "vlm_epochs": 1, "image_size": 32, "batch_size": 8,  # seeds: default "" = --seed
                                           "ablations": "direct"}, env,
                       "cxr-dwarf-benchmark")
     assert proc.returncode == 0, proc.stderr[-4000:]
