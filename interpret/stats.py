@@ -46,6 +46,11 @@ __all__ = ["CI", "bootstrap_ci", "mean_ci", "auroc_ci", "ap_ci", "resample_indic
 #: Index-matrix entries drawn per block (rows x resamples): bounds memory for large N while keeping the
 #: draws a function of (seed, N, strata) only.
 _BLOCK_ELEMENTS = 1 << 21
+#: Index-matrix entries handed to the statistic at a time: :func:`bootstrap_ci` takes each block's resamples in
+#: sub-blocks of at most this many entries (the same resamples, drawn in the same order), so that a vectorised
+#: statistic's intermediates (a few (r, N) arrays) take the same memory whatever N is: with whole blocks they grew
+#: with N up to ``_BLOCK_ELEMENTS`` entries each (about 2,100 rows at R = 1000), 100-200 MB at the peak.
+_CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def _groups(strata: Any, n: int) -> list[np.ndarray]:
 
 
 def resample_indices(n: int, n_resamples: int, seed: int | np.random.Generator = 0,
-                     strata: Any = None) -> Iterator[np.ndarray]:
+                     strata: Any = None, max_elements: int | None = None) -> Iterator[np.ndarray]:
     """Bootstrap row indices, in blocks.
 
     Every resample has ``n`` rows drawn with replacement; with ``strata``, each stratum's rows are
@@ -135,23 +140,56 @@ def resample_indices(n: int, n_resamples: int, seed: int | np.random.Generator =
         n_resamples: number of resamples R.
         seed: seed of ``numpy.random.default_rng`` (or a generator).
         strata: optional (N,) stratum labels.
+        max_elements: yield at most this many indices at a time (at least one resample a block): the
+            same resamples in the same order, only cut into smaller blocks, so memory does not grow with N.
+            None: whole draw blocks.
 
     Returns:
-        An iterator of (r, N) int64 index blocks whose r sum to R. The blocks depend only on
-        ``(seed, n, n_resamples, strata)``.
+        An iterator of (r, N) int64 index blocks whose r sum to R. The resamples depend only on
+        ``(seed, n, n_resamples, strata)``, not on ``max_elements``.
 
     Raises:
-        ValueError: ``strata`` of the wrong shape.
+        ValueError: ``strata`` of the wrong shape, or ``max_elements`` below 1.
     """
+    if max_elements is not None and int(max_elements) < 1:
+        raise ValueError(f"max_elements must be a positive int or None, got {max_elements!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    groups = _groups(strata, n)
-    block = max(1, min(n_resamples, _BLOCK_ELEMENTS // max(n, 1)))
+    groups = [g for g in _groups(strata, n) if len(g)]
+    block = max(1, min(n_resamples, _BLOCK_ELEMENTS // max(n, 1)))  # the draw block: fixes the draws
+    step = block if max_elements is None else max(1, min(block, int(max_elements) // max(n, 1)))
     done = 0
     while done < n_resamples:
         r = min(block, n_resamples - done)
-        parts = [g[rng.integers(0, len(g), size=(r, len(g)))] for g in groups if len(g)]
-        yield np.concatenate(parts, axis=1) if parts else np.zeros((r, 0), dtype=np.int64)  # (r, N)
+        if step >= r:
+            parts = [g[rng.integers(0, len(g), size=(r, len(g)))] for g in groups]
+            yield np.concatenate(parts, axis=1) if parts else np.zeros((r, 0), dtype=np.int64)  # (r, N)
+        else:
+            yield from _sub_blocks(rng, groups, r, step)
         done += r
+
+
+def _sub_blocks(rng: np.random.Generator, groups: list[np.ndarray], r: int, step: int) -> Iterator[np.ndarray]:
+    """One draw block of ``r`` resamples, yielded ``step`` resamples at a time with exactly the draws of
+    ``[g[rng.integers(0, len(g), size=(r, len(g)))] for g in groups]`` (stratum by stratum, each stratum's r x n_g
+    values in row-major order), leaving ``rng`` where that would leave it.
+
+    A generator's values do not depend on how a run of draws is cut into calls, so each stratum's draws come
+    from a copy of the generator positioned where that stratum's draws start (found by drawing, and dropping,
+    the strata before it), advanced ``step`` rows at a time; the last copy ends where the block ends."""
+    import copy
+
+    gens = [rng]
+    for g in groups[:-1]:  # position a copy at the start of each later stratum's draws
+        nxt = copy.deepcopy(gens[-1])
+        for start in range(0, r, step):
+            nxt.integers(0, len(g), size=(min(step, r - start), len(g)))
+        gens.append(nxt)
+    for start in range(0, r, step):
+        s = min(step, r - start)
+        parts = [g[gen.integers(0, len(g), size=(s, len(g)))] for g, gen in zip(groups, gens)]
+        yield np.concatenate(parts, axis=1) if parts else np.zeros((s, 0), dtype=np.int64)
+    if len(gens) > 1:
+        rng.bit_generator.state = gens[-1].bit_generator.state
 
 
 def _finite_float(v: Any) -> float:
@@ -215,7 +253,7 @@ def bootstrap_ci(statistic: Callable[..., Any], *arrays: Any, n_resamples: int =
 
     values = np.empty(n_resamples, dtype=float)
     start = 0
-    for idx in resample_indices(n, n_resamples, seed, strata):                      # (r, N) row indices
+    for idx in resample_indices(n, n_resamples, seed, strata, _CHUNK_ELEMENTS):     # (r, N) row indices
         r = idx.shape[0]
         if vectorized:
             v = np.asarray(statistic(*(a[idx] for a in data)), dtype=float).reshape(-1)
