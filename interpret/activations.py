@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from interpret.attention.base import model_state
+from interpret.devices import model_device, to_numpy
 from interpret.hooks import capture, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(to_numpy(t.view(torch.uint8)).tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -163,18 +164,13 @@ def iter_batches(loader: Iterable, progress: bool = True, desc: str = "batches"
         start += B
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def iter_layer(model: nn.Module, loader: Iterable, layer: str, progress: bool = True,
                desc: str = "activations") -> Iterator[tuple[int, torch.Tensor, list[str], Any]]:
     """Run ``model`` (eval mode, no grad, state restored) over ``loader``; yield ``(start, acts,
     image_ids, batch)`` with ``acts`` the layer's output for the batch (cloned, on the model's
     device)."""
     resolve_layer(model, layer)
-    dev = _device(model)
+    dev = model_device(model)
     with model_state(model, freeze=False), torch.no_grad(), capture(model, layer) as cap:
         for start, images, ids, batch in iter_batches(loader, progress, desc):
             model(images.to(dev))
@@ -199,7 +195,7 @@ def _content_fingerprint(loader: Iterable, progress: bool) -> str:
     for _, images, ids, _ in iter_batches(loader, progress, "hashing data"):
         x = images.detach().cpu().contiguous()
         h.update(f"{tuple(x.shape)}|{'|'.join(ids)}".encode())
-        h.update(x.numpy().tobytes())
+        h.update(to_numpy(x).tobytes())
     return h.hexdigest()
 
 

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interpret.attention.base import format_targets, model_state
+from interpret.devices import model_device, to_numpy
 from training.models import probabilities
 
 logger = logging.getLogger(__name__)
@@ -457,7 +458,8 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
 
     Args:
         model: multi-label classifier, ``forward(images) -> logits (B, K)``.
-        images: (B, C, H, W) float, as the model takes them.
+        images: (B, C, H, W) float, as the model takes them; moved to the model's device (the curves come
+            back on the CPU as NumPy arrays).
         targets: class indices: an int, B ints, or (B, T).
         maps: (B, T, H, W) attribution maps at image resolution (e.g. the served maps of
             :func:`interpret.attention_maps`); only the order of the values matters.
@@ -505,6 +507,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
         raise ValueError(f"images must be a (B, C, H, W) float tensor, got "
                          f"{getattr(images, 'shape', type(images).__name__)} "
                          f"{getattr(images, 'dtype', '')}")
+    images = images.to(model_device(model))  # runs where the model lives; draws below stay on the CPU generator
     B, C, H, W = images.shape
     N = H * W
     counts = removal_counts(metric, steps, N)
@@ -580,11 +583,11 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: Any, maps: tor
 
     fractions = counts / N
     span = fractions[-1] - fractions[0]
-    curves_np = curves.double().numpy()
-    rand_np = rand_curves.double().numpy() if random_repeats else np.full_like(curves.double().numpy(), np.nan)
+    curves_np = to_numpy(curves.double())
+    rand_np = to_numpy(rand_curves.double()) if random_repeats else np.full_like(curves_np, np.nan)
     auc = _trapezoid(curves_np, fractions, axis=-1) / span
     rauc = _trapezoid(rand_np, fractions, axis=-1) / span
     return FaithfulnessResult(metric=metric, baseline=ROAD_IMPUTATION if road else baseline,
                               score=score, fractions=fractions, curves=curves_np, auc=auc,
-                              random_curves=rand_np, random_auc=rauc, targets=tgt.cpu().numpy(),
+                              random_curves=rand_np, random_auc=rauc, targets=to_numpy(tgt),
                               random_repeats=int(random_repeats), seed=int(seed))

@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from interpret.devices import model_device
+
 log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "Contributions", "is_gap_linear", "linear_contributions", "unit_contributions",
@@ -101,7 +103,7 @@ def unit_contributions(model: nn.Module, images: torch.Tensor, targets: Any = No
 
     Args:
         model: a classifier; GAP + linear heads (:func:`is_gap_linear`) are decomposed exactly.
-        images: (B, 1, S, S) in [0, 1].
+        images: (B, 1, S, S) in [0, 1]; moved to the model's device (the results stay there).
         targets: class indices, one per image (B,), or (B, T); default: every class.
         method: ``"auto"`` (``linear`` when possible, else ``taylor``), ``"linear"`` or ``"taylor"``.
         layer: dotted layer name for ``taylor`` (default ``model.feature_layer``); ``linear`` always
@@ -121,6 +123,7 @@ def unit_contributions(model: nn.Module, images: torch.Tensor, targets: Any = No
         raise ValueError("method='linear' needs a model with forward_features/forward_head and an nn.Linear "
                          "head; use method='taylor'")
     use_linear = method == "linear" or (method == "auto" and linear_ok and layer in (None, model.feature_layer))
+    images = images.to(model_device(model))  # run where the model lives
     if use_linear:
         with torch.no_grad():
             feats = model.forward_features(images)  # (B, K, h, w)
@@ -140,7 +143,7 @@ def _taylor(model: nn.Module, images: torch.Tensor, targets: Any, layer: str | N
 
     if not layer:
         raise ValueError("taylor importance needs a layer name (the model has no feature_layer)")
-    x = images.detach().clone().requires_grad_(True)
+    x = images.detach().to(model_device(model)).clone().requires_grad_(True)
     with capture(model, layer, gradients=True) as cap, torch.enable_grad():
         logits = model(x)  # (B, C)
         t = _targets(targets, x.shape[0], logits.shape[1], logits.device)
@@ -219,6 +222,7 @@ def explain_prediction(model: nn.Module, images: torch.Tensor, targets: Any = No
     Returns:
         One dict per image: ``{"targets": [{"class", "index", "logit", "probability", "bias", "units"}]}``.
     """
+    images = images.to(model_device(model))
     if targets is None:
         with torch.no_grad():
             targets = model(images).argmax(1)

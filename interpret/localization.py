@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from interpret.devices import to_numpy
+
 __all__ = ["boxes_to_mask", "masks_from_boxes", "soft_scores", "hard_scores", "pointing_game",
            "pointing_tolerance", "dilate_masks",
            "max_dice", "localization_table", "class_summary", "random_map_baseline",
@@ -46,7 +48,7 @@ DEFAULT_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().float().numpy()
+        return to_numpy(x.float())
     return np.asarray(x, dtype=np.float32)
 
 
@@ -88,7 +90,7 @@ def masks_from_boxes(boxes: Sequence, box_labels: Sequence, targets, size: int |
     Returns:
         (N, T, H, W) float32 masks in {0, 1}.
     """
-    tg = np.asarray(targets if not isinstance(targets, torch.Tensor) else targets.cpu().numpy())
+    tg = np.asarray(targets if not isinstance(targets, torch.Tensor) else to_numpy(targets))
     tg = tg.reshape(len(boxes), -1)
     H, W = (size, size) if np.isscalar(size) else size
     out = np.zeros((len(boxes), tg.shape[1], H, W), np.float32)
@@ -269,7 +271,7 @@ def localization_table(maps, masks, targets, class_names: Sequence[str] | None =
     if A.ndim != 4:
         raise ValueError(f"maps must be (N, T, H, W), got {A.shape}")
     N, T = A.shape[:2]
-    tg = (targets.cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets))
+    tg = (to_numpy(targets) if isinstance(targets, torch.Tensor) else np.asarray(targets))
     tg = tg.reshape(N, -1)
     if tg.shape != (N, T):
         raise ValueError(f"targets must be (N={N}, T={T}), got {tg.shape}")
@@ -349,6 +351,6 @@ def random_map_baseline(masks, n_draws: int = 8, smooth: int = 0, seed: int = 0
                                            count_include_pad=False)
     from interpret.attention.base import minmax_normalize
 
-    R = minmax_normalize(R).numpy()
+    R = to_numpy(minmax_normalize(R))
     s = _scores(R, np.broadcast_to(M, R.shape))
     return {k: float(np.nanmean(v)) for k, v in s.items()}

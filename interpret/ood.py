@@ -68,8 +68,10 @@ _EIG_FLOOR = 1e-9  # eigenvalues of the shrunk covariance are floored at this fr
 
 # ---------------------------------------------------------------------------------- helpers
 def _as_array(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().float().numpy()
+    if hasattr(x, "detach"):  # a torch tensor, on any device (torch imported only then)
+        from interpret.devices import to_numpy
+
+        x = to_numpy(x.float())
     return np.asarray(x, dtype=np.float64)
 
 

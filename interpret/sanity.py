@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interpret.attention import attention_maps, format_targets, list_methods
+from interpret.devices import to_numpy
 from interpret.hooks import resolve_layer
 from interpret.stats import mean_ci
 
@@ -262,9 +263,10 @@ def _rank_correlation(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the test
 def _maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str,
           batch_size: int, params: dict[str, Any]) -> torch.Tensor:
+    # maps are computed on the model's device and kept on the CPU, one batch at a time
     out = [attention_maps(model, images[i:i + batch_size], targets[i:i + batch_size], method=method,
-                          **params) for i in range(0, len(images), batch_size)]
-    return torch.cat(out).detach().cpu()                                  # (B, T, H, W)
+                          **params).detach().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out)                                                 # (B, T, H, W)
 
 
 def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
@@ -326,7 +328,7 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
     tgt = format_targets(targets, B).to(images.device)                    # (B, T)
     T = tgt.shape[1]
     image_index = np.repeat(np.arange(B), T)                              # (B*T,) row order b-major
-    target = tgt.cpu().numpy().reshape(-1)
+    target = to_numpy(tgt).reshape(-1)
     logger.info("model randomisation: methods=%s modes=%s blocks=%s images=%d targets/image=%d seed=%d",
                 methods, modes, names, B, T, seed)
 
@@ -344,8 +346,8 @@ def model_randomisation(model: nn.Module, images: torch.Tensor, targets: Any,
                 frames.append(pd.DataFrame({
                     "method": meth, "mode": md, "step": step, "layer": name,
                     "image_index": image_index, "target": target,
-                    "spearman": _rank_correlation(original_ranks, _centred_ranks(randomised)).numpy(),
-                    "ssim": ssim(original, randomised).reshape(-1).numpy(),
+                    "spearman": to_numpy(_rank_correlation(original_ranks, _centred_ranks(randomised))),
+                    "ssim": to_numpy(ssim(original, randomised).reshape(-1)),
                 }))
     table = pd.concat(frames, ignore_index=True)
     return table.astype({"step": "int64", "image_index": "int64", "target": "int64"})

@@ -17,10 +17,13 @@ anything. Bad input (unknown model, version or alias, missing manifest, gates or
 cannot be resolved) exits with status 2 and one line saying what is wrong, before anything is written.
 A registered ``cxr-dwarf`` version is audited like a classifier (its refined maps; the unit sections are
 skipped). By default a failed gate is logged and the command exits 0 (``promote`` enforces the gates);
-``--fail-on-gates`` makes it exit 1 instead, for CI pipelines.
+``--fail-on-gates`` makes it exit 1 instead, for CI pipelines. ``--device`` (``-P device=`` in MLproject) chooses
+where torch runs: ``auto`` (default: CUDA when torch sees one, else the CPU; ``$CXR_TORCH_DEVICE`` overrides, as in
+the service), ``cpu``, ``cuda`` or ``cuda:N``; anything else, or CUDA where there is none, exits 2 naming the forms.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import logging
@@ -68,9 +71,21 @@ def reproduce_command(cfg: AuditConfig, model_uri: str) -> str:
         args += ["--image-size", str(cfg.image_size)]
     if cfg.pointing_tolerance is not None:
         args += ["--pointing-tolerance", str(cfg.pointing_tolerance)]
+    if cfg.device != "auto":
+        args += ["--device", cfg.device]
     return " ".join(shlex.quote(a) for a in args)
 
 
+
+
+def device_arg(text: str) -> str:
+    """argparse type of ``--device``: one of auto, cpu, cuda, cuda:N (:func:`interpret.devices.check_device_spec`)."""
+    from interpret.devices import check_device_spec
+
+    try:
+        return check_device_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def champion_baseline(ident: ModelIdentity) -> tuple[tuple[dict, str] | None, str]:
@@ -113,6 +128,9 @@ def resolve_inputs(cfg: AuditConfig) -> Resolved:
         ValueError: a malformed gates file; RegistryError (a ValueError): the model or CLIP URI cannot be
             resolved (lists the valid names, versions or aliases).
     """
+    from interpret.devices import resolve_torch_device
+
+    resolve_torch_device(cfg.device)  # CUDA asked for where there is none: refused before anything is loaded
     gates = load_gates(cfg.gates)  # fail early on a missing or bad gates file
     manifest = Path(check_manifest(cfg.data, default=""))  # missing, a folder or not Parquet: refused
     if cfg.reports and not Path(cfg.reports).is_file():
@@ -177,6 +195,7 @@ def publish_audit(folder: str | Path) -> str:
     import mlflow
     from mlflow import MlflowClient
 
+    from interpret.audit.diff import upgrade_summary
     from interpret.audit.gates import GateResult, short_summary
 
     folder = Path(folder)
@@ -184,7 +203,8 @@ def publish_audit(folder: str | Path) -> str:
     if not state_path.is_file():
         raise FileNotFoundError(f"{folder} is not an audit folder ({STATE_FILE} missing)")
     state = json.loads(state_path.read_text())
-    summary = json.loads((folder / ARTIFACT_DIR / "summary.json").read_text())
+    # an audit computed by an older version is logged under today's names (cos_clip -> cos_vlm)
+    summary = upgrade_summary(json.loads((folder / ARTIFACT_DIR / "summary.json").read_text()))
     if state.get("logged"):
         log.info("audit in %s was already logged as run %s", folder, state["run_id"])
         return state["run_id"]
@@ -298,6 +318,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, str, boo
     p.add_argument("--out", default="", help="local audit folder (default outputs/audits/<stamp>-<model>)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="torch device: auto (CUDA when torch sees one, else cpu; $CXR_TORCH_DEVICE overrides), cpu, "
+                        "cuda or cuda:N")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")
     fail_on_gates = a.pop("fail_on_gates") == "true"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from interpret.attention.tokens import layer_maps
+from interpret.devices import model_device
 from interpret.hooks import capture, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ class AttentionMethod:
         relu: keep only positive evidence before normalisation (Grad-CAM's ReLU).
 
     Call ``method(images, targets)`` for (B, T, H, W) maps in [0, 1], or ``method.raw(images,
-    targets)`` for the un-normalised, not upsampled maps (B, T, h, w).
+    targets)`` for the un-normalised, not upsampled maps (B, T, h, w). Both run on the model's device
+    (:func:`interpret.devices.model_device`): the images are moved there, and the maps are returned there.
     """
 
     name: str = "base"
@@ -221,10 +223,14 @@ class AttentionMethod:
         Returns:
             maps, or ``(maps, raw)`` when ``return_raw``.
         """
-        images = _check_images(images)
+        images = self._images(images)
         raw = self.raw(images, targets).detach()
         maps = finalize_maps(raw, tuple(images.shape[-2:]), relu=self.relu)
         return (maps, raw) if return_raw else maps
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """Checked images on the model's device (a no-op when they are there already)."""
+        return _check_images(images).to(model_device(self.model))
 
     def _targets(self, targets: Any, batch: int, logits: torch.Tensor) -> torch.Tensor:
         return format_targets(targets, batch, logits.shape[-1]).to(logits.device)
@@ -255,7 +261,7 @@ class GradientLayerMethod(AttentionMethod):
         raise NotImplementedError
 
     def raw(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
-        images = _check_images(images)
+        images = self._images(images)
         B = images.shape[0]
         out = []
         with model_state(self.model), torch.enable_grad(), \
@@ -284,7 +290,7 @@ class PixelMethod(AttentionMethod):
         raise NotImplementedError
 
     def raw(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
-        images = _check_images(images)
+        images = self._images(images)
         B = images.shape[0]
         out = []
         with model_state(self.model):

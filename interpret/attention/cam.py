@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interpret.attention.base import AttentionMethod, _check_images, model_state
+from interpret.attention.base import AttentionMethod, model_state
 from interpret.hooks import capture, resolve_layer
 
 __all__ = ["CAM", "cam_from_features"]
@@ -85,7 +85,7 @@ class CAM(AttentionMethod):
         self.head = lin
 
     def raw(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
-        images = _check_images(images)
+        images = self._images(images)
         with model_state(self.model, freeze=False), torch.no_grad(), \
                 capture(self.model, self.layer) as cap:
             logits = self.model(images)                                     # (B, C)

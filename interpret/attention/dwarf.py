@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interpret.attention.base import AttentionMethod, _check_images, format_targets, model_state
+from interpret.attention.base import AttentionMethod, format_targets, model_state
 
 __all__ = ["DwarfMaps"]
 
@@ -53,7 +53,7 @@ class DwarfMaps(AttentionMethod):
 
     def raw(self, images: torch.Tensor, targets: Any) -> torch.Tensor:
         """Refined maps of the targets: (B, T, S, S) in [0, 1], at the input size (before the pipeline)."""
-        images = _check_images(images)
+        images = self._images(images)
         with model_state(self.model), torch.no_grad():
             maps = self.model.maps(images)                                          # (B, C, S, S)
         tgt = format_targets(targets, images.shape[0], maps.shape[1]).to(maps.device)  # (B, T)

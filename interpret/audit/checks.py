@@ -17,6 +17,7 @@ import numpy as np
 
 from interpret.audit.probe import Probe
 from interpret.audit.report import figure_png
+from interpret.devices import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,10 @@ def randomisation_examples(model, image, target: int, method: str, layers: Seque
 
     work = copy.deepcopy(model)
     t = torch.tensor([[int(target)]])
-    out = [("original", attention_maps(work, image[None], t, method=method)[0, 0].float().numpy())]
+    out = [("original", to_numpy(attention_maps(work, image[None], t, method=method)[0, 0].float()))]
     for name in layers:
         randomise_block_(work.get_submodule(name), block_seed(seed, name))
-        out.append((f"+ {name}", attention_maps(work, image[None], t, method=method)[0, 0].float().numpy()))
+        out.append((f"+ {name}", to_numpy(attention_maps(work, image[None], t, method=method)[0, 0].float())))
     return out
 
 

@@ -17,6 +17,12 @@ What an annotation may claim, stated once:
   cannot tell a finding from its absence cannot vouch for a unit "seeing" it (a), and the concepts shown
   as the reason for such a class's prediction (b) would rest on that VLM. Flagged annotations stay in
   ``concepts.parquet`` but are not served as evidence.
+- **cos_vlm, not cos_clip**: the final-layer check scores the annotations with the text encoder of the
+  annotating VLM itself, the model scoring its own labels. Under the evaluation protocol
+  (:mod:`interpret.evaluation`) that figure is circular, so it is named ``cos_vlm``; ``cos_clip`` is kept
+  for a CLIP independent of the annotating one (``concept_benchmark --eval-clip``), which the audit has not.
+  Summaries written before the rename are read with ``cos_clip`` mapped to ``cos_vlm``
+  (:func:`interpret.audit.diff.upgrade_summary`).
 """
 from __future__ import annotations
 
@@ -31,14 +37,19 @@ from interpret.audit._util import Sections
 from interpret.audit.probe import Probe
 from interpret.audit.sections import related
 from interpret.audit.store import gap, iter_batches
+from interpret.devices import model_device, to_numpy
 
 __all__ = ["ConceptResult", "concept_section", "vlm_validity", "flag_blind_units", "final_layer_comparison",
-           "VLM_CHANCE_MARGIN", "COMPARED_METHODS"]
+           "VLM_CHANCE_MARGIN", "COMPARED_METHODS", "COS_VLM_NOTE"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from interpret.audit.engine import AuditConfig
 
 log = logging.getLogger(__name__)
+
+#: Why the audit's final-layer cosine is ``cos_vlm`` (recorded in the summary and shown in the report).
+COS_VLM_NOTE = ("cos_vlm: the annotating VLM's own text encoder scoring its own labels (circular, not independent "
+                "evidence; an independent CLIP's cos_clip is computed by concept_benchmark --eval-clip only)")
 
 @dataclass
 class ConceptResult:
@@ -108,7 +119,7 @@ def vlm_validity(vlm, image_emb, probe: Probe, *, n_resamples: int = 1000, confi
     from training.prompts import TEMPLATE, concept_prompts, prompt_name
 
     txt = vlm.encode_texts(concept_prompts([prompt_name(c) for c in probe.classes]))  # (C, d)
-    scores = (image_emb.float() @ txt.float().T).numpy()  # (N, C)
+    scores = to_numpy(image_emb.float() @ txt.float().T)  # (N, C)
     aucs = {c: a for c, a in per_class_auroc(probe.labels, scores, probe.classes).items() if np.isfinite(a)}
     labels = np.asarray(probe.labels) > 0
     cis = {c: auroc_ci(labels[:, probe.classes.index(c)], scores[:, probe.classes.index(c)],
@@ -256,7 +267,7 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
     from interpret.activations import collect_activations
     from interpret.annotation import DEFAULT_MIN_EVIDENCE, annotate, evidence_summary, served_unit_concepts
     from interpret.concepts import BASE_TEMPLATE, concept_prompts
-    from interpret.evaluation import evaluate_final_layer, resolve_encoders
+    from interpret.evaluation import SENTENCE_ENCODERS, evaluate_final_layer, resolve_encoders
     from interpret.vlm import VLMAdapter
 
     min_evidence = int(getattr(cfg, "min_evidence", DEFAULT_MIN_EVIDENCE))
@@ -290,8 +301,9 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
 
     pen = collect_activations(model, DataLoader(probe.images, batch_size=cfg.batch_size), penult, progress=False)
     layers = {model.feature_layer: gap(feats), penult: pen.mean}
-    with torch.no_grad():  # the head on the stored maps, in batches (they may be on disk)
-        logits = torch.cat([model.forward_head(f) for _, f in iter_batches(feats, cfg.batch_size)])
+    dev = model_device(model)
+    with torch.no_grad():  # the head on the stored maps, in batches (they may be on disk); logits kept on the CPU
+        logits = torch.cat([model.forward_head(f.to(dev)).cpu() for _, f in iter_batches(feats, cfg.batch_size)])
     params: dict[str, Any] = {"alpha": cfg.alpha} if cfg.method in ("mammi", "mammi_floor") else {}
     if cfg.method == "mammi_floor":
         params["min_images"] = min_images
@@ -308,9 +320,11 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
             layer_info[layer] = {"units": int(acts.shape[1]),
                                  "annotated_fraction": float(np.mean([bool(c) for c in t["concepts"]])),
                                  **{k: v for k, v in ev.items() if k != "n_units"}}
-    encoders = resolve_encoders(vlm=vlm)
+    # the annotating VLM's own text encoder: named cos_vlm (circular; COS_VLM_NOTE), never cos_clip
+    own = (("vlm", vlm.encode_texts), *SENTENCE_ENCODERS)
+    encoders = resolve_encoders(sentence_encoders=own)
     evaluation = dict(evaluate_final_layer([annotations["final"].get(i, []) for i in range(len(probe.classes))],
-                                           probe.classes, vlm=vlm))
+                                           probe.classes, sentence_encoders=own))
     hits = [any(related(c, cls) for c in annotations["final"].get(i, [])[:1]) for i, cls in enumerate(probe.classes)]
     evaluation.setdefault("top1_related_rate", float(np.mean(hits)))
     comparison = final_layer_comparison(logits, img, txt, tem, concepts, probe.classes, encoders=encoders,
@@ -323,5 +337,5 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
                "layers": layer_info, "params": {"beta": cfg.beta, "min_evidence": min_evidence, **params},
                "vlm_check": vlm_check, "n_flagged": int(table["vlm_blind"].sum()),
                "n_served": {layer: len(v) for layer, v in served.items()},
-               "final_layer_comparison": comparison}
+               "final_layer_comparison": comparison, "cos_vlm_note": COS_VLM_NOTE}
     return ConceptResult(summary, evaluation, table, annotations, served)

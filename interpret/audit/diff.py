@@ -2,6 +2,7 @@
 class, localisation change (used by ``compare`` and by the report's "Comparison with the champion")."""
 from __future__ import annotations
 
+import copy
 import html
 import math
 from typing import Any, Mapping
@@ -15,6 +16,47 @@ def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v) if math.isfinite(v) else None
+
+
+#: Keys renamed in audit summaries: ``old -> new``. The audit's final-layer cosine came from the annotating VLM's
+#: own text encoder, so it was never the protocol's independent ``cos_clip`` (:mod:`interpret.audit.concepts`).
+RENAMED_FIGURES = {"cos_clip": "cos_vlm", "cos_clip_se": "cos_vlm_se"}
+
+
+def _renamed(d: Any, prefix: str = "") -> Any:
+    if not isinstance(d, dict):
+        return d
+    out = {}
+    for k, v in d.items():
+        new = k
+        if k.startswith(prefix) and k[len(prefix):] in RENAMED_FIGURES:
+            new = prefix + RENAMED_FIGURES[k[len(prefix):]]
+            if new in d:  # both present: keep the new one
+                continue
+        out[new] = v
+    return out
+
+
+def upgrade_summary(summary: Mapping[str, Any]) -> dict:
+    """An audit summary as this version writes it, from one written by an older version (a copy).
+
+    Renames :data:`RENAMED_FIGURES` where the audit wrote them: ``evaluation``, the final-layer comparison's
+    ``figures`` and ``difference``, and ``metrics`` (``final_layer.cos_clip`` -> ``final_layer.cos_vlm``).
+    A current summary comes back equal.
+    """
+    s = copy.deepcopy(dict(summary))
+    if isinstance(s.get("evaluation"), dict):
+        s["evaluation"] = _renamed(s["evaluation"])
+    if isinstance(s.get("metrics"), dict):
+        s["metrics"] = _renamed(s["metrics"], "final_layer.")
+    comp = (s.get("concepts") or {}).get("final_layer_comparison") if isinstance(s.get("concepts"), dict) else None
+    if isinstance(comp, dict):
+        for m in (comp.get("methods") or {}).values():
+            if isinstance(m, dict) and isinstance(m.get("figures"), dict):
+                m["figures"] = _renamed(m["figures"])
+        if isinstance(comp.get("difference"), dict):
+            comp["difference"] = _renamed(comp["difference"])
+    return s
 
 
 def _class_concepts(summary: Mapping[str, Any]) -> dict[str, set[str]]:
@@ -33,7 +75,9 @@ def compare_summaries(a: Mapping[str, Any], b: Mapping[str, Any], label_a: str =
         ``{"a", "b", "metrics": [{metric, a, b, delta}], "concepts": [{class, gained, lost, kept}],
         "localization": [{class, iobb_a, iobb_b, iobb_delta, ior_..., pointing_...}],
         "status": {a, b}}``; ``gained`` are concepts of B's important units for the class that A's lacked.
+        Either summary may be from an older audit (:func:`upgrade_summary`).
     """
+    a, b = upgrade_summary(a), upgrade_summary(b)
     ma, mb = a.get("metrics", {}), b.get("metrics", {})
     metrics = []
     keys = [k for k in HEADLINE if k in ma or k in mb]

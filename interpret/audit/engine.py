@@ -22,6 +22,12 @@ Sections (each recorded as ``ok`` or ``skipped`` with a reason in ``summary.json
 9. the out-of-distribution detector of the served feature statistics (``ood.npz``);
 10. per-class verdicts (:mod:`interpret.audit.verdicts`) and the promotion gates (:mod:`interpret.audit.gates`).
 
+Device: the model (and the CLIP of the concept section) is moved once to ``cfg.device`` (``auto``: CUDA when torch
+sees one, else the CPU; ``$CXR_TORCH_DEVICE`` overrides auto, as in the service:
+:func:`interpret.devices.resolve_torch_device`); one log line and ``summary.json`` ``device`` say where torch ran.
+Every batch is moved to the model's device before its forward/backward pass; what is kept (feature maps on disk,
+tables, figures) is on the CPU. On the CPU the results are those of earlier versions bit for bit.
+
 A DWARF model (:class:`interpret.models.DwarfClassifierView`) is audited by the same engine with its
 refined maps (method ``dwarf``); the sections that need a GAP + linear head (dissection, concepts,
 importance, unit shortcuts, OOD on pooled features) are skipped with that reason.
@@ -36,6 +42,7 @@ import datetime as _dt
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +59,7 @@ from interpret.audit.sections import (attention_pass, dissection_section, galler
                                       infer, localization_summary, performance_section, save_gallery)
 from interpret.audit.shortcuts import shortcut_section
 from interpret.audit.store import bound_heap, gap
+from interpret.devices import DEVICE_ENV, describe_device, model_device, resolve_torch_device, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,7 @@ class AuditConfig:
     out: str = ""  # local folder; default outputs/audits/<stamp>-<model>
     experiment: str = "cxr-audit"
     seed: int = 0
+    device: str = "auto"  # torch device: auto (CUDA when present; $CXR_TORCH_DEVICE overrides), cpu, cuda, cuda:N
 
 
 def _png_u8(arr: np.ndarray) -> bytes:
@@ -156,8 +165,8 @@ def explanation_rows(model, probe: Probe, cases: Sequence[tuple[str, str]], meth
         if is_gap_linear(model):  # exact unit contributions only through a GAP + linear head
             contrib = unit_contributions(model, x, [[c]]).contributions[0, 0]  # (K,)
             units = top_units(contrib, top_k, {int(k): list(v["concepts"]) for k, v in served.items()})
-        r = raw[0, 0].detach().float().numpy()
-        shown = maps[0, 0].detach().float().numpy()  # (S, S)
+        r = to_numpy(raw[0, 0].float())
+        shown = to_numpy(maps[0, 0].float())  # (S, S)
         rows.append({"image_id": iid, "class": cls, "class_index": c, "method": method, "map": shown,
                      "map_png": _png_u8(shown),
                      "raw": r.ravel().tolist(), "raw_shape": list(r.shape),
@@ -245,9 +254,11 @@ def _infer(model, images, batch_size: int, dwarf: bool):
 
     if not dwarf:
         return infer(model, images, batch_size)
+    dev = model_device(model)
     with torch.no_grad():
-        logits = torch.cat([model(images[s:s + batch_size]).float() for s in range(0, len(images), batch_size)])
-    return probabilities(logits).numpy(), None
+        logits = torch.cat([model(images[s:s + batch_size].to(dev)).float().cpu()
+                            for s in range(0, len(images), batch_size)])
+    return to_numpy(probabilities(logits)), None
 
 
 def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info: Mapping[str, Any],
@@ -278,7 +289,10 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
     Raises:
         FileNotFoundError: the manifest or the reports file does not exist.
         ValueError: an unknown attention, annotation or faithfulness method (valid ones listed), or one that
-            does not apply to the model.
+            does not apply to the model; an unknown device (valid forms listed) or CUDA asked for where torch
+            sees none.
+
+    The model (and the CLIP's model) is moved to the device in place (``nn.Module.to``).
     """
     import pandas as pd
     import torch
@@ -308,6 +322,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         raise FileNotFoundError(f"manifest not found: {manifest.resolve()}")
     if cfg.reports and not Path(cfg.reports).is_file():
         raise FileNotFoundError(f"reports file not found: {Path(cfg.reports).resolve()}")
+    device = resolve_torch_device(cfg.device)
     torch.manual_seed(cfg.seed)
     bound_heap()  # freed per-batch maps go back to the system: peak memory does not creep up with N
     out = Path(out)
@@ -331,6 +346,18 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
         model = model.select_classes(audited)  # outputs, head rows and thresholds of the shared classes
     else:
         not_audited = {}
+    model.to(device)  # once; every section moves its batches to the model's device
+    moved = ["the model"]
+    clip_model = getattr(clip[0], "model", None) if clip is not None else None
+    if isinstance(clip_model, torch.nn.Module):
+        clip_model.to(device)
+        moved.append("the CLIP")
+    ran_on = {**describe_device(model_device(model)), "requested": cfg.device,
+              "chosen_by": ("the configuration" if cfg.device != "auto" else
+                            DEVICE_ENV if os.environ.get(DEVICE_ENV, "").strip() else
+                            "auto: CUDA when torch sees one, else the CPU")}
+    log.info("audit runs torch on %s%s (%s; %s)", ran_on["device"], f" ({ran_on['name']})" if ran_on["name"] else "",
+             " and ".join(moved), ran_on["chosen_by"])
     from interpret.importance import is_gap_linear
 
     linear = not dwarf and is_gap_linear(model)
@@ -354,6 +381,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
                  "n_with_boxes": int(sum(len(b) > 0 for b in probe.boxes)),
                  "positives": {c: int(probe.labels[:, i].sum()) for i, c in enumerate(probe.classes)}},
         "config": {**asdict(cfg), "attention": method},
+        "device": ran_on,
         "verdict_policy": asdict(policy),
         "reproduce": reproduce,
     }
@@ -445,7 +473,7 @@ def run_audit(cfg: AuditConfig, model, manifest: Path, out: Path, *, model_info:
             ex = randomisation_examples(model, probe.images[img_i], cls_i, method, order, cfg.seed)
             (out / "heatmaps").mkdir(parents=True, exist_ok=True)
             (out / "heatmaps" / "sanity_cascading.png").write_bytes(randomisation_plot_png(
-                probe.images[img_i, 0].numpy(), ex,
+                to_numpy(probe.images[img_i, 0]), ex,
                 f"{probe.classes[cls_i]} on {probe.image_ids[img_i]}: cascading randomisation ({method})"))
             summary["sanity"]["plot"] = "sanity_cascading.png"
         except Exception as exc:  # noqa: BLE001 - a picture must not sink the audit

@@ -172,6 +172,14 @@ def _skipped(summary: Mapping[str, Any], section: str) -> str | None:
 
 
 # ---- sections --------------------------------------------------------------------------------
+def _device_text(dev: Any) -> str | None:
+    """``cuda:0 (NVIDIA ...), chosen by auto`` from ``summary["device"]``; None for an audit that did not record it."""
+    if not isinstance(dev, Mapping) or not dev.get("device"):
+        return None
+    name = f" ({dev['name']})" if dev.get("name") else ""
+    return f"torch on {dev['device']}{name}, asked for as {dev.get('requested', 'auto')} ({dev.get('chosen_by', '')})"
+
+
 def _header(s: Mapping[str, Any]) -> str:
     model, data = s.get("model", {}), s.get("data", {})
     ident = [("Model", f"{model.get('name') or '(unregistered)'} version {model.get('version') or '-'}"),
@@ -180,7 +188,7 @@ def _header(s: Mapping[str, Any]) -> str:
              ("Not audited", "; ".join(f"{c} ({why})" for c, why in (model.get("not_audited") or {}).items())),
              ("Stored thresholds", ", ".join(_num(t, 2) for t in model.get("thresholds", []))),
              ("Feature layer", model.get("feature_layer")), ("Penultimate layer", model.get("penultimate_layer")),
-             ("Training run", model.get("run_id"))]
+             ("Training run", model.get("run_id")), ("Run on", _device_text(s.get("device")))]
             
     data_rows = [("Manifest", data.get("manifest")), ("Data fingerprint", data.get("fingerprint")),
                  ("Split", data.get("split")), ("Images", data.get("n_images")),
@@ -512,6 +520,10 @@ def _concepts(s: Mapping[str, Any], folder: Path, top: int = 12) -> str:
         out.append("<h3>Check on the final layer (class neurons vs their class names)</h3>"
                    "<p>The final-layer neurons have known meanings (their class), so annotating them measures "
                    "the annotation method itself.</p>")
+        if any(str(k).startswith("cos_vlm") for k in ev):
+            from interpret.audit.concepts import COS_VLM_NOTE
+
+            out.append(f"<p class='note'>{_e(COS_VLM_NOTE)}.</p>")
         out.append(_table([{"figure": k, "value": v} for k, v in ev.items() if not isinstance(v, (list, dict))]))
     return "".join(out)
 
@@ -581,6 +593,9 @@ def build_report(summary: Mapping[str, Any], folder: str | Path) -> str:
     Returns:
         A complete HTML document (str) with every image embedded as a base64 PNG.
     """
+    from interpret.audit.diff import upgrade_summary
+
+    summary = upgrade_summary(summary)  # an older audit's summary renders with today's names
     folder = Path(folder)
     model = summary.get("model", {})
     title = f"Audit of {model.get('name') or model.get('uri', 'model')} v{model.get('version') or '-'}"

@@ -13,6 +13,7 @@ from interpret.audit._util import _finite
 from interpret.audit.probe import Probe
 from interpret.audit.shortcuts import attention_shares, chest_field, marker_mask
 from interpret.audit.store import gap
+from interpret.devices import model_device, to_numpy
 from training.prompts import prompt_name
 
 RELATED_TERMS: dict[str, tuple[str, ...]] = {
@@ -42,8 +43,8 @@ def related(concept: str, cls: str) -> bool:
 
 def infer(model, images, batch_size: int):
     """Probabilities (N, C) (:func:`training.models.probabilities`, as served) and feature maps (N, K, h, w)
-    in batches; the maps go to a :class:`~interpret.audit.store.SpillArray` on disk that keeps their GAP in
-    memory (``feats.pooled``), so memory does not grow with N by the maps' size."""
+    in batches on the model's device; the maps go to a :class:`~interpret.audit.store.SpillArray` on disk
+    that keeps their GAP in memory (``feats.pooled``), so memory does not grow with N by the maps' size."""
     import torch
     from tqdm.auto import tqdm
 
@@ -51,10 +52,11 @@ def infer(model, images, batch_size: int):
     from training.models import probabilities
 
     probs, feats = [], None
+    dev = model_device(model)
     with torch.no_grad():
         for start in tqdm(range(0, len(images), batch_size), desc="audit: inference", leave=False):
-            logits, f = model.forward_all(images[start:start + batch_size])
-            probs.append(probabilities(logits).numpy())
+            logits, f = model.forward_all(images[start:start + batch_size].to(dev))
+            probs.append(to_numpy(probabilities(logits)))
             if feats is None:
                 feats = SpillArray(tuple(f.shape[1:]), pool=True)
             feats.append(f.float())
@@ -106,7 +108,7 @@ def attention_pass(model, probe: Probe, method: str, batch_size: int, pointing_t
         sl = slice(start, min(start + batch_size, n))
         x = probe.images[sl]
         targets = torch.arange(c).expand(len(x), c)
-        maps = attention_maps(model, x, targets, method=method).float().numpy()  # (B, C, S, S)
+        maps = to_numpy(attention_maps(model, x, targets, method=method).float())  # (B, C, S, S)
         outside[sl], on_marker[sl] = attention_shares(maps, field_mask, markers[sl])
         boxed = [i for i in range(len(x)) if len(probe.boxes[start + i])]
         if boxed:
@@ -126,7 +128,7 @@ def _marker_store(probe: Probe, batch_size: int):
 
     store = SpillArray((probe.size, probe.size), dtype=bool, as_tensor=False)
     for _, x in iter_batches(probe.images, batch_size):
-        store.append(marker_mask(x[:, 0].numpy()))
+        store.append(marker_mask(to_numpy(x[:, 0])))
     return store
 
 
@@ -187,7 +189,7 @@ def save_gallery(probe: Probe, loc, picks: dict[str, dict[str, list[str]]], maps
             try:
                 for ax, iid in zip(axes[0], iids):
                     i, r = index[iid], scores.loc[(iid, cls)]
-                    ax.imshow(probe.images[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    ax.imshow(to_numpy(probe.images[i, 0]), cmap="gray", vmin=0, vmax=1)
                     ax.imshow(maps[(iid, cls)], cmap="jet", alpha=0.4, vmin=0, vmax=1)
                     for b in probe.boxes[i][probe.box_labels[i] == c]:
                         ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
@@ -291,10 +293,10 @@ def importance_section(model, probe: Probe, feats, annotations: dict[int, list[s
     from interpret.importance import class_importance, linear_contributions
 
     pooled = gap(feats)  # (N, K)
-    contrib_all = linear_contributions(pooled, model.head.weight.detach().float())  # (N, C, K)
+    contrib_all = linear_contributions(pooled, model.head.weight.detach().float().cpu())  # (N, C, K), on the CPU
     per_cls = class_importance(contrib_all, probe.labels)  # (C, K), NaN rows for classes without positives
     fallback = contrib_all.mean(0)  # (C, K) over all images
-    per_cls = torch.where(torch.isnan(per_cls), fallback, per_cls).numpy()
+    per_cls = to_numpy(torch.where(torch.isnan(per_cls), fallback, per_cls))
     ann = annotations
     rows, per_class, covered, eligible = [], {}, 0, 0
     for c, cls in enumerate(probe.classes):

@@ -8,6 +8,7 @@ import numpy as np
 from interpret.audit._util import _nanmean
 from interpret.audit.probe import Probe
 from interpret.audit.store import gap
+from interpret.devices import to_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
     from interpret.audit.sections import AttentionPass
@@ -41,7 +42,7 @@ def marker_mask(images: np.ndarray, level: float = 0.98, band: float = 0.22, gro
         import torch.nn.functional as F
 
         t = torch.from_numpy(sat[:, None].astype(np.float32))
-        sat = F.max_pool2d(t, 2 * grow + 1, stride=1, padding=grow)[:, 0].numpy() > 0
+        sat = to_numpy(F.max_pool2d(t, 2 * grow + 1, stride=1, padding=grow)[:, 0]) > 0
     return sat
 
 
@@ -101,8 +102,8 @@ def shortcut_section(probe: Probe, probs: np.ndarray, ap: "AttentionPass", feats
                 seen.add(unit)
                 top = torch.argsort(pooled[:, unit], descending=True)[:top_images]
                 m = F.interpolate(F.relu(feats[top, unit:unit + 1]), size=(probe.size, probe.size), mode="bilinear",
-                                  align_corners=False).numpy()  # (n, 1, S, S)
-                o, k = attention_shares(m, field_mask, ap.markers[top.numpy()])
+                                  align_corners=False)  # (n, 1, S, S)
+                o, k = attention_shares(to_numpy(m), field_mask, ap.markers[to_numpy(top)])
                 out_u, mk_u = _nanmean(o[:, 0]), _nanmean(k[:, 0])
                 reasons = []
                 if out_u is not None and out_u > outside_threshold:

@@ -186,7 +186,7 @@ def test_concept_section_records_evidence_flags_and_comparison(monkeypatch, tiny
     comp = res.summary["final_layer_comparison"]
     assert set(comp["methods"]) == {"mammi", "mammi_floor"}
     assert comp["methods"]["mammi_floor"]["evidence"]["evidence_min"] >= 10
-    assert {"hit_rate", "f1", "cos_clip"} <= set(comp["methods"]["mammi"]["figures"])
+    assert {"hit_rate", "f1", "cos_vlm"} <= set(comp["methods"]["mammi"]["figures"]) and "cos_clip" not in res.evaluation
     served = res.served[model.feature_layer]
     assert served == served_unit_concepts(t, model.feature_layer)
     ok = feat_rows[feat_rows["sufficient"] & ~feat_rows["vlm_blind"]]
