@@ -11,10 +11,15 @@ p50/p95 latency (ms) and throughput (requests/s); the in-process baseline is ONN
 preprocessed images (one at a time, same thread count as the server) and the same plus PNG decoding and
 resizing. Explanations ask for one target each (``targets`` = the first class). ``side_by_side_c1`` interleaves
 in-process decode + preprocess + ORT, ``/predict`` and ``/explain method=cam`` image by image and gives medians of
-the per-image ratios (the figures to quote on a busy machine); ``stages_ms`` says where the time goes.
-Prints one JSON line with the figures and the ratios the issue targets:
-``explain_cam_vs_predict_c1`` (target <= 1.25) and ``predict_vs_inprocess_c1`` (target <= 1.5, against
-decode+preprocess+ORT).
+the per-image ratios (the figures to quote on a busy machine); ``stages_ms`` says where the time goes;
+``core_predict_no_http`` runs ``/predict``'s work through the service core and its micro-batcher in-process
+(asyncio tasks, no HTTP) at each concurrency.
+Every HTTP cell also gives the CPU milliseconds per request of the server's process tree and of this client
+(which shares the machine's cores on loopback) and ``cpu_bound_rps``, the rate those allow on the cores: at
+concurrency 8 the measured rate against it says whether the cores or the batching bound the throughput.
+Prints one JSON line with the figures and the ratios issue 15 targets: ``side_by_side_c1``
+``predict_vs_inprocess`` (<= 1.3, against decode + preprocess + ORT) and ``explain_cam_vs_predict`` (<= 1.15),
+``predict_throughput_gain_c8_vs_c1`` (>= 1.8).
 """
 from __future__ import annotations
 
@@ -97,7 +102,27 @@ def _stats(lat: list[float], wall: float) -> dict:
             "rps": round(len(a) / wall, 1)}
 
 
-def _http_cell(base: str, headers: dict, route: str, data: dict, images: list[bytes], requests: int, conc: int) -> dict:
+def _tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (the server and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _http_cell(base: str, headers: dict, route: str, data: dict, images: list[bytes], requests: int, conc: int,
+               server_pid: int | None = None) -> dict:
+    """p50/p95 latency and throughput of ``requests`` posts at concurrency ``conc``; with ``server_pid``, also
+    the CPU milliseconds per request spent by the server (process tree) and by this client process, and the
+    throughput those allow on this machine's cores (``cpu_bound_rps`` = cores / CPU per request): when the
+    measured rate is close to it, the cores, not the batching, bound the rate."""
     import httpx
 
     clients = [httpx.Client(base_url=base, headers=headers, timeout=300) for _ in range(conc)]
@@ -112,13 +137,58 @@ def _http_cell(base: str, headers: dict, route: str, data: dict, images: list[by
 
     for i in range(min(conc, 4)):  # warm-up
         one(i)
+    s0 = _tree_cpu_s(server_pid) if server_pid else 0.0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(conc) as pool:
         lat = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
+    client_s = time.process_time() - c0
     for c in clients:
         c.close()
-    return _stats(lat, wall)
+    out = _stats(lat, wall)
+    if server_pid:
+        server_s = _tree_cpu_s(server_pid) - s0
+        cores = len(os.sched_getaffinity(0))
+        out.update(server_cpu_ms_per_request=round(server_s / requests * 1000, 2),
+                   client_cpu_ms_per_request=round(client_s / requests * 1000, 2),
+                   cpu_bound_rps=round(cores * requests / max(server_s + client_s, 1e-9), 1))
+    return out
+
+
+def _core_cells(core, images: list[bytes], requests: int, concurrency: list[int]) -> dict:
+    """``/predict``'s work without HTTP: the service core's ``apredict`` (decode in a worker thread, the
+    micro-batcher, the response dict) driven by ``conc`` asyncio tasks; rate, p50 and the mean batch size per
+    concurrency. Against the HTTP cells this separates what the batching gains from what the HTTP layer costs."""
+    import asyncio
+
+    out = {}
+    for conc in concurrency:
+        async def run() -> tuple[list[float], float]:
+            sem, lat = asyncio.Semaphore(conc), []
+
+            async def one(i: int) -> None:
+                async with sem:
+                    t0 = time.perf_counter()
+                    await core.apredict(images[i % len(images)])
+                    lat.append(time.perf_counter() - t0)
+
+            for i in range(min(conc, 4)):  # warm-up
+                await one(i)
+            b0, n0 = core.batcher.batches, core.batcher.items
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(requests)))
+            wall = time.perf_counter() - t0
+            out[f"mean_batch_c{conc}"] = round((core.batcher.items - n0) / max(core.batcher.batches - b0, 1), 2)
+            return lat[-requests:], wall
+
+        lat, wall = asyncio.run(run())
+        out[f"c{conc}"] = _stats(lat, wall)
+        out[f"c{conc}"]["mean_batch"] = out.pop(f"mean_batch_c{conc}")
+    lo, hi = min(concurrency), max(concurrency)
+    if hi > lo:
+        out[f"throughput_gain_c{hi}_vs_c{lo}"] = round(out[f"c{hi}"]["rps"] / out[f"c{lo}"]["rps"], 3)
+    return out
 
 
 def _stage_breakdown(lm, images: list[bytes], cfg, requests: int) -> dict:
@@ -303,18 +373,25 @@ def main(argv=None) -> int:
         inproc_full = _stats(lat, time.perf_counter() - t0)
 
         breakdown = _stage_breakdown(lm, images, cfg, args.requests)
+        from mlflow_projects.serving import ExplanationService
+
+        core = ExplanationService(ServeConfig(model_uri=served["uri"], tracking_uri=mlflow.get_tracking_uri(),
+                                              threads=args.threads, cache_size=0,
+                                              cache_dir=str(tmp / "cache-core"), feedback_dir=str(tmp / "fb-core")))
+        core.load()
+        core_cells = _core_cells(core, images, args.requests, args.concurrency)
 
         result = {"bench": "serve", "arch": args.arch if not args.model_uri else served["uri"],
                   "image_size": lm.image_size, "upload_side": args.image_side, "requests_per_cell": args.requests,
                   "ort_threads": cfg.intra_op_threads, "model": served, "inprocess_ort": inproc,
-                  "inprocess_decode_preprocess_ort": inproc_full,
+                  "inprocess_decode_preprocess_ort": inproc_full, "core_predict_no_http": core_cells,
                   "explain_targets": 1}
         target = lm.classes[0]  # one target per explanation, so that explain and predict do comparable work
         cells = {"predict": ("/predict", {}), "explain_cam": ("/explain", {"method": "cam", "targets": target}),
                  "explain_gradcam": ("/explain", {"method": "gradcam", "targets": target})}
         for conc in args.concurrency:
             for name, (route, data) in cells.items():
-                result[f"{name}_c{conc}"] = _http_cell(base, {}, route, data, images, args.requests, conc)
+                result[f"{name}_c{conc}"] = _http_cell(base, {}, route, data, images, args.requests, conc, proc.pid)
         c1 = min(args.concurrency)
         result["explain_cam_vs_predict_c1"] = round(result[f"explain_cam_c{c1}"]["p50_ms"] / result[f"predict_c{c1}"]["p50_ms"], 3)
         result["explain_gradcam_vs_predict_c1"] = round(result[f"explain_gradcam_c{c1}"]["p50_ms"] / result[f"predict_c{c1}"]["p50_ms"], 3)

@@ -65,16 +65,24 @@ class MicroBatcher:
 
     A consumer task takes the first queued item, then everything else already queued (up to
     ``max_batch``, waiting at most ``wait_ms`` for more), runs ``fn`` on the stack in a worker thread
-    and resolves each caller's future. No wait when idle; batches form under concurrency.
+    and resolves each caller's future. No wait when idle; batches form under concurrency. Up to
+    ``inflight`` batches run at once (``fn`` must then be thread-safe, as ONNX Runtime's ``run`` is): the
+    next batch is formed and started while the previous one is still running, so the cores the first one
+    leaves idle (a graph's serial parts) do work.
 
     Args:
         fn: ``(N, ...) array -> sequence of N results``.
         max_batch: largest batch (``CXR_MAX_BATCH``).
         wait_ms: extra time to wait for a batch to fill (``CXR_BATCH_WAIT_MS``; 0: dispatch what is queued).
+        inflight: batches running at once (``CXR_BATCH_INFLIGHT``; >= 1).
     """
 
-    def __init__(self, fn: Callable[[np.ndarray], Sequence[Any]], max_batch: int = 16, wait_ms: float = 0.0) -> None:
+    def __init__(self, fn: Callable[[np.ndarray], Sequence[Any]], max_batch: int = 16, wait_ms: float = 0.0,
+                 inflight: int = 1) -> None:
         self.fn, self.max_batch, self.wait_s = fn, int(max_batch), float(wait_ms) / 1000
+        if int(inflight) < 1:
+            raise ValueError(f"inflight must be >= 1, got {inflight}")
+        self.inflight = int(inflight)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,7 +106,10 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         queue = self._queue
+        slots = asyncio.Semaphore(self.inflight)
+        running: set[asyncio.Task] = set()
         while True:
+            await slots.acquire()  # a batch forms only when it can start
             first = await queue.get()
             batch = [first]
             deadline = time.monotonic() + self.wait_s
@@ -115,16 +126,24 @@ class MicroBatcher:
                         break
             batch = [(x, f) for x, f in batch if not f.cancelled()]
             if not batch:
+                slots.release()
                 continue
             self.batches += 1
             self.items += len(batch)
             self.sizes[len(batch)] += 1
-            try:
-                results = await asyncio.to_thread(self.fn, np.stack([x for x, _ in batch]))
-                for (_, fut), res in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(res)
-            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            task = asyncio.get_running_loop().create_task(self._dispatch(batch, slots))
+            running.add(task)  # a reference until done (the loop keeps only weak ones)
+            task.add_done_callback(running.discard)
+
+    async def _dispatch(self, batch: list, slots: asyncio.Semaphore) -> None:
+        try:
+            results = await asyncio.to_thread(self.fn, np.stack([x for x, _ in batch]))
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+        finally:
+            slots.release()

@@ -221,7 +221,8 @@ class ExplanationService:
         self.model: LoadedModel | None = None
         self.load_error: str | None = None
         self.cache = LRUCache(self.config.cache_size)
-        self.batcher = MicroBatcher(self._run_batch, self.config.max_batch, self.config.batch_wait_ms)
+        self.batcher = MicroBatcher(self._run_batch, self.config.max_batch, self.config.batch_wait_ms,
+                                    self.config.batch_inflight)
         self._load_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.counts: collections.Counter = collections.Counter()

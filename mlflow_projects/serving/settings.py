@@ -72,6 +72,7 @@ class ServeConfig:
     threads: int = 0  # CXR_THREADS: ONNX Runtime / torch threads per worker (0 = cores / workers)
     max_batch: int = 16  # CXR_MAX_BATCH: micro-batch size bound
     batch_wait_ms: int = 0  # CXR_BATCH_WAIT_MS: extra wait for a batch to fill (0 = none)
+    batch_inflight: int = 1  # CXR_BATCH_INFLIGHT: micro-batches running at once (>= 1)
     overlay_max_side: int = 1024  # CXR_OVERLAY_MAX_SIDE: overlay PNG side bound (aspect kept)
     top_neurons: int = 5  # default k of top units
     feedback_dir: str | None = None  # CXR_FEEDBACK_DIR
@@ -106,6 +107,7 @@ class ServeConfig:
                    workers=_env_int("CXR_WORKERS", 1, 1, env), threads=_env_int("CXR_THREADS", 0, 0, env),
                    max_batch=_env_int("CXR_MAX_BATCH", 16, 1, env),
                    batch_wait_ms=_env_int("CXR_BATCH_WAIT_MS", 0, 0, env),
+                   batch_inflight=_env_int("CXR_BATCH_INFLIGHT", 1, 1, env),
                    overlay_max_side=_env_int("CXR_OVERLAY_MAX_SIDE", 1024, 8, env),
                    feedback_dir=env.get("CXR_FEEDBACK_DIR") or None,
                    records_dir=env.get("CXR_RECORDS_DIR") or None,

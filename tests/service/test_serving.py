@@ -122,6 +122,35 @@ def test_microbatcher_batches_concurrent_items_and_keeps_order():
     assert sum(calls) == 10 and max(calls) == 8 and len(calls) == 2
 
 
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_microbatcher_runs_up_to_inflight_batches_at_once(inflight):
+    """With ``inflight`` 2 the next batch starts while the first still runs (never more than 2 at once);
+    with 1 the batches run one after the other. Every caller gets its own result either way."""
+    import threading
+    import time as _time
+
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def fn(x):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        _time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return [float(v.sum()) for v in x]
+
+    mb = MicroBatcher(fn, max_batch=1, inflight=inflight)
+
+    async def main():
+        return await asyncio.gather(*(mb.submit(np.full((1,), i, np.float32)) for i in range(6)))
+
+    assert asyncio.run(main()) == [float(i) for i in range(6)]
+    assert peak[0] == inflight and mb.batches == 6
+    with pytest.raises(ValueError, match="inflight must be >= 1"):
+        MicroBatcher(fn, inflight=0)
+
+
 def test_microbatcher_error_reaches_every_caller():
     mb = MicroBatcher(lambda x: (_ for _ in ()).throw(RuntimeError("boom")), max_batch=4)
 
