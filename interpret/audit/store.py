@@ -123,14 +123,19 @@ class SpillArray:
 
     @property
     def pooled(self):
-        """(N, K) GAP of every row over its trailing axes (a tensor), when created with ``pool=True``."""
+        """(N, K) GAP of every row over its trailing axes (a tensor), when created with ``pool=True``.
+
+        The per-batch rows are joined once, on the first read after an append, and every read returns a tensor
+        over that one array (no copy: the sections call :func:`gap` five times, and each copy was K floats per
+        image at the audit's peak). It is shared: do not modify it in place."""
         if not self._pool:
             raise AttributeError("this SpillArray was created without pool=True")
         import torch
 
-        k = self.row_shape[0] if self.row_shape else 1
-        arr = np.concatenate(self._pooled) if self._pooled else np.zeros((0, k), np.float32)
-        return torch.from_numpy(arr)
+        if len(self._pooled) != 1:
+            k = self.row_shape[0] if self.row_shape else 1
+            self._pooled = [np.concatenate(self._pooled) if self._pooled else np.zeros((0, k), np.float32)]
+        return torch.from_numpy(self._pooled[0])
 
     # --- reading -------------------------------------------------------------------------------------------------
     def _read(self, start: int, stop: int, out: np.ndarray) -> None:

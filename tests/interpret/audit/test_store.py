@@ -132,3 +132,15 @@ def test_bound_heap_applies_on_glibc():
         assert applied is True
     else:
         assert applied in (True, False)
+
+
+def test_pooled_rows_are_joined_once_and_shared_between_reads():
+    ref, feats = _filled(pool=True)
+    first, second = gap(feats), gap(feats)
+    assert first.data_ptr() == second.data_ptr()  # no (N, K) copy per read: the sections read it five times
+    more = np.random.default_rng(2).standard_normal((3, 3, 4, 5)).astype(np.float32)
+    feats.append(more)  # rows appended after a read are joined on the next read
+    want = torch.from_numpy(np.concatenate([ref, more])).mean(dim=(2, 3)).numpy()
+    np.testing.assert_array_equal(gap(feats).numpy(), want)
+    empty = SpillArray((3, 2, 2), pool=True)
+    assert tuple(empty.pooled.shape) == (0, 3)
