@@ -269,7 +269,7 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                 B, H, W = len(items), images.shape[-2], images.shape[-1]
                 targets = torch.full((B, 1), c, dtype=torch.long)
                 maps, raw = explainer(images, targets, return_raw=True)       # (B, 1, H, W), (B, 1, h, w)
-                A = maps[:, 0].float().numpy()                                  # (B, H, W)
+                A = maps[:, 0].float().cpu().numpy()                            # (B, H, W)
                 M = masks_from_boxes(boxes, labs, targets.numpy(), (H, W))[:, 0]   # (B, H, W)
                 size, raw_size = (H, W), tuple(raw.shape[-2:])
                 flat_maps = A.reshape(B, -1).max(-1) <= 0                       # no spatial preference
@@ -289,7 +289,7 @@ def localization_vs_chance(model: nn.Module, dataset, method: str = "cam", *,
                     parts["_random"] = {k: v.mean(0) for k, v in _score(R, MD).items()}  # (B,) mean of draws
                 if "shuffled" in baselines:
                     # the method's raw cells in random order: same value distribution, no location
-                    cells = raw[:, 0].float().flatten(1)                        # (B, h*w)
+                    cells = raw[:, 0].float().cpu().flatten(1)                  # (B, h*w)
                     order = torch.stack([_noise(seed, c, i, 1, n_random, (cells.shape[1],)).argsort(-1)
                                          for i in idx], 1)                      # (D, B, h*w)
                     shuf = cells.expand(n_random, -1, -1).gather(-1, order).view(n_random, B, *raw_size)

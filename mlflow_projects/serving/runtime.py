@@ -159,13 +159,13 @@ def load_model(identity: ModelIdentity, config: ServeConfig, source: str | os.Pa
 
     from training.models import load_checkpoint
 
-    from training.runtime import resolve_device
+    from interpret.devices import resolve_torch_device
 
     torch.set_num_threads(threads)
     net = load_checkpoint(ckpt).eval()
     # the gradient methods (Grad-CAM, Grad-CAM++, IG, SmoothGrad) run the torch model: on CUDA when there is one
     # (CXR_TORCH_DEVICE overrides, e.g. "cpu"); the head weights below are read before the move
-    device = resolve_device(os.environ.get("CXR_TORCH_DEVICE") or None)
+    device = resolve_torch_device("auto")  # CXR_TORCH_DEVICE overrides (validated: a bad value names the valid ones)
     classes = [str(c) for c in (meta.get("classes") or net.class_names)]
     thresholds = thresholds_from_json(meta.get("thresholds") or net.thresholds)
     size = int((meta.get("input") or {}).get("size") or net.input_spec["size"])

@@ -26,16 +26,12 @@ ALLOWED: dict[tuple[str, str], str] = {
         "emb comes from _encode, which returns .detach().float().cpu(): CPU always",
     ("interpret/dissection.py", "thr"): "unit_thresholds returns thr.cpu(): CPU always",
     ("interpret/dissection.py", "err"): "unit_thresholds returns err.cpu(): CPU always",
-    ("interpret/experiments.py", "maps[:, 0].float()"):
-        "NOT device-proof: the explainer's maps are on the model's device; the imbalance study (not the audit) "
-        "keeps its model on the CPU; fix named in the device change's report: maps[:, 0].float().cpu().numpy()",
     ("interpret/experiments.py", "targets"): "torch.full(...) on the CPU just above; not used by the audit",
     ("interpret/experiments.py", "centre_prior((H, W), centre_sigma)"): "built on the CPU; not used by the audit",
     ("interpret/experiments.py", "minmax_normalize(upsample(noise, (H, W)))"):
         "CPU random maps (CPU generator); not used by the audit",
     ("interpret/experiments.py", "minmax_normalize(upsample(shuf, (H, W)))"):
-        "NOT device-proof: shuffled cells of the raw maps (model's device) with a CPU order; the imbalance study "
-        "keeps its model on the CPU (fix in the report: raw[:, 0].float().cpu() above)",
+        "shuffled cells of raw[:, 0].float().cpu() with a CPU order: CPU always",
     ("interpret/audit/probe.py", "it['labels']"): "dataset items (CPU) while the probing set is read",
     ("interpret/audit/probe.py", "it['boxes']"): "dataset items (CPU) while the probing set is read",
     ("interpret/audit/probe.py", "it['box_labels']"): "dataset items (CPU) while the probing set is read",
