@@ -1,6 +1,8 @@
 """The service asks ONNX Runtime for CUDA when the installed onnxruntime has it (the gpu extra), else CPU."""
 from __future__ import annotations
 
+import pytest
+
 
 def test_service_session_asks_for_the_chosen_providers_and_logs_them(monkeypatch, tmp_path, caplog):
     import json
@@ -65,3 +67,6 @@ def test_gradient_methods_run_torch_on_the_chosen_device_and_say_so(monkeypatch,
     maps, raw = explanation_maps(m, x, [1], "gradcam")
     want = __import__("interpret").attention_maps(net, torch.from_numpy(x), [[1]], method="gradcam")[0].numpy()
     np.testing.assert_allclose(maps, want, atol=1e-6)
+    monkeypatch.setenv("CXR_TORCH_DEVICE", "gpu0")  # a typo is refused with the valid forms, not ignored
+    with pytest.raises(ValueError, match=r"unknown CXR_TORCH_DEVICE value 'gpu0'; valid: auto, cpu, cuda, cuda:N"):
+        load_model(identity, ServeConfig(threads=1), source=tmp_path)
