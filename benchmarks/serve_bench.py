@@ -401,6 +401,9 @@ def main(argv=None) -> int:
             hi = max(args.concurrency)
             result["predict_throughput_gain_c%d_vs_c%d" % (hi, c1)] = round(
                 result[f"predict_c{hi}"]["rps"] / result[f"predict_c{c1}"]["rps"], 3)
+            # the most the cores allow: all cores busy at c_hi's CPU cost per request, against c1's rate
+            result["predict_throughput_gain_cpu_bound_c%d_vs_c%d" % (hi, c1)] = round(
+                result[f"predict_c{hi}"]["cpu_bound_rps"] / result[f"predict_c{c1}"]["rps"], 3)
         result["side_by_side_c1"] = _side_by_side_c1(base, lm, images, target, args.requests)
         # where the time goes: in-process stage medians; HTTP = the route's p50 minus their sum
         result["stages_ms"] = breakdown
