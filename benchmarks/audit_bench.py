@@ -21,7 +21,10 @@ Run: ``python benchmarks/audit_bench.py`` (400 images, 5 repeats each: about 20-
 same untrained model on N probing images drawn from one phantom, each N in its own process, and prints the
 peak resident memory of each process (``ru_maxrss`` from ``wait4``), the growth per probing image between the
 smallest and the largest N, and beside it what one image's arrays that the audit keeps on disk
-(:mod:`interpret.audit.store`: the image and its feature maps) would add if they were held in memory.
+(:mod:`interpret.audit.store`: the image and its feature maps) would add if they were held in memory. Where the
+growth comes from is printed too: the peak RSS of each section (the engine's section timer is wrapped in the child;
+the kernel's high-water mark is read and reset, ``/proc/self/clear_refs``, at each section boundary; Linux only,
+else the sections are left out), its growth per image, and which section holds the process's peak at each N.
 """
 from __future__ import annotations
 
@@ -52,9 +55,57 @@ def _audit_child(manifest: str, images: int, size: int, arch: str, out: str) -> 
     torch.manual_seed(0)
     model = create_model(arch, classes=list(PHANTOM_CLASSES), image_size=size).eval()
     cfg = AuditConfig(split="all", max_images=images, data=manifest, gallery_n=1)
-    summary = run_audit(cfg, model, Path(manifest), Path(out), model_info={"uri": "bench"},
-                        clip=resolve_clip("scratch"))
-    print(json.dumps({"n_images": summary["data"]["n_images"], "timings": summary.get("timings")}))
+    clip = resolve_clip("scratch")
+    peaks = _section_peaks()
+    summary = run_audit(cfg, model, Path(manifest), Path(out), model_info={"uri": "bench"}, clip=clip)
+    print(json.dumps({"n_images": summary["data"]["n_images"], "timings": summary.get("timings"),
+                      "section_peak_mb": peaks(None) if peaks else None}))
+
+
+def _hwm_kb() -> int | None:
+    """The process's resident high-water mark (kB, ``VmHWM``), None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _section_peaks():
+    """Wrap the audit engine's section timer so that each section's peak RSS is recorded: at each boundary the
+    high-water mark of the section that ends is read and the mark is reset to the current RSS (``clear_refs``).
+
+    Returns ``close(None) -> {"startup": MB, "load": MB, <section>: MB, ...}`` (startup: imports, model and CLIP
+    before the audit; load: the audit up to its first section, i.e. reading the probing set), or None when the
+    mark cannot be read or reset (then the process peak from ``wait4`` is all there is)."""
+    from interpret.audit import engine
+
+    stages = getattr(engine, "_Stages", None)
+    startup = _hwm_kb()
+    if stages is None or startup is None:
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    peaks: dict[str, float] = {"startup": round(startup / 1024, 1)}
+    current = ["load"]
+    call = stages.__call__
+
+    def boundary(name: str | None) -> dict[str, float]:
+        peaks[current[0]] = max(peaks.get(current[0], 0.0), round(_hwm_kb() / 1024, 1))
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        current[0] = name
+        return peaks
+
+    def wrapped(self, name: str) -> None:
+        boundary(name)
+        call(self, name)
+
+    stages.__call__ = wrapped
+    return boundary
 
 
 def rss_growth(sizes: list[int], size: int, arch: str, threads: int) -> dict:
@@ -91,15 +142,27 @@ def rss_growth(sizes: list[int], size: int, arch: str, threads: int) -> dict:
             if proc.returncode != 0:
                 raise SystemExit(f"the audit of {n} images failed (exit {proc.returncode})")
             got = json.loads(out.decode().strip().splitlines()[-1])
-            rows.append({"n_images": got["n_images"], "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-                         "wall_s": round(time.perf_counter() - t0, 1)})
+            sec = got.get("section_peak_mb") or {}
+            # with the mark reset at section boundaries, wait4's ru_maxrss covers only the last section: the
+            # process peak is the largest of the sections' peaks and it
+            peak = max([usage.ru_maxrss / 1024] + list(sec.values()))
+            row = {"n_images": got["n_images"], "peak_rss_mb": round(peak, 1), "wall_s": round(time.perf_counter() - t0, 1)}
+            if sec:
+                row["peak_section"] = max(sec, key=sec.get)
+                row["section_peak_mb"] = sec
+            rows.append(row)
     lo, hi = rows[0], rows[-1]
-    growth = (hi["peak_rss_mb"] - lo["peak_rss_mb"]) * 2**20 / max(1, hi["n_images"] - lo["n_images"])
-    return {"benchmark": "audit_rss", "arch": arch, "image_size": size, "threads": threads,
-            "phantom_generation_s": round(gen_s, 1), "runs": rows,
-            "rss_growth_bytes_per_image": round(growth),
-            "kept_on_disk_bytes_per_image": spilled,
-            "growth_vs_in_memory": round(growth / spilled, 4)}
+    dn = max(1, hi["n_images"] - lo["n_images"])
+    growth = (hi["peak_rss_mb"] - lo["peak_rss_mb"]) * 2**20 / dn
+    out = {"benchmark": "audit_rss", "arch": arch, "image_size": size, "threads": threads,
+           "phantom_generation_s": round(gen_s, 1), "runs": rows,
+           "rss_growth_bytes_per_image": round(growth),
+           "kept_on_disk_bytes_per_image": spilled,
+           "growth_vs_in_memory": round(growth / spilled, 4)}
+    if "section_peak_mb" in lo and "section_peak_mb" in hi:  # each section's peak, growth per image
+        a, b = lo["section_peak_mb"], hi["section_peak_mb"]
+        out["section_peak_growth_bytes_per_image"] = {k: round((b[k] - a[k]) * 2**20 / dn) for k in b if k in a}
+    return out
 
 
 def main(argv=None) -> int:
