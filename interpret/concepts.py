@@ -276,10 +276,11 @@ def _stop_set(stop_words: Iterable[str] | None) -> frozenset[str]:
     return frozenset(STOP_WORDS) | RADIOLOGY_STOP_WORDS | MODIFIER_WORDS
 
 
-def _parse(reports: Sequence[str], nlp: Any, batch_size: int) -> list[Any]:
+def _parse(reports: Sequence[str], nlp: Any, batch_size: int) -> Iterable[Any]:
+    """The parsed reports, one ``Doc`` at a time (a list of every ``Doc`` held about 20 kB per report)."""
     nlp = nlp if nlp is not None else load_nlp()
     texts = [str(r) if r is not None else "" for r in reports]
-    return list(nlp.pipe(texts, batch_size=batch_size))
+    return iter(nlp.pipe(texts, batch_size=batch_size))
 
 
 def mine_concepts(reports: Sequence[str], *, min_count: int = 2, stop_words: Iterable[str] | None = None,

@@ -120,7 +120,7 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     xc = x - mean  # (N, K)
     emp = xc.T @ xc / n  # (K, K)
     mu = float(np.trace(emp)) / p
-    x2 = xc ** 2
+    x2 = np.square(xc, out=xc)  # xc is not needed any more: one (N, K) float64 fewer at the peak
     beta_ = float((x2.T @ x2).sum())
     delta_ = float((emp ** 2).sum())  # ||X^T X / n||_F^2
     beta = (beta_ / n - delta_) / (p * n)
@@ -418,9 +418,12 @@ def fit_ood(pooled: Any, *, layer: str, target_false_alarm: float = 0.05, calibr
     if info is not None:
         json.dumps(info)  # fails early (TypeError) on something the artifact could not store
     cal_idx, fit_idx = _split(n, n_cal, groups, seed)
+    x_fit, x_cal = x[fit_idx], x[cal_idx]
+    del x  # the two halves only: the audit's peak memory held x, its fitting half and two more (N/2, K) copies
 
     n_cal = len(cal_idx)
-    mean, cov, shrink = ledoit_wolf(x[fit_idx])
+    mean, cov, shrink = ledoit_wolf(x_fit)
+    del x_fit
     evals, evecs = np.linalg.eigh(cov)  # cov = V diag(l) V^T
     mu = float(np.trace(cov)) / k
     if not mu > 0:
@@ -434,7 +437,7 @@ def fit_ood(pooled: Any, *, layer: str, target_false_alarm: float = 0.05, calibr
                      n_calibration=int(n_cal), calibration_false_alarm=0.0, shrinkage=shrink,
                      confidence=None if confidence is None else float(confidence),
                      seed=int(seed), info=dict(info or {}))
-    cal_scores = np.sort(det.score(x[cal_idx]))
+    cal_scores = np.sort(det.score(x_cal))
     threshold, calibrated = conformal_threshold(cal_scores, target_false_alarm, confidence)
     det.threshold, det.calibrated, det.calibration_scores = threshold, calibrated, cal_scores
     det.calibration_false_alarm = float((cal_scores > threshold).mean())

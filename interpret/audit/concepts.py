@@ -299,8 +299,10 @@ def concept_section(cfg: "AuditConfig", model, probe: Probe, feats, penult: str,
         log.warning("the VLM (%s) cannot be shown to see %s (zero-shot AUROC CI touches 0.5): annotations "
                     "related to them are flagged and not served", clip_desc, ", ".join(vlm_check["blind_classes"]))
 
-    pen = collect_activations(model, DataLoader(probe.images, batch_size=cfg.batch_size), penult, progress=False)
-    layers = {model.feature_layer: gap(feats), penult: pen.mean}
+    # the mean only: the unit maxima and minima collected with it were two more (N, K) arrays held to the end
+    pen_mean = collect_activations(model, DataLoader(probe.images, batch_size=cfg.batch_size), penult,
+                                   progress=False).mean
+    layers = {model.feature_layer: gap(feats), penult: pen_mean}
     dev = model_device(model)
     with torch.no_grad():  # the head on the stored maps, in batches (they may be on disk); logits kept on the CPU
         logits = torch.cat([model.forward_head(f.to(dev)).cpu() for _, f in iter_batches(feats, cfg.batch_size)])

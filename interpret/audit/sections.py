@@ -293,9 +293,15 @@ def importance_section(model, probe: Probe, feats, annotations: dict[int, list[s
     from interpret.importance import class_importance, linear_contributions
 
     pooled = gap(feats)  # (N, K)
-    contrib_all = linear_contributions(pooled, model.head.weight.detach().float().cpu())  # (N, C, K), on the CPU
-    per_cls = class_importance(contrib_all, probe.labels)  # (C, K), NaN rows for classes without positives
-    fallback = contrib_all.mean(0)  # (C, K) over all images
+    weight = model.head.weight.detach().float().cpu()  # (C, K), on the CPU
+    # one class at a time: the (N, C, K) contributions of every class at once were C K floats per probing image
+    # (18 kB for 9 classes x 512 units), the audit's largest allocation growing with N; same products and sums
+    per_cls, fallback = [], []
+    for c in range(weight.shape[0]):
+        contrib = linear_contributions(pooled, weight[c:c + 1])  # (N, 1, K)
+        per_cls.append(class_importance(contrib, probe.labels[:, c:c + 1])[0])  # (K,), NaN without positives
+        fallback.append(contrib.mean(0)[0])  # (K,) over all images
+    per_cls, fallback = torch.stack(per_cls), torch.stack(fallback)  # (C, K)
     per_cls = to_numpy(torch.where(torch.isnan(per_cls), fallback, per_cls))
     ann = annotations
     rows, per_class, covered, eligible = [], {}, 0, 0
