@@ -403,7 +403,13 @@ def fit_ood(pooled: Any, *, layer: str, target_false_alarm: float = 0.05, calibr
     Warns:
         UserWarning: too few calibration images for a conformal threshold (``calibrated=False``).
     """
-    x = pooled_features(pooled)  # (N, K)
+    if isinstance(pooled, np.ndarray) and pooled.ndim == 2 and pooled.dtype in (np.float32, np.float64):
+        # (N, K) as given (the audit's float32 GAP features): only the two halves are made float64 below, the
+        # same values (float32 -> float64 is exact) without a whole (N, K) float64 copy at the audit's peak
+        x = pooled
+        _check_finite(x, "feats")
+    else:
+        x = pooled_features(pooled)  # (N, K) float64
     n, k = x.shape
     if not 0.0 < float(target_false_alarm) < 1.0:
         raise ValueError(f"target_false_alarm must be in (0, 1), got {target_false_alarm!r}")
@@ -418,7 +424,7 @@ def fit_ood(pooled: Any, *, layer: str, target_false_alarm: float = 0.05, calibr
     if info is not None:
         json.dumps(info)  # fails early (TypeError) on something the artifact could not store
     cal_idx, fit_idx = _split(n, n_cal, groups, seed)
-    x_fit, x_cal = x[fit_idx], x[cal_idx]
+    x_fit, x_cal = x[fit_idx].astype(np.float64, copy=False), x[cal_idx].astype(np.float64, copy=False)
     del x  # the two halves only: the audit's peak memory held x, its fitting half and two more (N/2, K) copies
 
     n_cal = len(cal_idx)

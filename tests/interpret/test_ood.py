@@ -203,3 +203,20 @@ def test_phantom_classifier_heldout_false_alarms_and_foreign_images(deterministi
     assert k / n <= 0.05, (k, n, (lo, hi))
     case_flags = dict(zip(cases, det.flags(f_cases).tolist()))
     assert all(case_flags.values()), {c: float(s / det.threshold) for c, s in zip(cases, det.score(f_cases))}
+
+
+def test_float32_features_fit_the_same_detector_as_float64_and_torch():
+    """The audit passes float32 GAP features (split before the float64 conversion, to save memory): the
+    detector is bit-identical to the one fitted from float64 or from a torch tensor; non-finite values are
+    still refused."""
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    a = fit_ood(x, layer="l", seed=3)
+    for other in (x.astype(np.float64), torch.from_numpy(x)):
+        b = fit_ood(other, layer="l", seed=3)
+        assert np.array_equal(a.mean, b.mean) and np.array_equal(a.whitening, b.whitening)
+        assert a.threshold == b.threshold and np.array_equal(a.calibration_scores, b.calibration_scores)
+    x[5, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_ood(x, layer="l")
