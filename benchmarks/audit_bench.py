@@ -172,9 +172,17 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="where the timed audits run torch (AuditConfig.device: auto, "
+                                                   "cpu, cuda, cuda:N); the --rss runs stay on the CPU")
     p.add_argument("--rss", default="", help="comma-separated probing-set sizes, e.g. 1000,10000: measure the "
                                              "audit's peak RSS at each instead of timing it")
     a = p.parse_args(argv)
+    from interpret.devices import check_device_spec
+
+    try:
+        check_device_spec(a.device)
+    except ValueError as exc:
+        p.error(str(exc))
     if a.rss:
         try:
             sizes = sorted({int(v) for v in a.rss.split(",") if v.strip()})
@@ -201,7 +209,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = create_model(a.arch, classes=list(PHANTOM_CLASSES), image_size=a.size).eval()
         clip = resolve_clip("scratch")
-        common = dict(split="all", max_images=a.images, data=str(manifest), gallery_n=1)
+        common = dict(split="all", max_images=a.images, data=str(manifest), gallery_n=1, device=a.device)
         configs = {"base": AuditConfig(**common, faithfulness_metrics="", sanity_images=0),
                    "full": AuditConfig(**common)}
         times: dict[str, list[float]] = {"base": [], "full": []}
@@ -219,7 +227,7 @@ def main(argv=None) -> int:
         print(json.dumps({
             "benchmark": "audit", "images": a.images, "image_size": a.size, "arch": a.arch,
             "classes": len(PHANTOM_CLASSES), "repeats": a.repeats, "threads": a.threads,
-            "base_s": round(base, 2), "full_s": round(full, 2), "full_vs_base": round(full / base, 3),
+            "device": summary.get("device"), "base_s": round(base, 2), "full_s": round(full, 2), "full_vs_base": round(full / base, 3),
             "base_runs_s": [round(t, 2) for t in times["base"]], "full_runs_s": [round(t, 2) for t in times["full"]],
             "full_section_s": {k: round(statistics.median(v), 2) for k, v in sections.items()},
         }))

@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh            # PY=/path/to/python to use another interpreter
 #
 # Steps: the environment (ORT providers, torch CUDA device); concept scoring at the issue's size (1,024 units x
-# 5,000 concepts x 50,000 images) on CUDA against its floor; DWARF on CUDA; the HTTP service (ORT on CUDA).
+# 5,000 concepts x 50,000 images) on CUDA against its floor; DWARF on CUDA; a whole audit on CUDA (400 phantom
+# images; its summary's device says where it ran); the HTTP service (ORT on CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -36,4 +37,5 @@ run() {  # cap seconds, then the command; prints the command's last line (its JS
 }
 run 90 "$PY" benchmarks/concept_bench.py --full --device cuda --loop-units 64
 run 60 "$PY" benchmarks/dwarf_bench.py --device cuda
+run 90 "$PY" benchmarks/audit_bench.py --device cuda --repeats 1 --size 64
 run 120 "$PY" benchmarks/serve_bench.py
