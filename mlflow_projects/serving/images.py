@@ -10,8 +10,10 @@ import base64
 import hashlib
 import io
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +126,21 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
 
 
+_BLEND: dict[float, np.ndarray] = {}
+
+
+def _blend_table(alpha: float) -> np.ndarray:
+    """(256 map levels, 256 grey levels, 3) uint8: ``grey (1 - a) + jet(level) a`` with ``a = alpha level / 255``,
+    rounded. One gather per overlay pixel instead of float arithmetic (2x faster on a 256 px overlay); the
+    opacity follows the same 8-bit map level as the colour (at most one grey level from the continuous map)."""
+    table = _BLEND.get(alpha)
+    if table is None:
+        a = np.arange(256, dtype=np.float32)[:, None, None] / 255 * alpha  # (256, 1, 1)
+        grey = np.arange(256, dtype=np.float32)[None, :, None]  # (1, 256, 1)
+        table = _BLEND[alpha] = (grey * (1 - a) + _jet()[:, None, :] * a + 0.5).astype(np.uint8)
+    return table
+
+
 def png_bytes(arr: np.ndarray) -> bytes:
     """An 8-bit (H, W) grey or (H, W, 3) RGB array as PNG file bytes, encoded for speed.
 
@@ -152,10 +169,47 @@ def png_bytes(arr: np.ndarray) -> bytes:
     raw[:, 0] = 2  # filter type "Up"
     raw[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 wraps modulo 256, as the filter defines
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE if grey else zlib.Z_DEFAULT_STRATEGY)
-    data = z.compress(raw.data) + z.flush()
+    data = _deflate(raw.reshape(-1).data, zlib.Z_RLE if grey else zlib.Z_DEFAULT_STRATEGY)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if grey else 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+_PARALLEL_MIN_BYTES = 64 * 1024  # below this, a second thread costs more than it saves
+_HELPER: Any = None  # one worker thread for the first half of large PNGs (created on first use)
+_HELPER_FREE = threading.Semaphore(1)
+
+
+def _deflate(data: memoryview, strategy: int) -> bytes:
+    """A zlib stream (level 1) of ``data``; a large one in two halves at once when the helper thread is free.
+
+    The halves are raw deflate streams, the first ended by a full flush (byte-aligned, not final) and the second
+    by the final block, so their concatenation between a zlib header and the Adler-32 of the whole is one valid
+    stream (what pigz does; the second half just does not refer back into the first: +1% size). zlib releases
+    the GIL while it compresses, so on a 256 px overlay this halves the encoding time (3.2 -> 1.7 ms). Under
+    load, when the helper is busy with another request's PNG, the data is compressed here in one piece.
+    """
+    global _HELPER
+    n = len(data)
+    if n < _PARALLEL_MIN_BYTES or not _HELPER_FREE.acquire(blocking=False):
+        z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, strategy)
+        return z.compress(data) + z.flush()
+    try:
+        if _HELPER is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _HELPER = ThreadPoolExecutor(1, thread_name_prefix="png-deflate")
+        k = n // 2
+
+        def first() -> bytes:
+            z1 = zlib.compressobj(1, zlib.DEFLATED, -15, 8, strategy)
+            return z1.compress(data[:k]) + z1.flush(zlib.Z_FULL_FLUSH)
+
+        head = _HELPER.submit(first)
+        z2 = zlib.compressobj(1, zlib.DEFLATED, -15, 8, strategy)
+        tail = z2.compress(data[k:]) + z2.flush()
+        return b"\x78\x01" + head.result() + tail + struct.pack(">I", zlib.adler32(data))
+    finally:
+        _HELPER_FREE.release()
 
 
 def png_b64(arr: np.ndarray) -> str:
@@ -207,11 +261,8 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray, max_side: int, alpha: floa
     grey = _display_grey(pixels, max_side)
     ow, oh = grey.size
     hm = Image.fromarray(np.clip(heat, 0, 1).astype(np.float32)).resize((ow, oh), Image.BILINEAR)
-    idx = (np.clip(np.asarray(hm), 0, 1) * 255 + 0.5).astype(np.uint8)  # (oh, ow)
-    colour = _jet()[idx]  # (oh, ow, 3) float32 of the 8-bit colours
-    base = np.asarray(grey, dtype=np.float32)[..., None]
-    a = alpha * np.asarray(hm, dtype=np.float32)[..., None]  # (oh, ow, 1)
-    out = (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
+    idx = (np.clip(np.asarray(hm), 0, 1) * 255 + 0.5).astype(np.uint8)  # (oh, ow) map level, 0..255
+    out = _blend_table(float(alpha))[idx, np.asarray(grey)]  # (oh, ow, 3) uint8
     if banner:
         out = draw_banner(out, banner)
     return png_b64(out), [ow, oh]

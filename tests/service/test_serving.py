@@ -177,7 +177,29 @@ def test_overlay_and_raw_png():
     np.testing.assert_allclose(rng[0] + q / 255 * (rng[1] - rng[0]), raw, atol=(rng[1] - rng[0]) / 255)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (30, 50), (257, 131), (1, 1, 3), (5, 4, 3), (64, 72, 3)])
+def test_overlay_pixels_are_the_alpha_blend_of_grey_and_jet():
+    """The overlay's table lookup equals ``grey (1 - a) + jet(map) a`` with ``a = 0.45 map`` to one grey level,
+    and exactly where the map is 0 (the image) or 1 (the full-opacity colour)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    pixels = rng.random((40, 40), dtype=np.float32)
+    heat = np.zeros((40, 40), np.float32)
+    heat[:, 20:] = np.linspace(0, 1, 20, dtype=np.float32)
+    b64, _ = overlay_png(pixels, heat, max_side=1024)
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(float)
+    grey = np.floor(np.clip(pixels, 0, 1) * 255 + 0.5)[..., None]
+    level = np.floor(heat * 255 + 0.5).astype(int)
+    jet = np.floor(colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255)[level]
+    a = 0.45 * heat[..., None]
+    want = np.floor(grey * (1 - a) + jet * a + 0.5)
+    assert np.abs(got - want).max() <= 1
+    np.testing.assert_array_equal(got[:, :20], np.repeat(grey[:, :20], 3, -1))  # map 0: the image itself
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (30, 50), (257, 131), (1, 1, 3), (5, 4, 3), (64, 72, 3),
+                                   (300, 301), (301, 300, 3)])  # the last two: deflated in two halves at once
 def test_png_bytes_round_trips_through_pillow(shape):
     """The service's own PNG encoder (Up filter, deflate level 1) decodes to the exact pixels, in the PNG
     mode of the array (L or RGB), with no ancillary chunks; the uint8 wrap of the filter is exercised by
@@ -195,6 +217,27 @@ def test_png_bytes_round_trips_through_pillow(shape):
     smooth = np.tile(np.arange(shape[1], dtype=np.uint8), (shape[0], 1))
     smooth = np.repeat(smooth[..., None], 3, -1) if len(shape) == 3 else smooth
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(smooth)))), smooth)
+
+
+def test_png_bytes_is_the_same_image_when_the_helper_thread_is_busy():
+    """A large PNG is deflated in two halves by two threads, or in one piece when the helper thread is taken by
+    another request: both decode to the same pixels."""
+    from PIL import Image
+
+    from mlflow_projects.serving import images
+
+    rng = np.random.default_rng(3)  # compressible (random bytes would be stored blocks either way)
+    arr = (np.add.outer(np.arange(200), np.arange(200))[..., None] // 3 + rng.integers(0, 4, (200, 200, 3)))
+    arr = arr.astype(np.uint8)
+    split = images.png_bytes(arr)
+    assert images._HELPER_FREE.acquire(blocking=False)
+    try:
+        whole = images.png_bytes(arr)
+    finally:
+        images._HELPER_FREE.release()
+    assert split != whole  # two different deflate streams ...
+    for data in (split, whole):  # ... of the same pixels
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), arr)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), np.zeros((0, 3), np.uint8),
