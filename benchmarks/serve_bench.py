@@ -28,6 +28,7 @@ import concurrent.futures as cf
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -427,6 +428,7 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # the registry, artifacts and caches: ~430 MB a run
     return 0
 
 
