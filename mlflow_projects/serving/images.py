@@ -131,7 +131,7 @@ _BLEND: dict[float, np.ndarray] = {}
 
 def _blend_table(alpha: float) -> np.ndarray:
     """(256 map levels, 256 grey levels, 3) uint8: ``grey (1 - a) + jet(level) a`` with ``a = alpha level / 255``,
-    rounded. One gather per overlay pixel instead of float arithmetic (2x faster on a 256 px overlay); the
+    rounded. One gather per overlay pixel instead of float arithmetic per pixel and channel; the
     opacity follows the same 8-bit map level as the colour (at most one grey level from the continuous map)."""
     table = _BLEND.get(alpha)
     if table is None:
@@ -146,8 +146,8 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
     Every row uses the PNG "Up" filter (the row minus the row above, computed in one NumPy subtraction) and
     deflate at level 1 (run-length strategy for grey). Pillow's encoder at ``compress_level=1`` tries the
-    five filters on every row: on the service's 256 px overlays this is 1.6x faster at the same size, and
-    on grey images 4x faster at the same size (``benchmarks/serve_bench.py`` ``png_*`` stages). Any PNG
+    five filters on every row; this encoder gives files of about the same size in less time (see the ``png_*``
+    stages of ``benchmarks/serve_bench.py``). Any PNG
     decoder reads the result (IHDR, one IDAT, IEND; no ancillary chunks, so no metadata travels).
 
     Args:
@@ -184,8 +184,8 @@ def _deflate(data: memoryview, strategy: int) -> bytes:
 
     The halves are raw deflate streams, the first ended by a full flush (byte-aligned, not final) and the second
     by the final block, so their concatenation between a zlib header and the Adler-32 of the whole is one valid
-    stream (what pigz does; the second half just does not refer back into the first: +1% size). zlib releases
-    the GIL while it compresses, so on a 256 px overlay this halves the encoding time (3.2 -> 1.7 ms). Under
+    stream (what pigz does; the second half just does not refer back into the first, so the file is slightly
+    larger). zlib releases the GIL while it compresses, so the two halves run on two cores at once. Under
     load, when the helper is busy with another request's PNG, the data is compressed here in one piece.
     """
     global _HELPER
